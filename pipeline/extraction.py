@@ -1,0 +1,283 @@
+"""Stage one's work: run a frozen backbone once over a task's splits and fill the store.
+
+Blocks are the unit of work and of resumption: a block is computed, handed to a writer thread
+(so the backbone never waits on disk), written as whole shards, and only then marked done.
+A rerun skips done blocks; batching happens inside a block, so a resumed block is computed
+exactly as it would have been in one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.backbones import Backbone, load_backbone, model_label_logits
+from pipeline.config import ExtractConfig
+from pipeline.errors import DataNotFoundError, EmptySplitError, UnsupportedModelError
+from pipeline.glue import GlueSplit, load_split
+from pipeline.store import (
+    FORMAT_VERSION,
+    StoreWriter,
+    chunk_rows_for,
+    fingerprint,
+    plan_blocks,
+    round_up,
+    row_bytes,
+    TARGET_SHARD_BYTES,
+)
+from pipeline.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("read-pipeline", "torch", "transformers", "zarr", "numcodecs", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length so padded size (count x longest) stays under the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def to_stored(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """float32 states -> the stored representation (bf16 as its uint16 bits)."""
+    if dtype == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return values.to(getattr(torch, dtype)).numpy()
+
+
+def select_layers(layers: Sequence[int] | None, num_states: int) -> list[int]:
+    """Resolve --layers against one side's L+1 states; the final state must stay (heads read it)."""
+    if layers is None:
+        return list(range(num_states))
+    resolved = sorted({l % num_states if -num_states <= l < num_states else -1 for l in layers})
+    if -1 in resolved:
+        raise UnsupportedModelError(f"--layers {list(layers)} names a layer outside 0..{num_states - 1}")
+    if resolved[-1] != num_states - 1:
+        raise UnsupportedModelError(
+            f"--layers must include the final state ({num_states - 1} or -1): the side network corrects it"
+        )
+    return resolved
+
+
+def gather_splits(cfg: ExtractConfig, task: TaskSpec) -> dict[str, GlueSplit]:
+    """Load every requested split before the model, so data errors come first and fast."""
+    explicit = cfg.splits is not None
+    data: dict[str, GlueSplit] = {}
+    for name in cfg.splits or task.splits:
+        try:
+            data[name] = load_split(task, name, cfg.glue_dir, limit=cfg.limit)
+        except DataNotFoundError:
+            if explicit or name in ("train",) or name in task.validation_splits:
+                raise
+            log.warning("skipping %s/%s: not in the data source (unlabeled test split)", task.name, name)
+    return data
+
+
+class Extraction:
+    """Holds the loaded backbone and the open store while splits are extracted."""
+
+    def __init__(self, cfg: ExtractConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.task = get_task(cfg.task)
+        self.data = gather_splits(cfg, self.task)
+        for name, split in self.data.items():
+            if len(split) == 0:
+                raise EmptySplitError(f"split {name!r} of {self.task.name} has no examples")
+        self.backbone = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.label_ids = self.backbone.label_token_ids(self.task)
+        self.label_rows = self.backbone.label_rows(self.task)
+        bb = self.backbone
+        states = {"encoder": bb.n_layers_encoder, "decoder": bb.n_layers_decoder}
+        self.layers = {side: select_layers(cfg.layers, n) for side, n in states.items() if n}
+        # Which sides keep every token: the encoder of encoder/seq2seq, unless pooled.
+        self.per_token = {side: side == "encoder" and cfg.tokens == "all" for side in self.layers}
+        self.limits, self.chunk_rows = self._layout()
+        self.meta = self._meta()
+        self.writer = StoreWriter(cfg.out_path, self.meta, overwrite=cfg.overwrite)
+        if self.label_rows is not None and "label_rows" not in self.writer.group:
+            self.writer.group.create_array("label_rows", data=self.label_rows)
+        self.checked_label_rows = False
+
+    def _layout(self) -> tuple[dict[str, int], dict[str, int]]:
+        cfg, bb = self.cfg, self.backbone
+        limits, chunks = {}, {}
+        for side, layers in self.layers.items():
+            per_row = row_bytes(len(layers), bb.d_model, cfg.dtype)
+            auto = max(cfg.max_length, TARGET_SHARD_BYTES // per_row)
+            tokens = cfg.block_tokens or auto
+            chunks[side] = min(chunk_rows_for(per_row), 1 << (tokens.bit_length() - 1))
+            # One-row-per-example sides hold a whole block's examples; per-token sides its tokens.
+            limits[side] = round_up(tokens, chunks[side]) if self.per_token[side] else tokens
+        if any(self.per_token.values()):
+            # Examples per block are bounded by the per-token side; one-row sides need no more.
+            tok = max(limits[s] for s in limits if self.per_token[s])
+            for side in limits:
+                if not self.per_token[side]:
+                    limits[side] = tok
+        for side in limits:
+            chunks[side] = min(chunks[side], limits[side])
+        return limits, chunks
+
+    def _meta(self) -> dict[str, Any]:
+        cfg, bb, task = self.cfg, self.backbone, self.task
+        backbone = bb.describe()
+        task_meta = {
+            "name": task.name, "kind": task.kind, "label_names": list(task.label_names),
+            "label_words": list(task.label_words) if self.label_ids else [],
+            "label_token_ids": self.label_ids, "text_fields": list(task.text_fields),
+            "template": {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair"}[bb.family],
+        }
+        extraction = {
+            "max_length": cfg.max_length, "dtype": cfg.dtype, "tokens": cfg.tokens, "limit": cfg.limit,
+            "layers": {side: layers for side, layers in self.layers.items()},
+            "has_embedding": {side: layers[0] == 0 for side, layers in self.layers.items()},
+            "block_rows": self.limits, "chunk_rows": self.chunk_rows, "codec": cfg.codec,
+        }
+        content = {
+            "format_version": FORMAT_VERSION,
+            "backbone": {k: v for k, v in backbone.items() if k != "name" or backbone["revision"] == "unknown"},
+            "task": task_meta,
+            "extraction": extraction,
+        }
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint(content),
+            "content": content,
+            "backbone": backbone,
+            "task": task_meta,
+            "extraction": extraction,
+            "config": cfg.to_dict(),
+            "software": software_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    # ---- one split ----------------------------------------------------------------------------
+    def run_split(self, name: str, *, max_blocks: int | None = None) -> None:
+        cfg, bb, split = self.cfg, self.backbone, self.data[name]
+        token_ids = bb.tokenize(self.task, split.texts, cfg.max_length)
+        n_tokens = np.array([len(t) for t in token_ids], dtype=np.int64)
+        rows = {side: (n_tokens if self.per_token[side] else np.ones_like(n_tokens)) for side in self.layers}
+        plan = plan_blocks(rows, self.limits, self.chunk_rows)
+        if not self.writer.split_ready(name):
+            lengths = {side: (n_tokens if side == "encoder" else np.ones_like(n_tokens)) for side in self.layers}
+            self.writer.create_split(
+                name, labels=split.labels, ids=split.ids, plan=plan, lengths=lengths,
+                num_states={side: len(l) for side, l in self.layers.items()}, d_model=bb.d_model,
+                dtype=cfg.dtype, codec=cfg.codec, token_ids=any(self.per_token.values()),
+            )
+        done = self.writer.done_blocks(name)
+        todo = [j for j in range(plan.num_blocks) if not done[j]]
+        if max_blocks is not None:
+            todo = todo[:max_blocks]
+        if not todo:
+            self.writer.mark_complete(name)
+            return
+        total = int(sum(plan.block_starts[j + 1] - plan.block_starts[j] for j in todo))
+        bar = _progress(total, f"{self.task.name}/{name}", self.progress)
+        started, seen_tokens = time.perf_counter(), 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool:
+            pending: list[Future] = []
+            for j in todo:
+                lo, hi = int(plan.block_starts[j]), int(plan.block_starts[j + 1])
+                hidden, ids = self._compute_block(token_ids[lo:hi], plan, j, lo)
+                while len(pending) >= 2:  # at most two blocks in flight: bounded memory
+                    pending.pop(0).result()
+                pending.append(pool.submit(self.writer.write_block, name, j, hidden, ids))
+                seen_tokens += int(n_tokens[lo:hi].sum())
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.update(hi - lo)
+                bar.set_postfix_str(f"{seen_tokens / elapsed:,.0f} tok/s")
+            for future in pending:
+                future.result()
+        bar.close()
+        self.writer.mark_complete(name)
+
+    def _compute_block(
+        self, token_ids: list[list[int]], plan: Any, block: int, first: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        from pipeline.store import STORED_DTYPES
+
+        cfg, bb = self.cfg, self.backbone
+        hidden = {
+            side: np.zeros((plan.capacity[side], len(layers), bb.d_model), dtype=STORED_DTYPES[cfg.dtype])
+            for side, layers in self.layers.items()
+        }
+        ids_out = {side: np.full(plan.capacity[side], -1, dtype=np.int32) for side in self.layers if self.per_token[side]}
+        base = {side: block * plan.capacity[side] for side in self.layers}
+        for batch in length_batches([len(t) for t in token_ids], cfg.batch_tokens):
+            out = bb.forward([token_ids[i] for i in batch])
+            self._check_label_rows(out, [token_ids[i] for i in batch])
+            for side, layers in self.layers.items():
+                for k, i in enumerate(batch):
+                    states = out[side][k][:, layers]  # (tokens, layers, d) float32
+                    if not self.per_token[side] and states.shape[0] > 1:
+                        states = states.mean(dim=0, keepdim=True)  # pooled: masked mean (no pads here)
+                    start, end = plan.offsets[side][first + i] - base[side]
+                    hidden[side][start:end] = to_stored(states, cfg.dtype)
+                    if side in ids_out:
+                        ids_out[side][start:end] = token_ids[i]
+        return hidden, ids_out
+
+    def _check_label_rows(self, out: dict[str, Any], batch: list[list[int]]) -> None:
+        """Once per run: the stored label rows must reproduce the model's own label logits."""
+        if self.checked_label_rows or self.label_rows is None:
+            return
+        self.checked_label_rows = True
+        side = "decoder"
+        final = torch.stack([out[side][k][-1, -1] for k in range(min(4, len(batch)))])  # (b, d)
+        ours = final @ torch.from_numpy(self.label_rows).T
+        if "logits" in out:
+            theirs = out["logits"][: len(final)][:, self.label_ids]
+        else:
+            theirs = model_label_logits(self.backbone, batch[: len(final)], self.label_ids)
+        tol = 1e-2 * (1 + theirs.abs().max().item()) if self.backbone.autocast_dtype else 1e-3 * (1 + theirs.abs().max().item())
+        if not torch.allclose(ours, theirs, atol=tol, rtol=0):
+            raise UnsupportedModelError(
+                f"{self.backbone.name}: label rows of the LM head do not reproduce the model's own logits "
+                f"(max difference {(ours - theirs).abs().max().item():.3g}); its head has extra terms "
+                "(bias, soft-capping, scaling) that this pipeline does not store"
+            )
+
+    def run(self, *, max_blocks: int | None = None) -> str:
+        for name in self.data:
+            self.run_split(name, max_blocks=max_blocks)
+        return self.cfg.out_path
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def extract(cfg: ExtractConfig, *, progress: bool = True) -> str:
+    """Stage one end to end; returns the store path. Idempotent: a finished store is not recomputed."""
+    return Extraction(cfg, progress=progress).run()

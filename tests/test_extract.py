@@ -1,0 +1,295 @@
+"""Stage one against the real models' own outputs, plus resumption and refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from pipeline.backbones import load_backbone, model_label_logits
+from pipeline.cli import main
+from pipeline.config import ExtractConfig
+from pipeline.errors import (
+    ConfigError,
+    DataNotFoundError,
+    EmptySplitError,
+    LabelWordCollisionError,
+    ModelLoadError,
+    StoreMismatchError,
+    UnknownTaskError,
+)
+from pipeline.extraction import Extraction, extract, length_batches
+from pipeline.glue import load_split
+from pipeline.store import CacheStore, to_float32, verify_store
+from pipeline.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+BF16_RTOL = 2**-7  # bfloat16 keeps 8 significant bits
+
+
+def reference_states(model_path: Path, family: str, token_ids: list[int]) -> dict[str, torch.Tensor]:
+    """The model's own output_hidden_states for one example, unpadded: (tokens, L+1, d) per side."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        if family == "seq2seq":
+            model = AutoModelForSeq2SeqLM.from_pretrained(model_path).eval()
+            out = model(input_ids=ids, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long), output_hidden_states=True)
+            return {
+                "encoder": torch.stack(out.encoder_hidden_states, 2)[0],
+                "decoder": torch.stack(out.decoder_hidden_states, 2)[0],
+            }
+        if family == "decoder":
+            model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+            out = model(input_ids=ids, output_hidden_states=True)
+            return {"decoder": torch.stack(out.hidden_states, 2)[0, -1:]}
+        model = AutoModel.from_pretrained(model_path).eval()
+        out = model(input_ids=ids, output_hidden_states=True)
+        return {"encoder": torch.stack(out.hidden_states, 2)[0]}
+
+
+def stored_example(store: CacheStore, split: str, side: str, index: int) -> np.ndarray:
+    s = store.split(split)
+    start, end = s.offsets[side][index]
+    return to_float32(np.asarray(s.hidden(side)[start:end]), store.dtype)
+
+
+def run_extract(tmp_path: Path, model: Path, glue_dir: Path, **kw) -> CacheStore:
+    cfg = ExtractConfig(model=str(model), task=kw.pop("task", "rte"), out=str(tmp_path / "s.zarr"),
+                        glue_dir=str(glue_dir), splits=kw.pop("splits", "validation"), limit=kw.pop("limit", 12),
+                        max_length=kw.pop("max_length", 64), batch_tokens=kw.pop("batch_tokens", 256), **kw)
+    extract(cfg, progress=False)
+    return CacheStore(cfg.out_path)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_t5", "tiny_t5_untied", "tiny_gpt2", "minilm"])
+def test_stored_states_equal_the_models_own_hidden_states(request, fixture, tmp_path, glue_dir):
+    model_path = request.getfixturevalue(fixture)
+    store = run_extract(tmp_path, model_path, glue_dir, block_tokens=128)
+    family = store.meta["backbone"]["family"]
+    task = get_task("rte")
+    backbone = load_backbone(str(model_path), device="cpu")
+    examples = load_split(task, "validation", glue_dir, limit=12)
+    token_ids = backbone.tokenize(task, examples.texts, 64)
+    if family != "decoder":  # one row per example there: 12 examples fit one block
+        assert store.split("validation").num_blocks > 1  # the test crosses block boundaries
+    for index in (0, 5, 11):
+        ref = reference_states(model_path, family, token_ids[index])
+        for side, expected in ref.items():
+            got = stored_example(store, "validation", side, index)
+            if side == "decoder" and family == "seq2seq":
+                expected = expected[:1]  # decoder position 0 only
+            assert got.shape == tuple(expected.shape)
+            np.testing.assert_allclose(got, expected.numpy(), rtol=BF16_RTOL, atol=1e-5 * float(expected.abs().max()))
+        if family == "seq2seq":
+            ids = store.split("validation").group["encoder"]["token_ids"]
+            start, end = store.split("validation").offsets["encoder"][index]
+            assert list(ids[start:end]) == token_ids[index]
+    rows = store.label_rows()
+    if family == "encoder":
+        assert rows is None
+        return
+    # Label rows reproduce the model's own label logits at the final state (correction 0).
+    label_ids = store.meta["task"]["label_token_ids"]
+    final = torch.from_numpy(stored_example(store, "validation", "decoder", 3)[-1, -1].copy())
+    theirs = model_label_logits(backbone, [token_ids[3]], label_ids)[0]
+    exact_final = reference_states(model_path, family, token_ids[3])["decoder"][0, -1]
+    torch.testing.assert_close(exact_final @ torch.from_numpy(rows).T, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final @ torch.from_numpy(rows).T, theirs, rtol=0.02, atol=0.02 * float(theirs.abs().max()))
+
+
+def test_t5_scaling_depends_on_tied_embeddings(tiny_t5, tiny_t5_untied):
+    tied = load_backbone(str(tiny_t5), device="cpu")
+    untied = load_backbone(str(tiny_t5_untied), device="cpu")
+    assert tied.extra["scale_decoder_outputs"] is True
+    assert untied.extra["scale_decoder_outputs"] is False
+    task = get_task("rte")
+    ids = tied.label_token_ids(task)
+    raw = tied.model.get_output_embeddings().weight[ids].detach().numpy()
+    np.testing.assert_allclose(tied.label_rows(task), raw * tied.d_model**-0.5, rtol=1e-6)
+
+
+def test_t5_inputs_are_text_to_text(tiny_t5, glue_dir):
+    backbone = load_backbone(str(tiny_t5), device="cpu")
+    split = load_split("rte", "validation", glue_dir, limit=1)
+    text = backbone.input_text(get_task("rte"), split.texts[0])
+    assert text == [f"rte sentence1: {split.texts[0]['sentence1']} sentence2: {split.texts[0]['sentence2']}"]
+
+
+def test_pooled_store_holds_the_mean_over_tokens(minilm, tmp_path, glue_dir):
+    full = run_extract(tmp_path / "full", minilm, glue_dir, dtype="float32", limit=4)
+    pooled = run_extract(tmp_path / "pooled", minilm, glue_dir, dtype="float32", limit=4, tokens="pooled")
+    for i in range(4):
+        np.testing.assert_allclose(
+            stored_example(pooled, "validation", "encoder", i)[0],
+            stored_example(full, "validation", "encoder", i).mean(axis=0), rtol=1e-5, atol=1e-5,
+        )
+    assert pooled.split("validation").lengths["encoder"].tolist() == full.split("validation").lengths["encoder"].tolist()
+
+
+def test_layer_subset_keeps_the_named_states(minilm, tmp_path, glue_dir):
+    full = run_extract(tmp_path / "full", minilm, glue_dir, dtype="float32", limit=2)
+    some = run_extract(tmp_path / "some", minilm, glue_dir, dtype="float32", limit=2, layers="0,3,-1")
+    assert some.meta["extraction"]["layers"]["encoder"] == [0, 3, 6]
+    np.testing.assert_array_equal(
+        stored_example(some, "validation", "encoder", 1), stored_example(full, "validation", "encoder", 1)[:, [0, 3, 6]]
+    )
+
+
+def test_length_batches_respect_the_token_budget():
+    lengths = [5, 60, 7, 33, 60, 2, 8, 31]
+    batches = length_batches(lengths, 64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 64 for b in batches)
+
+
+def test_a_finished_store_is_not_recomputed_and_other_settings_are_refused(tiny_t5, tmp_path, glue_dir):
+    store = run_extract(tmp_path, tiny_t5, glue_dir)
+    shard = next(Path(store.path, "validation", "encoder", "hidden").rglob("c/*/*/*"))
+    before = shard.stat().st_mtime_ns
+    run_extract(tmp_path, tiny_t5, glue_dir)
+    assert shard.stat().st_mtime_ns == before
+    with pytest.raises(StoreMismatchError, match="--overwrite"):
+        run_extract(tmp_path, tiny_t5, glue_dir, max_length=32)
+    again = run_extract(tmp_path, tiny_t5, glue_dir, max_length=32, overwrite=True)
+    assert again.meta["extraction"]["max_length"] == 32
+    assert verify_store(again.path) == []
+
+
+def test_verify_catches_a_missing_block_and_non_finite_values(tiny_t5, tmp_path, glue_dir):
+    store = run_extract(tmp_path, tiny_t5, glue_dir, dtype="float32", block_tokens=128)
+    group = zarr.open_group(store.path, mode="r+")
+    group["validation"]["blocks_done"][1] = 0
+    group["validation"]["encoder"]["hidden"][0, 0, 0] = np.nan
+    problems = verify_store(store.path)
+    assert any("not written" in p for p in problems)
+    assert any("non-finite" in p for p in problems)
+    result = CliRunner().invoke(main, ["verify", store.path])
+    assert result.exit_code == 1
+
+
+def test_killed_extraction_resumes_to_the_same_store(minilm, tmp_path, glue_dir):
+    """kill -9 part-way, rerun the same command: the result equals an uninterrupted run."""
+    args = ["--model", str(minilm), "--task", "rte", "--glue-dir", str(glue_dir), "--splits", "train",
+            "--limit", "160", "--max-length", "128", "--block-tokens", "1024", "--batch-tokens", "512", "--quiet"]
+    command = [sys.executable, "-m", "pipeline.cli", "extract", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = str(tmp_path / "killed.zarr")
+    proc = subprocess.Popen([*command, "--out", killed], env=env, cwd=REPO)
+    deadline = time.time() + 240
+    done = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = np.asarray(zarr.open_group(killed, mode="r")["train"]["blocks_done"][:])
+        except Exception:
+            done = None
+        if done is not None and 1 <= done.sum() < len(done) - 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "extraction finished before it could be killed; use a larger --limit"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = np.asarray(zarr.open_group(killed, mode="r")["train"]["blocks_done"][:])
+    assert 0 < interrupted.sum() < len(interrupted)
+    assert subprocess.run([*command, "--out", killed], env=env, cwd=REPO).returncode == 0
+    clean = str(tmp_path / "clean.zarr")
+    assert subprocess.run([*command, "--out", clean], env=env, cwd=REPO).returncode == 0
+    a, b = CacheStore(killed), CacheStore(clean)
+    assert a.fingerprint == b.fingerprint
+    sa, sb = a.split("train"), b.split("train")
+    assert sa.blocks_done().all() and sb.blocks_done().all()
+    np.testing.assert_array_equal(sa.offsets["encoder"], sb.offsets["encoder"])
+    np.testing.assert_array_equal(np.asarray(sa.hidden("encoder")[:]), np.asarray(sb.hidden("encoder")[:]))
+    np.testing.assert_array_equal(sa.labels, sb.labels)
+    assert verify_store(killed) == []
+
+
+@pytest.mark.slow
+def test_rte_with_minilm_has_the_glue_counts_and_verifies(minilm, tmp_path, glue_dir):
+    out = str(tmp_path / "rte.zarr")
+    result = CliRunner().invoke(main, ["extract", "--model", str(minilm), "--task", "rte", "--glue-dir", str(glue_dir),
+                                       "--splits", "train,validation", "--out", out, "--max-length", "128", "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = CacheStore(out)
+    assert len(store.split("train")) == 2490 and len(store.split("validation")) == 277
+    assert CliRunner().invoke(main, ["verify", out]).exit_code == 0
+    info = CliRunner().invoke(main, ["info", out])
+    assert "2,490 examples" in info.output and "complete" in info.output
+
+
+# ---- refusals: one line, non-zero exit, nothing written ------------------------------------------
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, ["extract", *args])
+
+
+def test_cli_errors_are_one_line(tiny_t5, tmp_path, glue_dir):
+    out = str(tmp_path / "x.zarr")
+    base = ["--model", str(tiny_t5), "--glue-dir", str(glue_dir), "--out", out]
+    cases = {
+        "unknown GLUE task": cli(*base, "--task", "nope"),
+        "split": cli(*base, "--task", "rte", "--splits", "dev"),
+        "overflows float16": cli(*base, "--task", "rte", "--dtype", "float16", "--splits", "validation"),
+        "cannot load model": cli("--model", str(tmp_path / "no-model"), "--task", "rte", "--glue-dir", str(glue_dir),
+                                 "--out", out, "--splits", "validation"),
+        str(tmp_path / "no-glue"): cli("--model", str(tiny_t5), "--task", "rte", "--glue-dir", str(tmp_path / "no-glue"),
+                                       "--out", out),
+    }
+    for needle, result in cases.items():
+        assert result.exit_code == 2, (needle, result.output)
+        assert needle in result.output
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+        assert "Traceback" not in result.output
+    assert not Path(out).exists()
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="not a supported family"):
+        load_backbone(str(tmp_path), device="cpu")
+
+
+def test_empty_split_and_colliding_label_words(tiny_t5, tmp_path, glue_dir, monkeypatch):
+    empty = tmp_path / "glue" / "RTE"
+    empty.mkdir(parents=True)
+    (empty / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    with pytest.raises(EmptySplitError):
+        Extraction(ExtractConfig(model=str(tiny_t5), task="rte", glue_dir=str(tmp_path / "glue"), splits="validation",
+                                 out=str(tmp_path / "e.zarr")), progress=False)
+    import dataclasses
+
+    import pipeline.tasks as tasks
+
+    clash = dataclasses.replace(tasks.get_task("rte"), label_words=("entailment", "entailments"))
+    backbone = load_backbone(str(tiny_t5), device="cpu")
+    with pytest.raises(LabelWordCollisionError, match="first sub-word"):
+        backbone.label_token_ids(clash)
+
+
+def test_config_refuses_clashing_settings():
+    with pytest.raises(ConfigError, match="batch_tokens"):
+        ExtractConfig(model="m", task="rte", max_length=512, batch_tokens=100)
+    with pytest.raises(ConfigError, match="dtype"):
+        ExtractConfig(model="m", task="rte", dtype="int8")
+
+
+def test_missing_model_and_task_errors_are_typed(tmp_path):
+    with pytest.raises(ModelLoadError):
+        load_backbone(str(tmp_path / "absent"), device="cpu")
+    with pytest.raises(UnknownTaskError):
+        get_task("glue")
+    with pytest.raises(DataNotFoundError):
+        load_split("rte", "validation", tmp_path)
