@@ -99,5 +99,45 @@ def verify(store: str) -> None:
     click.echo(f"OK {store}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--cache", required=True, help="Store written by `pipeline extract` (the only input; the backbone is never loaded).")
+@click.option("--out", default=None, help="Run directory.  [default: runs/<task>]")
+@click.option("--seeds", default="0,1,2", help="Comma-separated seeds, trained in lockstep on the same batches.")
+@click.option("--epochs", default=10, type=int)
+@click.option("--method", default="read", type=click.Choice(["read", "probe"]),
+              help="read: the recurrent side network; probe: a linear head on the frozen final state (baseline).")
+@click.option("--rnn", default="gru", type=click.Choice(["gru", "rnn", "lstm"]), help="Recurrent cell over the layers.")
+@click.option("--rnn-dim", default=256, type=int, help="Hidden size r of the side network.")
+@click.option("--aggregate", default="mean", type=click.Choice(["mean", "last"]), help="Summary of the layer recurrence.")
+@click.option("--h0", default="zero", type=click.Choice(["zero", "embedding"]), help="Initial RNN state.")
+@click.option("--pooling", default="mean", type=click.Choice(["mean", "cls"]), help="Encoder family: pooling before the head.")
+@click.option("--encoder-side/--no-encoder-side", default=True,
+              help="Seq2seq: join the encoder side through its pooled summary (off: decoder side alone).")
+@click.option("--dropout", default=0.1, type=float)
+@click.option("--lr", default=1e-3, type=float, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", default=0.01, type=float)
+@click.option("--warmup-ratio", default=0.06, type=float, help="Share of steps for linear warm-up (then linear decay).")
+@click.option("--batch-size", default=32, type=int)
+@click.option("--patience", default=5, type=int, help="Epochs without improvement before a seed's best is final (0: never stop early).")
+@click.option("--max-grad-norm", default=1.0, type=float, help="Gradient clipping, per seed.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--memory-budget", default="8GB", help="Splits larger than this are streamed from the store by block.")
+@click.option("--train-split", default="train")
+@click.option("--eval-splits", default=None, help="Comma-separated.  [default: the task's validation split(s)]")
+@click.option("--data-seed", default=0, type=int, help="Seed of the batch order (shared by all seeds).")
+@click.option("--shuffle-buffer", default=8, type=int, help="Streaming: blocks mixed in memory at once.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@reports_errors
+def train(quiet: bool, patience: int, **options: Any) -> None:
+    """Train READ side networks (several seeds in lockstep) from a store, never loading the backbone."""
+    from pipeline.config import TrainConfig
+    from pipeline.training import train as run
+
+    metrics = run(TrainConfig(patience=patience or None, **options), progress=not quiet)
+    mean, std = metrics["mean"], metrics["std"]
+    shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
+    click.echo(f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}")
+
+
 if __name__ == "__main__":
     main()

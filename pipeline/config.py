@@ -102,3 +102,69 @@ class ExtractConfig:
         out["splits"] = list(self.splits) if self.splits else None
         out["layers"] = list(self.layers) if self.layers else None
         return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage two: READ side networks for several seeds, trained from a store alone."""
+
+    cache: str  # the store written by `pipeline extract`
+    out: str | None = None  # default runs/<task>
+    seeds: tuple[int, ...] = (0, 1, 2)  # trained in lockstep on the same batches
+    epochs: int = 10
+    method: str = "read"  # read: the side network; probe: a linear head on the frozen final state
+    rnn: str = "gru"  # gru | rnn | lstm
+    rnn_dim: int = 256
+    aggregate: str = "mean"  # mean | last over the layer recurrence
+    h0: str = "zero"  # zero | embedding
+    pooling: str = "mean"  # encoder family head: mean | cls
+    encoder_side: bool = True  # seq2seq: join the encoder side through its pooled summary
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06  # linear warm-up over this share of the steps, then linear decay to 0
+    batch_size: int = 32
+    patience: int | None = 5  # epochs without improvement before a seed stops counting; None: never
+    max_grad_norm: float = 1.0  # per seed
+    device: str = "auto"
+    memory_budget: str | int = "8GB"  # a split bigger than this is streamed from the store
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] | None = None  # None: the task's validation split(s)
+    data_seed: int = 0  # batch order (shared by all seeds)
+    shuffle_buffer: int = 8  # streaming: blocks mixed in memory at once
+
+    def __post_init__(self) -> None:
+        seeds = parse_list(self.seeds, int) if not isinstance(self.seeds, int) else (self.seeds,)
+        object.__setattr__(self, "seeds", seeds)
+        object.__setattr__(self, "eval_splits", parse_list(self.eval_splits))
+        object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed, e.g. 0,1,2")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {list(self.seeds)}")
+        if self.method not in ("read", "probe"):
+            raise ConfigError(f"method {self.method!r} must be 'read' or 'probe'")
+        if self.rnn not in ("gru", "rnn", "lstm"):
+            raise ConfigError(f"rnn {self.rnn!r} must be gru, rnn or lstm")
+        if self.aggregate not in ("mean", "last") or self.h0 not in ("zero", "embedding"):
+            raise ConfigError("aggregate must be mean|last and h0 zero|embedding")
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"pooling {self.pooling!r} must be mean or cls")
+        for name in ("epochs", "rnn_dim", "batch_size", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("lr must be > 0, dropout and warmup_ratio in [0, 1)")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be at least 1 (or null to disable), got {self.patience}")
+        if not DEVICES_RE.match(self.device):
+            raise ConfigError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
+
+    def out_dir(self, task: str) -> str:
+        return self.out or f"runs/{task}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["seeds"] = list(self.seeds)
+        out["eval_splits"] = list(self.eval_splits) if self.eval_splits else None
+        return out

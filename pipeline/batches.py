@@ -1,0 +1,139 @@
+"""Batches of cached states for stage two: held in memory when they fit, else streamed by block.
+
+Either way the unit is a ``Chunk``: the rows of some blocks packed densely (no shard padding),
+kept in the stored dtype (bfloat16 bits are viewed as ``torch.bfloat16`` without a copy) and
+widened to float32 one batch at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import TrainingError
+from pipeline.side import SideBatch
+from pipeline.store import CachedSplit
+
+
+def as_tensor(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored rows -> a torch tensor in the logical dtype, sharing memory (bf16 bits viewed)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
+
+
+@dataclass
+class Chunk:
+    """Dense rows of a run of examples: states per side plus where each example's rows are."""
+
+    examples: np.ndarray  # (n,) indices into the split
+    labels: torch.Tensor  # (n,)
+    states: dict[str, torch.Tensor]  # side -> (rows, layers, d), stored dtype
+    starts: dict[str, np.ndarray]  # side -> (n,) first row of each example in states[side]
+    counts: dict[str, np.ndarray]  # side -> (n,) rows of each example
+
+    def batch(self, picks: np.ndarray) -> SideBatch:
+        """Gather examples ``picks`` (positions in this chunk) as float32, tokens flattened."""
+        fields: dict[str, torch.Tensor | None] = {}
+        for side, states in self.states.items():
+            counts = self.counts[side][picks]
+            starts = self.starts[side][picks]
+            if side == "decoder" or counts.max() == 1 and counts.min() == 1:
+                rows = torch.from_numpy(starts)
+                gathered = states.index_select(0, rows).float()
+                if side == "decoder":
+                    fields["decoder"] = gathered
+                else:
+                    fields["encoder"] = gathered
+                continue
+            index = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
+            fields["encoder"] = states.index_select(0, torch.from_numpy(index)).float()
+            fields["encoder_segment"] = torch.from_numpy(np.repeat(np.arange(len(picks)), counts))
+            fields["encoder_first"] = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        return SideBatch(labels=self.labels[picks], **fields)
+
+
+def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) -> Chunk:
+    """Read whole blocks (one shard each per side) into one dense chunk."""
+    examples = np.concatenate([np.arange(split.block_starts[j], split.block_starts[j + 1]) for j in blocks])
+    states, starts, counts = {}, {}, {}
+    for side in split.sides:
+        parts = [split.read_block(j, side) for j in blocks]
+        raw = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        off = split.offsets[side][examples]
+        counts[side] = off[:, 1] - off[:, 0]
+        starts[side] = np.concatenate([[0], np.cumsum(counts[side])[:-1]]).astype(np.int64)
+        tensor = as_tensor(raw, split.dtype)
+        if not torch.isfinite(tensor[:: max(1, len(tensor) // 64)]).all():
+            raise TrainingError(
+                f"non-finite values in {split.name}/{side} blocks {list(blocks)[:3]}...; "
+                "run `pipeline verify` on the store and re-extract"
+            )
+        states[side] = tensor
+    return Chunk(examples, labels[examples], states, starts, counts)
+
+
+class SplitBatches:
+    """Yields ``SideBatch``es of a split, from memory or streamed, in a seeded order."""
+
+    def __init__(self, split: CachedSplit, labels: torch.Tensor, *, memory_budget: int, shuffle_buffer: int = 8) -> None:
+        self.split = split
+        self.labels = labels
+        nbytes = sum(split.nbytes(side) for side in split.sides)
+        self.in_memory = nbytes <= memory_budget
+        self.shuffle_buffer = shuffle_buffer
+        self.nbytes = nbytes
+        self._all: Chunk | None = None
+        self.read_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _timed_load(self, blocks: Sequence[int]) -> Chunk:
+        import time
+
+        started = time.perf_counter()
+        chunk = load_chunk(self.split, blocks, self.labels)
+        with _lock:
+            self.read_seconds += time.perf_counter() - started
+        return chunk
+
+    def epoch(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[tuple[np.ndarray, SideBatch]]:
+        """(example indices, batch) pairs covering the split once."""
+        rng = np.random.default_rng(seed)
+        blocks = np.arange(self.split.num_blocks)
+        if self.in_memory:
+            if self._all is None:
+                self._all = self._timed_load(list(blocks))
+            yield from _chunk_batches(self._all, batch_size, rng if shuffle else None)
+            return
+        # Streaming: blocks in a shuffled order, `shuffle_buffer` at a time, the next group read
+        # in the background while the current one trains.
+        if shuffle:
+            rng.shuffle(blocks)
+        groups = [list(blocks[i : i + self.shuffle_buffer]) for i in range(0, len(blocks), self.shuffle_buffer)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+            upcoming: Future | None = pool.submit(self._timed_load, groups[0]) if groups else None
+            for g in range(len(groups)):
+                chunk = upcoming.result()
+                upcoming = pool.submit(self._timed_load, groups[g + 1]) if g + 1 < len(groups) else None
+                yield from _chunk_batches(chunk, batch_size, rng if shuffle else None)
+
+
+_lock = threading.Lock()
+
+
+def _chunk_batches(
+    chunk: Chunk, batch_size: int, rng: np.random.Generator | None
+) -> Iterator[tuple[np.ndarray, SideBatch]]:
+    order = np.arange(len(chunk.examples))
+    if rng is not None:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        picks = order[i : i + batch_size]
+        yield chunk.examples[picks], chunk.batch(picks)

@@ -1,0 +1,70 @@
+"""Wall time, peak memory and energy of a run: the paper's headline figures are memory and energy."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+
+
+def _rapl_uj() -> int | None:
+    try:
+        return int(RAPL.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _nvml_mj(device: torch.device) -> tuple[Any, int] | None:
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        return handle, int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+    except Exception:  # no pynvml, or a GPU without the energy counter
+        return None
+
+
+class ResourceMeter:
+    """Measures a block of work; ``summary()`` says what the hardware let it read (None otherwise)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> "ResourceMeter":
+        self.started = time.perf_counter()
+        self.rapl = _rapl_uj()
+        self.nvml = _nvml_mj(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall = time.perf_counter() - self.started
+        end = _rapl_uj()
+        self.cpu_energy = (end - self.rapl) / 1e6 if end is not None and self.rapl is not None and end >= self.rapl else None
+        self.gpu_energy = None
+        if self.nvml is not None:
+            import pynvml
+
+            handle, start = self.nvml
+            self.gpu_energy = (int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)) - start) / 1e3
+
+    def summary(self) -> dict[str, Any]:
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        cuda = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        return {
+            "wall_time_s": round(self.wall, 3),
+            "peak_rss_mb": round(peak_rss_mb, 1),
+            "cuda_max_allocated_mb": None if cuda is None else round(cuda, 1),
+            "cpu_energy_j": None if self.cpu_energy is None else round(self.cpu_energy, 1),
+            "gpu_energy_j": None if self.gpu_energy is None else round(self.gpu_energy, 1),
+            "device": str(self.device),
+        }

@@ -1,0 +1,261 @@
+"""Stage two's work: train READ side networks for several seeds in lockstep, from the store alone.
+
+Nothing here imports transformers or touches the backbone: everything comes from the store's
+arrays and attributes (label rows, family, layer layout).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.backbones import pick_device
+from pipeline.batches import SplitBatches
+from pipeline.config import TrainConfig
+from pipeline.errors import StoreCorruptError, TrainingError
+from pipeline.metrics import compute_metrics, primary_metric
+from pipeline.resources import ResourceMeter
+from pipeline.side import ReadConfig, ReadModel, clip_grad_norm_per_seed, per_seed_loss, trainable_parameter_count
+from pipeline.store import CacheStore, fingerprint
+from pipeline.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+
+def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> ReadConfig:
+    """The side network's shape, from the store's metadata and the training settings."""
+    bb, ext = store.meta["backbone"], store.meta["extraction"]
+    family = bb["family"]
+    side = "encoder" if family == "encoder" else "decoder"
+    has_embedding = all(ext["has_embedding"].values())
+    return ReadConfig(
+        family=family, d_model=int(bb["d_model"]), num_labels=task.num_labels, task_kind=task.kind,
+        method=cfg.method, rnn=cfg.rnn, rnn_dim=cfg.rnn_dim, aggregate=cfg.aggregate,
+        h0=cfg.h0 if has_embedding else "zero", pooling=cfg.pooling if family == "encoder" else "mean",
+        dropout=cfg.dropout, has_embedding=has_embedding and ext["layers"][side][0] == 0,
+        encoder_side=cfg.encoder_side if family == "seq2seq" else True,
+    )
+
+
+def check_store(store: CacheStore, cfg: TrainConfig, task: TaskSpec, splits: list[str]) -> None:
+    """Refuse what training cannot serve, before any work."""
+    store.require_complete(splits)
+    if fingerprint(store.meta.get("content", {})) != store.fingerprint:
+        raise StoreCorruptError(f"{store.path}: metadata does not match its fingerprint; run `pipeline verify`")
+    for name in splits:
+        labels = store.split(name).labels
+        if task.kind == "classification":
+            bad = (labels < 0) | (labels >= task.num_labels)
+            if bad.any():
+                raise TrainingError(
+                    f"{name} has {int(bad.sum())} labels outside 0..{task.num_labels - 1} "
+                    f"(unlabeled test split?); train and evaluate on labeled splits (--train-split/--eval-splits)"
+                )
+        elif not np.isfinite(labels).all():
+            raise TrainingError(f"{name} has unlabeled (nan) scores; train and evaluate on labeled splits")
+    family = store.meta["backbone"]["family"]
+    if task.kind == "classification" and family != "encoder":
+        rows = store.label_rows()
+        if rows is None or rows.shape[0] != task.num_labels:
+            raise TrainingError(
+                f"the {family} head needs {task.num_labels} LM-head label rows in the store, found "
+                f"{None if rows is None else rows.shape[0]}; re-extract with this version"
+            )
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    """Linear warm-up then linear decay to zero."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+class Trainer:
+    """Everything one `pipeline train` needs: store, data, model, optimiser, bookkeeping."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.store = CacheStore(cfg.cache)
+        self.task = get_task(self.store.meta["task"]["name"])
+        self.eval_splits = list(cfg.eval_splits or self.task.validation_splits)
+        check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
+        self.device = pick_device(cfg.device)
+        label_dtype = torch.long if self.task.kind == "classification" else torch.float32
+
+        def batches(name: str) -> SplitBatches:
+            split = self.store.split(name)
+            labels = torch.from_numpy(np.asarray(split.labels)).to(label_dtype)
+            return SplitBatches(split, labels, memory_budget=cfg.memory_budget, shuffle_buffer=cfg.shuffle_buffer)
+
+        self.train_data = batches(cfg.train_split)
+        self.eval_data = {name: batches(name) for name in self.eval_splits}
+        self.read_config = read_config_for(self.store, cfg, self.task)
+        rows = self.store.label_rows()
+        rows_t = torch.from_numpy(rows) if rows is not None and self.read_config.uses_label_rows else None
+        self.model = ReadModel(self.read_config, list(cfg.seeds), label_rows=rows_t).to(self.device)
+        self.primary = primary_metric(self.task)
+        self.out = Path(cfg.out_dir(self.task.name))
+
+    # ---- one epoch -----------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> np.ndarray:
+        self.model.train()
+        totals, count = np.zeros(len(self.cfg.seeds)), 0
+        batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self.cfg.data_seed * 100_003 + epoch)
+        for _, batch in _progress(batches, math.ceil(len(self.train_data) / self.cfg.batch_size),
+                                  f"epoch {epoch}", self.progress):
+            batch = batch.to(self.device, non_blocking=True)
+            losses = per_seed_loss(self.model(batch), batch.labels, self.task.kind)  # (S,)
+            if not torch.isfinite(losses).all():
+                bad = [s for s, ok in zip(self.cfg.seeds, torch.isfinite(losses).tolist()) if not ok]
+                raise TrainingError(
+                    f"non-finite training loss at epoch {epoch} for seed(s) {bad}; lower --lr or check the store "
+                    "with `pipeline verify`"
+                )
+            losses.sum().backward()  # seeds share no parameters: each gets its own gradient
+            clip_grad_norm_per_seed(self.model, self.cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals += losses.detach().cpu().numpy() * batch.num_examples
+            count += batch.num_examples
+        return totals / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions (S, n) in split order, and the labels (n,)."""
+        self.model.eval()
+        data = self.eval_data[name]
+        n = len(data)
+        preds = np.zeros((len(self.cfg.seeds), n), dtype=np.float32 if self.task.kind == "regression" else np.int64)
+        for index, batch in data.epoch(max(self.cfg.batch_size, 256), shuffle=False):
+            out = self.model(batch.to(self.device))
+            values = out if self.task.kind == "regression" else out.argmax(-1)
+            preds[:, index] = values.cpu().numpy()
+        return preds, np.asarray(data.split.labels)
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, S = self.cfg, len(self.cfg.seeds)
+        steps = cfg.epochs * math.ceil(len(self.train_data) / cfg.batch_size)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, cfg.warmup_ratio))
+        best_score = np.full(S, -np.inf)
+        best: list[dict[str, Any]] = [{} for _ in range(S)]
+        waited = np.zeros(S, dtype=int)
+        history: list[dict[str, Any]] = []
+        main_split = self.eval_splits[0]
+        with ResourceMeter(self.device) as meter:
+            for epoch in range(1, cfg.epochs + 1):
+                train_loss = self._train_epoch(epoch, optimizer, scheduler)
+                per_seed: list[dict[str, float]] = [{} for _ in range(S)]
+                predictions = {}
+                for name in self.eval_splits:
+                    preds, labels = self.predict(name)
+                    predictions[name] = preds
+                    for k in range(S):
+                        metrics = compute_metrics(self.task, preds[k], labels)
+                        prefix = "" if name == main_split else f"{name}/"
+                        per_seed[k].update({prefix + m: v for m, v in metrics.items()})
+                for k in range(S):
+                    score = per_seed[k][self.primary]
+                    if score > best_score[k]:
+                        best_score[k], waited[k] = score, 0
+                        best[k] = {"epoch": epoch, "metrics": per_seed[k], "state": self.model.seed_state_dict(k),
+                                   "predictions": {n: p[k].copy() for n, p in predictions.items()}}
+                    else:
+                        waited[k] += 1
+                history.append(self._history_row(epoch, train_loss, per_seed))
+                log.info("epoch %d: loss %.4f, %s %s", epoch, train_loss.mean(), self.primary,
+                         " ".join(f"{m[self.primary]:.2f}" for m in per_seed))
+                if self.progress:
+                    print(f"epoch {epoch}/{cfg.epochs}  loss {train_loss.mean():.4f}  {self.primary} "
+                          + " ".join(f"{m[self.primary]:.2f}" for m in per_seed), file=sys.stderr)
+                if cfg.patience is not None and (waited >= cfg.patience).all():
+                    break
+        for k in range(S):
+            self.model.load_seed_state_dict(k, best[k]["state"])
+        return self._write_outputs(best, history, meter.summary(), epochs_run=epoch)
+
+    def _history_row(self, epoch: int, train_loss: np.ndarray, per_seed: list[dict[str, float]]) -> dict[str, Any]:
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(float(train_loss.mean()), 6)}
+        for metric in per_seed[0]:
+            row[metric] = round(float(np.mean([m[metric] for m in per_seed])), 4)
+        for seed, metrics in zip(self.cfg.seeds, per_seed):
+            row[f"{self.primary}_seed{seed}"] = round(metrics[self.primary], 4)
+        return row
+
+    def _write_outputs(self, best: list[dict[str, Any]], history: list[dict[str, Any]],
+                       resources: dict[str, Any], epochs_run: int) -> dict[str, Any]:
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {
+            "base_model_name_or_path": self.store.meta["backbone"]["name"],
+            "revision": self.store.meta["backbone"]["revision"],
+            "store_fingerprint": self.store.fingerprint,
+            "task": self.task.name,
+            "peft_type": "READ",
+        }
+        for k, seed in enumerate(cfg.seeds):
+            self.model.save_pretrained(out / f"seed_{seed}", k, extra=extra)
+        metric_names = list(best[0]["metrics"])
+        seeds = {str(seed): {"best_epoch": b["epoch"], **b["metrics"]} for seed, b in zip(cfg.seeds, best)}
+        values = {m: np.array([b["metrics"][m] for b in best]) for m in metric_names}
+        metrics = {
+            "task": self.task.name,
+            "method": cfg.method,
+            "primary_metric": self.primary,
+            "fingerprint": self.store.fingerprint,
+            "backbone": self.store.meta["backbone"]["name"],
+            "num_seeds": len(cfg.seeds),
+            "epochs_run": epochs_run,
+            "trainable_parameters": trainable_parameter_count(self.model),
+            "mean": {m: round(float(v.mean()), 4) for m, v in values.items()},
+            "std": {m: round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4) for m, v in values.items()},
+            "seeds": seeds,
+            "resources": {**resources, "train_rows_in_memory": self.train_data.in_memory,
+                          "read_time_s": round(self.train_data.read_seconds, 3)},
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        with open(out / "history.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+        for name in self.eval_splits:
+            split = self.store.split(name)
+            with open(out / f"predictions_{name}.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["idx", "label", *[f"seed_{s}" for s in cfg.seeds]])
+                columns = [b["predictions"][name] for b in best]
+                for i in range(len(split)):
+                    writer.writerow([int(split.ids[i]), split.labels[i].item(), *[c[i].item() for c in columns]])
+        config = {"train": cfg.to_dict(), "read": self.read_config.to_dict(), "store": {
+            "path": self.store.path, "fingerprint": self.store.fingerprint, "backbone": self.store.meta["backbone"],
+            "extraction": self.store.meta["extraction"]}}
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return metrics
+
+
+def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not enabled, leave=False,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Stage two end to end; returns metrics.json's content."""
+    return Trainer(cfg, progress=progress).run()
