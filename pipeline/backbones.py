@@ -199,10 +199,16 @@ class Backbone:
 
     # ---- forward ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, list[torch.Tensor]]:
-        """Per-layer states for a batch: {side: [per example (tokens, layers, d) float32 on CPU]}.
+    def forward(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """Per-layer states for a batch, left where the model put them (no stacking, no copies).
 
-        Seq2seq also returns "logits" (B, V) at decoder position 0 (one position: cheap).
+        Returns ``{side: [per state (B, T_side, d) tensor on the model's device]}`` for each side the
+        family stores, ``"lengths": {side: [rows of example k in T_side]}`` (real tokens are first:
+        right padding), and for seq2seq ``"logits"`` (B, V) at decoder position 0 (float32, CPU).
+        Decoder-family and seq2seq decoder states are one position per example (T_side = 1): the last
+        prompt token, or decoder position 0. Callers copy the rows they keep straight into their own
+        buffers (see ``pipeline.extraction.copy_states``): a (B, T, L+1, d) float32 stack would cost
+        a full extra pass over padded memory per batch.
         """
         lengths = [len(ids) for ids in batch_ids]
         width = max(lengths)
@@ -218,27 +224,30 @@ class Backbone:
             if self.autocast_dtype is not None
             else torch.autocast(self.device.type, enabled=False)
         )
+        ones = [1] * len(lengths)
         with autocast:
             if self.family == "seq2seq":
                 start = torch.full((len(batch_ids), 1), self.model.config.decoder_start_token_id, device=self.device)
                 out = self.model(
                     input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=True
                 )
-                enc = torch.stack(out.encoder_hidden_states, dim=2)  # (B, T, L+1, d)
-                dec = torch.stack(out.decoder_hidden_states, dim=2)[:, 0]  # (B, L+1, d)
                 return {
-                    "encoder": [enc[i, : n].float().cpu() for i, n in enumerate(lengths)],
-                    "decoder": [dec[i : i + 1].float().cpu() for i in range(len(lengths))],
+                    "encoder": list(out.encoder_hidden_states),
+                    "decoder": [h[:, :1] for h in out.decoder_hidden_states],
+                    "lengths": {"encoder": lengths, "decoder": ones},
                     "logits": out.logits[:, 0].float().cpu(),
                 }
             if self.family == "decoder":
                 # The base model alone: the LM head over every position would cost B x T x V.
                 out = self.model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-                states = torch.stack(out.hidden_states, dim=2)  # (B, T, L+1, d)
-                return {"decoder": [states[i, n - 1 : n].float().cpu() for i, n in enumerate(lengths)]}
+                last = torch.tensor([n - 1 for n in lengths], device=self.device)
+                rows = torch.arange(len(lengths), device=self.device)
+                return {
+                    "decoder": [h[rows, last][:, None] for h in out.hidden_states],
+                    "lengths": {"decoder": ones},
+                }
             out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-            states = torch.stack(out.hidden_states, dim=2)  # (B, T, L+1, d)
-            return {"encoder": [states[i, :n].float().cpu() for i, n in enumerate(lengths)]}
+            return {"encoder": list(out.hidden_states), "lengths": {"encoder": lengths}}
 
 
 def pick_device(device: str) -> torch.device:

@@ -58,6 +58,8 @@ def main() -> None:
 @click.option("--block-tokens", default=None, type=int, help="Rows per block and shard.  [default: about 128 MiB a shard]")
 @click.option("--codec", default="zstd", type=click.Choice(["zstd", "blosc-zstd", "none"]), help="Lossless codec.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
+@click.option("--part", default=None, metavar="I/N",
+              help="Extract only blocks j with j % N == I, so N processes (GPUs, hosts) fill one store together.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def extract(quiet: bool, **options: Any) -> None:

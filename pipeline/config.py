@@ -41,6 +41,13 @@ def parse_size(value: str | int | None) -> int | None:
     return int(number * 1024 ** "_KMGT".index(unit or "_")) if unit else int(number)
 
 
+def _parse_part(value: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise ConfigError(f"part {value!r} must be I/N with 0 <= I < N, e.g. 0/4")
+    return int(match.group(1)), int(match.group(2))
+
+
 def from_mapping(cls: type, values: Mapping[str, Any]):
     """Build a config from params.yaml-style keys; unknown keys are refused, not ignored."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -69,6 +76,7 @@ class ExtractConfig:
     block_tokens: int | None = None  # rows per block/shard; None: about 128 MiB a shard
     codec: str = "zstd"
     overwrite: bool = False
+    part: str | None = None  # "I/N": this process extracts blocks j with j % N == I (several GPUs/hosts)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "splits", parse_list(self.splits))
@@ -90,8 +98,19 @@ class ExtractConfig:
             raise ConfigError(f"block_tokens ({self.block_tokens}) must be at least max_length ({self.max_length})")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be a positive number of examples, got {self.limit}")
+        if self.part is not None:
+            _parse_part(self.part)
+            if self.overwrite:
+                raise ConfigError("--overwrite cannot be combined with --part: one part would delete the others' work")
         if self.codec not in ("zstd", "blosc-zstd", "none"):
             raise ConfigError(f"codec {self.codec!r} must be zstd, blosc-zstd or none")
+
+    @property
+    def part_index(self) -> tuple[int, int]:
+        """(I, N) of --part I/N; (0, 1) when the whole store is this process's."""
+        if self.part is None:
+            return (0, 1)
+        return _parse_part(self.part)
 
     @property
     def out_path(self) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.backbones import Backbone, load_backbone, model_label_logits
+from pipeline.backbones import Backbone, load_backbone, model_content_hash, model_label_logits
 from pipeline.config import ExtractConfig
 from pipeline.errors import DataNotFoundError, EmptySplitError, UnsupportedModelError
 from pipeline.glue import GlueSplit, load_split
@@ -65,11 +65,77 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
-def to_stored(values: torch.Tensor, dtype: str) -> np.ndarray:
-    """float32 states -> the stored representation (bf16 as its uint16 bits)."""
+def host_array(values: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array without a copy (bfloat16 as an ml_dtypes.bfloat16 view)."""
+    if values.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return values.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return values.numpy()
+
+
+def logical_view(buffer: np.ndarray, dtype: str) -> np.ndarray:
+    """A block buffer (bf16 kept as uint16 bits) viewed in its logical dtype, without a copy."""
     if dtype == "bfloat16":
-        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return values.to(getattr(torch, dtype)).numpy()
+        import ml_dtypes
+
+        return buffer.view(ml_dtypes.bfloat16)
+    return buffer
+
+
+def copy_states(
+    dest: np.ndarray,
+    dtype: str,
+    states: Sequence[torch.Tensor],
+    layers: Sequence[int],
+    lengths: Sequence[int],
+    starts: Sequence[int],
+    *,
+    pooled: bool,
+    on_device: bool | None = None,
+) -> None:
+    """Place one batch's kept states into a block buffer (stored representation, e.g. bf16 bits).
+
+    ``states`` are the model's per-state (B, T, d) tensors, real tokens first. Per-token: example k
+    fills rows ``[starts[k], starts[k] + lengths[k])``; pooled: one row at ``starts[k]``, the mean
+    over the example's tokens in float32.
+
+    On CPU each (example, layer) slice goes straight from the model's output into the block, converted
+    on the way (numpy/ml_dtypes casts: round to nearest even, bit-identical to ``Tensor.to``): one pass,
+    no temporaries, and no torch intra-op threads — thousands of small parallel torch copies stall
+    on thread hand-offs, worst of all on a busy machine. On an accelerator the kept rows are gathered
+    and converted there and cross to the host in one transfer (many small device-to-host copies
+    would each synchronise).
+    """
+    if on_device is None:
+        on_device = states[0].device.type != "cpu"
+    target = logical_view(dest, dtype)
+    if not on_device:
+        for j, layer in enumerate(layers):
+            h = host_array(states[layer])
+            for k, (n, start) in enumerate(zip(lengths, starts)):
+                if pooled:
+                    target[start, j] = h[k, :n].astype(np.float32, copy=False).mean(axis=0) if n > 1 else h[k, 0]
+                else:
+                    target[start : start + n, j] = h[k, :n]
+        return
+    device = states[0].device
+    batch, width = states[0].shape[:2]
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
+    if pooled:
+        valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        counts = valid.sum(dim=1, keepdim=True).float()
+        packed = torch.stack([(states[l].float() * valid[..., None]).sum(dim=1) / counts for l in layers], dim=1)
+        rows = [1] * batch  # (B, layers, d)
+    else:
+        index = torch.cat([k * width + torch.arange(n) for k, n in enumerate(lengths)]).to(device)
+        packed = torch.stack([states[l].flatten(0, 1).index_select(0, index) for l in layers], dim=1)
+        rows = list(lengths)  # (sum of lengths, layers, d)
+    host = host_array(packed.to(torch_dtype).cpu())
+    offset = 0
+    for n, start in zip(rows, starts):
+        target[start : start + n] = host[offset : offset + n]
+        offset += n
 
 
 def select_layers(layers: Sequence[int] | None, num_states: int) -> list[int]:
@@ -188,13 +254,15 @@ class Extraction:
         plan = plan_blocks(rows, self.limits, self.chunk_rows)
         if not self.writer.split_ready(name):
             lengths = {side: (n_tokens if side == "encoder" else np.ones_like(n_tokens)) for side in self.layers}
-            self.writer.create_split(
+            self.writer.ensure_split(
                 name, labels=split.labels, ids=split.ids, plan=plan, lengths=lengths,
                 num_states={side: len(l) for side, l in self.layers.items()}, d_model=bb.d_model,
                 dtype=cfg.dtype, codec=cfg.codec, token_ids=any(self.per_token.values()),
             )
         done = self.writer.done_blocks(name)
-        todo = [j for j in range(plan.num_blocks) if not done[j]]
+        index, count = cfg.part_index
+        # --part I/N: this process owns blocks j with j % N == I, so parts never share a shard.
+        todo = [j for j in range(plan.num_blocks) if not done[j] and j % count == index]
         if max_blocks is not None:
             todo = todo[:max_blocks]
         if not todo:
@@ -218,7 +286,8 @@ class Extraction:
             for future in pending:
                 future.result()
         bar.close()
-        self.writer.mark_complete(name)
+        if not self.writer.mark_complete(name):
+            log.warning("%s/%s: this part is done; the split completes when every part has run", self.task.name, name)
 
     def _compute_block(
         self, token_ids: list[list[int]], plan: Any, block: int, first: int
@@ -233,17 +302,19 @@ class Extraction:
         ids_out = {side: np.full(plan.capacity[side], -1, dtype=np.int32) for side in self.layers if self.per_token[side]}
         base = {side: block * plan.capacity[side] for side in self.layers}
         for batch in length_batches([len(t) for t in token_ids], cfg.batch_tokens):
-            out = bb.forward([token_ids[i] for i in batch])
-            self._check_label_rows(out, [token_ids[i] for i in batch])
+            batch_ids = [token_ids[i] for i in batch]
+            out = bb.forward(batch_ids)
+            self._check_label_rows(out, batch_ids)
             for side, layers in self.layers.items():
-                for k, i in enumerate(batch):
-                    states = out[side][k][:, layers]  # (tokens, layers, d) float32
-                    if not self.per_token[side] and states.shape[0] > 1:
-                        states = states.mean(dim=0, keepdim=True)  # pooled: masked mean (no pads here)
-                    start, end = plan.offsets[side][first + i] - base[side]
-                    hidden[side][start:end] = to_stored(states, cfg.dtype)
-                    if side in ids_out:
-                        ids_out[side][start:end] = token_ids[i]
+                starts = [int(plan.offsets[side][first + i, 0]) - base[side] for i in batch]
+                copy_states(
+                    hidden[side], cfg.dtype, out[side], layers, out["lengths"][side], starts,
+                    pooled=not self.per_token[side],
+                )
+                if side in ids_out:
+                    for start, ids in zip(starts, batch_ids):
+                        ids_out[side][start : start + len(ids)] = ids
+            del out
         return hidden, ids_out
 
     def _check_label_rows(self, out: dict[str, Any], batch: list[list[int]]) -> None:
@@ -252,7 +323,7 @@ class Extraction:
             return
         self.checked_label_rows = True
         side = "decoder"
-        final = torch.stack([out[side][k][-1, -1] for k in range(min(4, len(batch)))])  # (b, d)
+        final = out[side][-1][: min(4, len(batch)), 0].float().cpu()  # (b, d): last state, one position
         ours = final @ torch.from_numpy(self.label_rows).T
         if "logits" in out:
             theirs = out["logits"][: len(final)][:, self.label_ids]
@@ -278,6 +349,35 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
+def finished_store(cfg: ExtractConfig) -> bool:
+    """True if cfg.out already holds every requested split, complete, made with these settings.
+
+    Checked before the backbone is loaded, so rerunning a finished extraction costs seconds.
+    """
+    from pipeline.backbones import resolve_model_path
+    from pipeline.errors import PipelineError
+    from pipeline.store import CacheStore
+
+    if cfg.overwrite or "://" not in cfg.out_path and not Path(cfg.out_path).exists():
+        return False
+    try:
+        store = CacheStore(cfg.out_path)
+    except (PipelineError, FileNotFoundError):
+        return False
+    settings = ("model", "task", "max_length", "dtype", "layers", "tokens", "limit", "block_tokens", "codec")
+    recorded = store.meta.get("config", {})
+    if any(recorded.get(k) != cfg.to_dict()[k] for k in settings):
+        return False
+    path = resolve_model_path(cfg.model)
+    if not Path(path).is_dir() or model_content_hash(path, None) != store.meta["backbone"]["revision"]:
+        return False
+    wanted = cfg.splits or [s for s in store.splits]
+    return all(s in store.splits and store.split(s).blocks_done().all() for s in wanted)
+
+
 def extract(cfg: ExtractConfig, *, progress: bool = True) -> str:
     """Stage one end to end; returns the store path. Idempotent: a finished store is not recomputed."""
+    if cfg.part_index == (0, 1) and finished_store(cfg):
+        log.info("%s is complete with these settings; nothing to do", cfg.out_path)
+        return cfg.out_path
     return Extraction(cfg, progress=progress).run()

@@ -126,6 +126,13 @@ class StoreWriter:
 
         self.path = str(path)
         self.meta = meta
+        self.lock = _store_lock(self.path)
+        with self.lock:
+            self.group = self._open_or_create(meta, overwrite)
+
+    def _open_or_create(self, meta: dict[str, Any], overwrite: bool) -> Any:
+        import zarr
+
         local = Path(self.path)
         if overwrite and "://" not in self.path and local.exists():
             shutil.rmtree(local)
@@ -148,13 +155,19 @@ class StoreWriter:
                     f"{self.path} was made with other settings (fingerprint {old and old.get('fingerprint')}, "
                     f"now {meta['fingerprint']}); pass --overwrite to replace it or choose another --out"
                 )
-        self.group = group
+        return group
 
     # ---- splits -------------------------------------------------------------------------------
     def split_ready(self, split: str) -> bool:
         """True if the split's arrays were fully created before (a crash during creation redoes it)."""
         info = self.group.attrs[ATTRS_KEY]["splits"].get(split)
         return bool(info and info.get("created"))
+
+    def ensure_split(self, split: str, **arrays: Any) -> None:
+        """Create the split's arrays unless an earlier run (or another --part) already did."""
+        with self.lock:
+            if not self.split_ready(split):
+                self.create_split(split, **arrays)
 
     def create_split(
         self,
@@ -199,11 +212,13 @@ class StoreWriter:
         })
 
     def _update_split(self, split: str, values: dict[str, Any]) -> None:
-        attrs = dict(self.group.attrs[ATTRS_KEY])
-        splits = dict(attrs.get("splits", {}))
-        splits[split] = {**splits.get(split, {}), **values}
-        attrs["splits"] = splits
-        self.group.attrs[ATTRS_KEY] = attrs
+        with self.lock:  # read-modify-write of the root attributes: one process at a time
+            self.group = zarr_reopen(self.path)
+            attrs = dict(self.group.attrs[ATTRS_KEY])
+            splits = dict(attrs.get("splits", {}))
+            splits[split] = {**splits.get(split, {}), **values}
+            attrs["splits"] = splits
+            self.group.attrs[ATTRS_KEY] = attrs
 
     def done_blocks(self, split: str) -> np.ndarray:
         return np.asarray(self.group[split]["blocks_done"][:], dtype=bool)
@@ -218,9 +233,35 @@ class StoreWriter:
                 g[side]["token_ids"][block * cap : (block + 1) * cap] = token_ids[side]
         g["blocks_done"][block] = 1
 
-    def mark_complete(self, split: str) -> None:
+    def mark_complete(self, split: str) -> bool:
+        """Record completion if every block is written (by this or any other part)."""
         if self.done_blocks(split).all():
             self._update_split(split, {"complete": True})
+            return True
+        return False
+
+
+def zarr_reopen(path: str) -> Any:
+    """The group as it is on disk now (another --part may have changed its attributes)."""
+    import zarr
+
+    return zarr.open_group(path, mode="r+")
+
+
+def _store_lock(path: str) -> Any:
+    """A lock file beside a local store, so several --part processes create and annotate it in turn.
+
+    Remote (fsspec) stores get no lock: start part 0 first there, and let it create the splits.
+    """
+    import contextlib
+
+    if "://" in path:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    local = Path(path).resolve()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(local) + ".lock")
 
 
 # ---- reading ---------------------------------------------------------------------------------

@@ -293,3 +293,36 @@ def test_missing_model_and_task_errors_are_typed(tmp_path):
         get_task("glue")
     with pytest.raises(DataNotFoundError):
         load_split("rte", "validation", tmp_path)
+
+
+def test_parts_in_parallel_fill_the_same_store_as_one_process(tiny_t5, tmp_path, glue_dir):
+    """--part 0/2 and 1/2 run at the same time write disjoint shards; together they equal one run."""
+    common = ["-m", "pipeline.cli", "extract", "--model", str(tiny_t5), "--task", "rte", "--glue-dir", str(glue_dir),
+              "--splits", "train,validation", "--limit", "60", "--max-length", "64", "--block-tokens", "256",
+              "--batch-tokens", "512", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parted = str(tmp_path / "parted.zarr")
+    procs = [subprocess.Popen([sys.executable, *common, "--out", parted, "--part", f"{i}/2"], env=env, cwd=REPO)
+             for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    whole = str(tmp_path / "whole.zarr")
+    assert subprocess.run([sys.executable, *common, "--out", whole], env=env, cwd=REPO).returncode == 0
+    a, b = CacheStore(parted), CacheStore(whole)
+    assert a.fingerprint == b.fingerprint
+    for name in ("train", "validation"):
+        assert a.meta["splits"][name]["complete"] and a.split(name).num_blocks > 2
+        for side in ("encoder", "decoder"):
+            np.testing.assert_array_equal(np.asarray(a.split(name).hidden(side)[:]), np.asarray(b.split(name).hidden(side)[:]))
+    assert verify_store(parted) == []
+
+
+def test_rerun_of_a_finished_store_does_not_load_the_model(tiny_t5, tmp_path, glue_dir, monkeypatch):
+    run_extract(tmp_path, tiny_t5, glue_dir)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was loaded for a finished store")
+
+    monkeypatch.setattr("pipeline.extraction.load_backbone", refuse)
+    run_extract(tmp_path, tiny_t5, glue_dir)  # nothing to do
+    with pytest.raises(AssertionError, match="loaded"):
+        run_extract(tmp_path, tiny_t5, glue_dir, splits="train,validation")  # a new split needs the model
