@@ -141,5 +141,33 @@ def train(quiet: bool, patience: int, **options: Any) -> None:
     click.echo(f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--cache", required=True, help="Store written by `pipeline extract`.")
+@click.option("--grid", "grid_items", multiple=True, required=True, metavar="NAME=V1,V2",
+              help="A train setting and its values; repeat for a product grid, e.g. --grid lr=1e-3,3e-4 --grid rnn-dim=64,256.")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE", help="A fixed train setting for every run (repeatable).")
+@click.option("--seeds", default="0,1,2", help="Seeds of every run (trained in lockstep within a run).")
+@click.option("--out", default=None, help="Root folder of the runs.  [default: runs/<task>-sweep]")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler.  [default: a LocalCluster]")
+@click.option("--workers", default=2, type=int, help="LocalCluster worker processes.")
+@click.option("--threads-per-worker", default=1, type=int, help="LocalCluster threads (torch threads) per worker.")
+@reports_errors
+def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: str, out: str | None,
+          scheduler: str | None, workers: int, threads_per_worker: int) -> None:
+    """Train a grid of settings from one store, spread over Dask workers; print the runs best first."""
+    from pipeline.config import TrainConfig
+    from pipeline.store import CacheStore
+    from pipeline.sweep import parse_grid, run_sweep
+
+    fixed = {k: v[0] for k, v in parse_grid(settings).items()} if settings else {}
+    base = TrainConfig(cache=cache, seeds=seeds, **fixed)
+    out_root = out or f"runs/{CacheStore(cache).meta['task']['name']}-sweep"
+    rows = run_sweep(base, parse_grid(grid_items), out_root, scheduler=scheduler, workers=workers,
+                     threads_per_worker=threads_per_worker)
+    for row in rows:
+        click.echo(f"{row['mean']:7.2f} ± {row['std']:5.2f}  {row['primary_metric']}  {row['run']}")
+    click.echo(f"summary: {out_root}/sweep.json")
+
+
 if __name__ == "__main__":
     main()

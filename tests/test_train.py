@@ -13,35 +13,11 @@ from click.testing import CliRunner
 
 from pipeline.batches import SplitBatches
 from pipeline.cli import main
-from pipeline.config import ExtractConfig, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.errors import StoreFormatError, StoreIncompleteError, TrainingError
-from pipeline.extraction import extract
 from pipeline.side import ReadModel
 from pipeline.store import ATTRS_KEY, CacheStore
 from pipeline.training import Trainer, train
-
-
-def make_store(tmp_path_factory, model: Path, glue_dir: Path, task: str, **kw) -> str:
-    out = str(tmp_path_factory.mktemp(f"store-{task}") / f"{task}.zarr")
-    cfg = ExtractConfig(model=str(model), task=task, out=out, glue_dir=str(glue_dir), splits="train,validation",
-                        limit=kw.pop("limit", 48), max_length=64, batch_tokens=512, block_tokens=256, **kw)
-    extract(cfg, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def t5_store(tmp_path_factory, tiny_t5, glue_dir) -> str:
-    return make_store(tmp_path_factory, tiny_t5, glue_dir, "rte")
-
-
-@pytest.fixture(scope="session")
-def minilm_store(tmp_path_factory, minilm, glue_dir) -> str:
-    return make_store(tmp_path_factory, minilm, glue_dir, "stsb", limit=40)
-
-
-@pytest.fixture(scope="session")
-def gpt2_store(tmp_path_factory, tiny_gpt2, glue_dir) -> str:
-    return make_store(tmp_path_factory, tiny_gpt2, glue_dir, "sst2")
 
 
 def quick(cache: str, out: Path, **kw) -> TrainConfig:

@@ -1,0 +1,97 @@
+"""Hyper-parameter sweeps spread over Dask workers: a LocalCluster by default, or a running scheduler.
+
+Each grid point is one ordinary `pipeline train` run (all its seeds in lockstep) writing its own run
+directory; the store is read-only, so any number of workers can share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """['lr=1e-3,3e-4', 'rnn=gru,lstm'] -> {'lr': [0.001, 0.0003], 'rnn': ['gru', 'lstm']}."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values:
+            raise ConfigError(f"grid entry {item!r} must look like name=v1,v2")
+        if key not in fields or key in ("cache", "out", "seeds"):
+            raise ConfigError(f"cannot sweep {key!r}; sweepable: {sorted(set(fields) - {'cache', 'out', 'seeds'})}")
+        grid[key] = [_cast(v.strip(), getattr(TrainConfig(cache="x"), key)) for v in values.split(",")]
+    return grid
+
+
+def _cast(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int) and not isinstance(default, bool):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def expand(base: TrainConfig, grid: dict[str, list[Any]], out_root: str) -> list[tuple[str, TrainConfig]]:
+    """Every combination of the grid, each with its own run directory named after its values."""
+    keys = list(grid)
+    runs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        name = "-".join(f"{k}={v}" for k, v in zip(keys, values)) or "base"
+        runs.append((name, dataclasses.replace(base, out=str(Path(out_root) / name), **dict(zip(keys, values)))))
+    return runs
+
+
+def _train_quietly(cfg: TrainConfig) -> dict[str, Any]:
+    from pipeline.training import train
+
+    return train(cfg, progress=False)
+
+
+def run_sweep(
+    base: TrainConfig,
+    grid: dict[str, list[Any]],
+    out_root: str,
+    *,
+    scheduler: str | None = None,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+) -> list[dict[str, Any]]:
+    """Train every grid point on Dask workers; write and return one summary row per point."""
+    from distributed import Client, LocalCluster, as_completed
+
+    runs = expand(base, grid, out_root)
+    if scheduler:
+        client = Client(scheduler)
+        cluster = None
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = {client.submit(_train_quietly, cfg, pure=False): (name, cfg) for name, cfg in runs}
+        rows = []
+        for future in as_completed(futures):
+            name, cfg = futures[future]
+            metrics = future.result()
+            rows.append({"run": name, "out": cfg.out, **{k: getattr(cfg, k) for k in grid},
+                         "primary_metric": metrics["primary_metric"],
+                         "mean": metrics["mean"][metrics["primary_metric"]],
+                         "std": metrics["std"][metrics["primary_metric"]]})
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    rows.sort(key=lambda r: -r["mean"])
+    Path(out_root).mkdir(parents=True, exist_ok=True)
+    (Path(out_root) / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
