@@ -1,0 +1,50 @@
+"""The cache-compatible Joiner, measured: seq2seq READ with the encoder side joined vs the decoder side alone.
+
+DESIGN.md: with a cache we cannot re-run the frozen decoder on a corrected encoder output, so the
+encoder side reaches the decoder side only through its pooled summary (h_0 = tanh(W_e e)). This
+script trains both variants from one seq2seq store (same seeds, same batches) and prints them side
+by side. It needs a store of a real T5 (e.g. t5-base on a GPU):
+
+    pipeline extract --model t5-base --task rte --out data/rte-t5.zarr
+    python benchmarks/joiner.py --cache data/rte-t5.zarr --epochs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+
+from pipeline.config import TrainConfig
+from pipeline.store import CacheStore
+from pipeline.training import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", required=True, help="a seq2seq (T5) store")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rnn-dim", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    family = CacheStore(args.cache).meta["backbone"]["family"]
+    if family != "seq2seq":
+        parser.error(f"{args.cache} holds a {family} backbone; the Joiner exists only for seq2seq (T5) stores")
+    base = TrainConfig(cache=args.cache, seeds=args.seeds, epochs=args.epochs, rnn_dim=args.rnn_dim, device=args.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, joined in (("decoder side alone", False), ("encoder + decoder (pooled join)", True)):
+            cfg = dataclasses.replace(base, encoder_side=joined, out=f"{tmp}/{int(joined)}")
+            metrics = train(cfg, progress=False)
+            primary = metrics["primary_metric"]
+            rows.append((label, metrics["mean"][primary], metrics["std"][primary], metrics["trainable_parameters"],
+                         metrics["resources"]["wall_time_s"], primary))
+    print(f"| variant | {rows[0][5]} (mean ± std, {len(base.seeds)} seeds) | trainable parameters | wall s |")
+    print("|---|---:|---:|---:|")
+    for label, mean, std, params, wall, _ in rows:
+        print(f"| {label} | {mean:.2f} ± {std:.2f} | {params:,} | {wall:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
