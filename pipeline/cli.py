@@ -128,6 +128,7 @@ def verify(store: str) -> None:
 @click.option("--eval-splits", default=None, help="Comma-separated.  [default: the task's validation split(s)]")
 @click.option("--data-seed", default=0, type=int, help="Seed of the batch order (shared by all seeds).")
 @click.option("--shuffle-buffer", default=8, type=int, help="Streaming: blocks mixed in memory at once.")
+@click.option("--threads", default=None, type=int, help="Torch CPU threads.  [default: torch's own]")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @reports_errors
 def train(quiet: bool, patience: int, **options: Any) -> None:
@@ -139,6 +140,21 @@ def train(quiet: bool, patience: int, **options: Any) -> None:
     mean, std = metrics["mean"], metrics["std"]
     shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
     click.echo(f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--runs", "runs_dir", default="runs", help="Folder of run directories (<runs>/<task>/metrics.json).")
+@click.option("--out", "out_dir", default="reports", help="Where summary.md and summary.png are written.")
+@click.option("--tasks", default=None, help="Comma-separated tasks, in table order.  [default: every run under --runs]")
+@reports_errors
+def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
+    """Summarise trained runs: one table over tasks and seeds (summary.md) and a plot (summary.png)."""
+    from pipeline.config import parse_list
+    from pipeline.report import write_report
+
+    result = write_report(runs_dir, out_dir, tasks=list(parse_list(tasks) or []) or None)
+    click.echo(result["markdown"])
+    click.echo(f"wrote {result['paths']['markdown']} and {result['paths']['image']}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -151,6 +151,8 @@ class TrainConfig:
     eval_splits: tuple[str, ...] | None = None  # None: the task's validation split(s)
     data_seed: int = 0  # batch order (shared by all seeds)
     shuffle_buffer: int = 8  # streaming: blocks mixed in memory at once
+    threads: int | None = None  # torch CPU threads; None: torch's default. 1 avoids oversubscription
+    # on small side networks and busy machines (measured 14x faster under load on 2 cores).
 
     def __post_init__(self) -> None:
         seeds = parse_list(self.seeds, int) if not isinstance(self.seeds, int) else (self.seeds,)
@@ -174,6 +176,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError("lr must be > 0, dropout and warmup_ratio in [0, 1)")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1 (or null for torch's default), got {self.threads}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be at least 1 (or null to disable), got {self.patience}")
         if not DEVICES_RE.match(self.device):

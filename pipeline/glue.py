@@ -204,7 +204,33 @@ def _parse_label(spec: TaskSpec, value: str) -> int | float:
     )
 
 
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached (None if it can, or if offline mode asks for the local cache).
+
+    Without this, ``datasets`` retries for about half a minute before giving up; a missing data
+    source should stop a run at once.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return None  # offline mode: datasets reads its local cache or fails at once by itself
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname} unreachable: {exc}"
+    return None
+
+
 def _load_hub(spec: TaskSpec, split: str, limit: int | None) -> GlueSplit:
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise DataNotFoundError(
+            f"{spec.name}/{split}: no local GLUE folder given and the Hugging Face Hub is not reachable "
+            f"({unreachable}). Provide the data by either --glue-dir DIR (or GLUE_DIR) pointing at a "
+            "glue_data folder, or network access to the Hugging Face Hub (HF_DATASETS_OFFLINE=1 uses a cached copy)"
+        )
     import datasets  # heavy; only the Hub path needs it
     from datasets.exceptions import DatasetsError
 

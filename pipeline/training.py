@@ -94,6 +94,8 @@ class Trainer:
         self.eval_splits = list(cfg.eval_splits or self.task.validation_splits)
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         label_dtype = torch.long if self.task.kind == "classification" else torch.float32
 
         def batches(name: str) -> SplitBatches:
@@ -191,7 +193,9 @@ class Trainer:
         return self._write_outputs(best, history, meter.summary(), epochs_run=epoch)
 
     def _history_row(self, epoch: int, train_loss: np.ndarray, per_seed: list[dict[str, float]]) -> dict[str, Any]:
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(float(train_loss.mean()), 6)}
+        # "primary": the selection metric under one name for every task, so dvc plots can chart it.
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(float(train_loss.mean()), 6),
+                               "primary": round(float(np.mean([m[self.primary] for m in per_seed])), 4)}
         for metric in per_seed[0]:
             row[metric] = round(float(np.mean([m[metric] for m in per_seed])), 4)
         for seed, metrics in zip(self.cfg.seeds, per_seed):
@@ -210,7 +214,7 @@ class Trainer:
             "peft_type": "READ",
         }
         for k, seed in enumerate(cfg.seeds):
-            self.model.save_pretrained(out / f"seed_{seed}", k, extra=extra)
+            self.model.save_pretrained(out / "adapters" / f"seed_{seed}", k, extra=extra)
         metric_names = list(best[0]["metrics"])
         seeds = {str(seed): {"best_epoch": b["epoch"], **b["metrics"]} for seed, b in zip(cfg.seeds, best)}
         values = {m: np.array([b["metrics"][m] for b in best]) for m in metric_names}
@@ -234,9 +238,10 @@ class Trainer:
             writer = csv.DictWriter(handle, fieldnames=list(history[0]))
             writer.writeheader()
             writer.writerows(history)
+        (out / "predictions").mkdir(exist_ok=True)
         for name in self.eval_splits:
             split = self.store.split(name)
-            with open(out / f"predictions_{name}.csv", "w", newline="") as handle:
+            with open(out / "predictions" / f"{name}.csv", "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["idx", "label", *[f"seed_{s}" for s in cfg.seeds]])
                 columns = [b["predictions"][name] for b in best]

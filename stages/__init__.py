@@ -1,1 +1,103 @@
+"""The DVC stages: thin scripts that read ``params.yaml``, build a config and call the library.
 
+``params.yaml`` holds one section per stage (``extract:``, ``train:``) whose keys are exactly the
+fields of ``ExtractConfig`` / ``TrainConfig``, plus two top-level keys shared by the stages:
+``tasks`` (what ``dvc.yaml`` loops over) and ``glue_dir`` (where the GLUE data is; null means
+$GLUE_DIR, else the Hugging Face Hub). Per-task paths (``task``, ``out``, ``cache``) come from the
+command line that ``dvc.yaml`` writes, so a stage never hard-codes a path its stage declares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import ConfigError, DataNotFoundError, PipelineError
+
+TOP_LEVEL = ("tasks", "glue_dir", "extract", "train")
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, reading floats as YAML 1.2 does (and DVC, which writes `-S` values).
+
+    PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string: the learning rate that
+    `dvc exp run -S train.lr=1e-3` writes would reach TrainConfig as text.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole params file, its top-level keys checked (unknown ones refused, not ignored)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no params file {path}; run from the repository root or pass --params PATH")
+    with open(path, encoding="utf-8") as handle:
+        params = yaml.load(handle, Loader=_yaml_loader()) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must be a mapping of sections, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; known: {list(TOP_LEVEL)}")
+    return params
+
+
+def section(params: dict[str, Any], name: str, *, set_here: tuple[str, ...], path: str | Path) -> dict[str, Any]:
+    """One stage's section; keys that the stage sets itself (per task, from dvc.yaml) are refused."""
+    values = params.get(name) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: section {name!r} must be a mapping of settings, got {type(values).__name__}")
+    clash = sorted(set(values) & set(set_here))
+    if clash:
+        raise ConfigError(
+            f"{path}: {name}.{clash[0]} is set per task by dvc.yaml (--{clash[0].replace('_', '-')}); "
+            f"remove it from the {name!r} section"
+        )
+    return dict(values)
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--task", required=True, help="GLUE task (one item of params.yaml's tasks)")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def run_stage(body: Callable[[], None]) -> int:
+    """Run a stage body; the pipeline's typed errors become one line on stderr and exit code 2."""
+    try:
+        body()
+    except DataNotFoundError as exc:
+        print(f"Error: {one_line(exc)}. In params.yaml: set glue_dir, e.g. "
+              "`dvc exp run -S glue_dir=../shared/data/glue`, or export GLUE_DIR", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
+        print(f"Error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"Error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted; rerun `dvc repro` to resume.", file=sys.stderr)
+        return 130
+    return 0

@@ -28,7 +28,7 @@ def quick(cache: str, out: Path, **kw) -> TrainConfig:
 def adapter_tensors(run: Path, seed: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(run / f"seed_{seed}" / "adapter_model.safetensors"))
+    return load_file(str(run / "adapters" / f"seed_{seed}" / "adapter_model.safetensors"))
 
 
 @pytest.mark.parametrize("store", ["t5_store", "minilm_store", "gpt2_store"])
@@ -39,19 +39,19 @@ def test_train_writes_every_output(request, store, tmp_path):
     primary = metrics["primary_metric"]
     values = [metrics["seeds"][s][primary] for s in ("0", "1")]
     assert metrics["mean"][primary] == pytest.approx(np.mean(values), abs=1e-3)
-    for name in ("metrics.json", "history.csv", "predictions_validation.csv", "config.json",
-                 "seed_0/adapter_model.safetensors", "seed_1/adapter_config.json"):
+    for name in ("metrics.json", "history.csv", "predictions/validation.csv", "config.json",
+                 "adapters/seed_0/adapter_model.safetensors", "adapters/seed_1/adapter_config.json"):
         assert (tmp_path / name).is_file(), name
-    adapter = json.loads((tmp_path / "seed_1" / "adapter_config.json").read_text())
+    adapter = json.loads((tmp_path / "adapters" / "seed_1" / "adapter_config.json").read_text())
     assert adapter["method"] == "READ" and adapter["seed"] == 1
     assert adapter["store_fingerprint"] == CacheStore(cache).fingerprint
     assert list(adapter) == sorted(adapter)
     # The saved adapter reproduces the run's validation predictions.
-    model = ReadModel.from_pretrained(tmp_path / "seed_1")
+    model = ReadModel.from_pretrained(tmp_path / "adapters" / "seed_1")
     trainer = Trainer(quick(cache, tmp_path / "again", seeds=(1,)), progress=False)
     trainer.model.load_seed_state_dict(0, model.seed_state_dict(0))
     preds, _ = trainer.predict("validation")
-    saved = np.loadtxt(tmp_path / "predictions_validation.csv", delimiter=",", skiprows=1)
+    saved = np.loadtxt(tmp_path / "predictions" / "validation.csv", delimiter=",", skiprows=1)
     np.testing.assert_allclose(preds[0], saved[:, 3], rtol=1e-4, atol=1e-4)
 
 
