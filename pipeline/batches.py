@@ -64,17 +64,17 @@ def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) 
     states, starts, counts = {}, {}, {}
     for side in split.sides:
         parts = [split.read_block(j, side) for j in blocks]
+        for j, part in zip(blocks, parts):  # every value, one block at a time (bounded temporaries)
+            if not torch.isfinite(as_tensor(part, split.dtype)).all():
+                raise TrainingError(
+                    f"non-finite values in {split.name}/{side} block {j}; "
+                    "run `pipeline verify` on the store and re-extract it"
+                )
         raw = np.concatenate(parts) if len(parts) > 1 else parts[0]
         off = split.offsets[side][examples]
         counts[side] = off[:, 1] - off[:, 0]
         starts[side] = np.concatenate([[0], np.cumsum(counts[side])[:-1]]).astype(np.int64)
-        tensor = as_tensor(raw, split.dtype)
-        if not torch.isfinite(tensor[:: max(1, len(tensor) // 64)]).all():
-            raise TrainingError(
-                f"non-finite values in {split.name}/{side} blocks {list(blocks)[:3]}...; "
-                "run `pipeline verify` on the store and re-extract"
-            )
-        states[side] = tensor
+        states[side] = as_tensor(raw, split.dtype)
     return Chunk(examples, labels[examples], states, starts, counts)
 
 
