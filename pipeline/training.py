@@ -20,7 +20,7 @@ import torch
 from pipeline.backbones import pick_device
 from pipeline.batches import SplitBatches
 from pipeline.config import TrainConfig
-from pipeline.errors import StoreCorruptError, TrainingError
+from pipeline.errors import ConfigError, StoreCorruptError, TrainingError
 from pipeline.metrics import compute_metrics, primary_metric
 from pipeline.resources import ResourceMeter
 from pipeline.side import ReadConfig, ReadModel, clip_grad_norm_per_seed, per_seed_loss, trainable_parameter_count
@@ -36,10 +36,15 @@ def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> Read
     family = bb["family"]
     side = "encoder" if family == "encoder" else "decoder"
     has_embedding = all(ext["has_embedding"].values())
+    if cfg.h0 == "embedding" and not has_embedding:
+        raise ConfigError(
+            f"--h0 embedding needs the embedding output (state 0) in the store, but {store.path} kept layers "
+            f"{ext['layers']}; re-extract with --layers all (or a list with 0), or use --h0 zero"
+        )
     return ReadConfig(
         family=family, d_model=int(bb["d_model"]), num_labels=task.num_labels, task_kind=task.kind,
         method=cfg.method, rnn=cfg.rnn, rnn_dim=cfg.rnn_dim, aggregate=cfg.aggregate,
-        h0=cfg.h0 if has_embedding else "zero", pooling=cfg.pooling if family == "encoder" else "mean",
+        h0=cfg.h0, pooling=cfg.pooling if family == "encoder" else "mean",
         dropout=cfg.dropout, has_embedding=has_embedding and ext["layers"][side][0] == 0,
         encoder_side=cfg.encoder_side if family == "seq2seq" else True,
     )
