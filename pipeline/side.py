@@ -6,7 +6,7 @@ short sequence of per-layer states x_0 .. x_L. For one token:
     u_i   = RMSNorm_w(x_i)                 (learned weight w = the paper's s_in, shared over layers)
     h_0   = 0                              (h0="embedding": tanh(W_0 RMSNorm_w(x_0) + b_0))
     h_i   = RNN(u_i, h_{i-1})              i = 1..L   (GRU, Elman "rnn" or LSTM; hidden size r)
-    a     = mean_i h_i                     (aggregate="last": h_L)
+    a     = mean_i h_i                     (aggregate="last": h_L; dropout, per seed, in training)
     delta = W_out a + b_out                (zero-initialised: an untrained network changes nothing)
     final = x_L + delta                    -> the family's head
 
@@ -14,7 +14,10 @@ Lockstep: S independent parameter sets live stacked on a leading seed axis and r
 computation (bmm / matmul), so one read of the cached states serves every seed. Seed k's
 initialisation comes from ``torch.Generator().manual_seed(seed_k)`` and its dropout masks from its own
 generator, so seed k trains exactly as it would alone (up to float rounding), whatever other seeds
-share the stack. ``torch.nn.GRU`` cannot batch over parameter sets, hence the hand-written cells
+share the stack. The RMS normalisation of the states is shared by all seeds and each seed's norm weight
+is folded into its W_ih, so the input projection of all seeds is one GEMM with no gradient w.r.t. the
+(frozen) states; dropout therefore acts on ``a``, not on ``u`` (a per-seed mask on ``u`` would need an
+(S, L*N, d) tensor and cost 2x in time, measured). ``torch.nn.GRU`` cannot batch over parameter sets, hence the hand-written cells
 (PyTorch's equations and gate order, so weights map one-to-one onto ``nn.GRUCell`` & co.).
 """
 
@@ -320,17 +323,13 @@ class SideNet(nn.Module):
         if L < 1:
             raise ValueError(f"the side network needs at least one layer state, got n_states={x.shape[1]}")
         drop = self.training and self.dropout > 0.0
-        xn = _rms_norm(layers.transpose(0, 1).reshape(L * N, d))  # (L N, d), layer-major
-        if self.training:
-            u = xn.unsqueeze(0) * self.norm_weight.unsqueeze(1)  # (S, L N, d)
-            if drop:
-                u = u * streams.mask((L * N, d), self.dropout, x.device)
-            gi = torch.baddbmm(self.bias_ih.unsqueeze(1), u, self.weight_ih.transpose(1, 2))  # (S, L N, G r)
-        else:
-            # No dropout: fold the norm weight into W_ih so (S, L N, d) is never materialised.
-            w = self.weight_ih * self.norm_weight.unsqueeze(1)  # (S, G r, d)
-            gi = torch.matmul(xn, w.transpose(1, 2)) + self.bias_ih.unsqueeze(1)  # (S, L N, G r)
-        gi = gi.view(S, L, N, -1)  # (S, L, N, G r)
+        xn = _rms_norm(layers.transpose(0, 1).reshape(L * N, d))  # (L N, d), layer-major, shared by all seeds
+        # The norm weight is folded into W_ih, so the input projection of every seed is one GEMM over the
+        # shared normalised states: no (S, L N, d) tensor, and no gradient w.r.t. the states (frozen data).
+        w = (self.weight_ih * self.norm_weight.unsqueeze(1)).reshape(S * self.weight_ih.shape[1], d)  # (S G r, d)
+        gi = (xn @ w.T).view(L, N, S, -1)  # (L, N, S, G r)
+        # unbind, not gi[i]: the backward of L selects would zero-fill a full-size gradient L times.
+        gi_layers = [g.transpose(0, 1) + self.bias_ih.unsqueeze(1) for g in gi.unbind(0)]  # L x (S, N, G r)
 
         if h0 is not None:
             h = h0  # (S, N, r)
@@ -347,7 +346,7 @@ class SideNet(nn.Module):
         total: Tensor | None = None
         for i in range(L):
             gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, G r)
-            gx = gi[:, i]  # (S, N, G r)
+            gx = gi_layers[i]  # (S, N, G r)
             if self.cell == "gru":
                 rz = torch.sigmoid(gx[..., : 2 * r] + gh[..., : 2 * r])
                 reset, update = rz[..., :r], rz[..., r:]
