@@ -233,8 +233,9 @@ def cmd_table(args: argparse.Namespace) -> None:
                      f"{statistics.mean(p['best_epoch']) - statistics.mean(a['best_epoch']):+.2f} points.")
         lines.append("")
     lines.append("Wall time (s; READ/probe: 3 seeds in lockstep, one process; fine-tuning: sum over the seeds run, one "
-                 "after another). The 2 cores were shared with other jobs (load average 7-12), so these are "
-                 "upper bounds, not throughput figures:")
+                 "after another). READ and the probe ran on a quiet machine (load average about 1, two processes "
+                 "side by side); full fine-tuning ran earlier while other jobs shared the 2 cores (load average "
+                 "4-12), so its times are upper bounds, not throughput figures:")
     lines.append("")
     lines.append("| task | " + " | ".join(variants) + " | full fine-tuning |")
     lines.append("|" + "---|" * (len(variants) + 2))
