@@ -56,7 +56,7 @@ def main() -> None:
               help="all: every token's states; pooled: per layer the mean over tokens (a compact store).")
 @click.option("--limit", default=None, type=int, help="Only the first N examples of each split.")
 @click.option("--block-tokens", default=None, type=int, help="Rows per block and shard.  [default: about 128 MiB a shard]")
-@click.option("--codec", default="zstd", type=click.Choice(["zstd", "blosc-zstd", "none"]), help="Lossless codec.")
+@click.option("--codec", default="blosc-zstd", type=click.Choice(["zstd", "blosc-zstd", "none"]), help="Lossless codec (blosc-zstd: bit shuffle + zstd; measured 1.38x on bf16 activations, zstd 1.26x).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
 @click.option("--part", default=None, metavar="I/N",
               help="Extract only blocks j with j % N == I, so N processes (GPUs, hosts) fill one store together.")

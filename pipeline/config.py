@@ -74,7 +74,7 @@ class ExtractConfig:
     tokens: str = "all"  # all: every token; pooled: per layer the masked mean over tokens
     limit: int | None = None  # first N examples per split (smoke tests)
     block_tokens: int | None = None  # rows per block/shard; None: about 128 MiB a shard
-    codec: str = "zstd"
+    codec: str = "blosc-zstd"  # zstd behind a bit shuffle: 1.38x on real bf16 activations vs 1.26x for plain zstd
     overwrite: bool = False
     part: str | None = None  # "I/N": this process extracts blocks j with j % N == I (several GPUs/hosts)
 
