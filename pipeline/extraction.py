@@ -15,12 +15,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from pipeline.backbones import Backbone, load_backbone, model_content_hash, model_label_logits
+from pipeline.backbones import load_backbone, model_content_hash, model_label_logits
 from pipeline.config import ExtractConfig
 from pipeline.errors import DataNotFoundError, EmptySplitError, UnsupportedModelError
 from pipeline.glue import GlueSplit, load_split

@@ -122,7 +122,6 @@ class StoreWriter:
     """Creates or reopens a store, checks its fingerprint, and writes whole blocks."""
 
     def __init__(self, path: str | Path, meta: dict[str, Any], *, overwrite: bool = False) -> None:
-        import zarr
 
         self.path = str(path)
         self.meta = meta
