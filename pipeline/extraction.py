@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
@@ -20,19 +19,23 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.backbones import load_backbone, model_content_hash, model_label_logits
+from pipeline.backbones import load_backbone, model_content_hash, model_label_logits, resolve_model_path
 from pipeline.config import ExtractConfig
-from pipeline.errors import DataNotFoundError, EmptySplitError, UnsupportedModelError
+from pipeline.errors import DataNotFoundError, EmptySplitError, PipelineError, UnsupportedModelError
 from pipeline.glue import GlueSplit, load_split
+from pipeline.progress import progress_bar
 from pipeline.store import (
     FORMAT_VERSION,
+    STORED_DTYPES,
+    TARGET_SHARD_BYTES,
+    CacheStore,
     StoreWriter,
     chunk_rows_for,
     fingerprint,
+    logical_view,
     plan_blocks,
     round_up,
     row_bytes,
-    TARGET_SHARD_BYTES,
 )
 from pipeline.tasks import TaskSpec, get_task
 
@@ -72,15 +75,6 @@ def host_array(values: torch.Tensor) -> np.ndarray:
 
         return values.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return values.numpy()
-
-
-def logical_view(buffer: np.ndarray, dtype: str) -> np.ndarray:
-    """A block buffer (bf16 kept as uint16 bits) viewed in its logical dtype, without a copy."""
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return buffer.view(ml_dtypes.bfloat16)
-    return buffer
 
 
 def copy_states(
@@ -269,7 +263,7 @@ class Extraction:
             self.writer.mark_complete(name)
             return
         total = int(sum(plan.block_starts[j + 1] - plan.block_starts[j] for j in todo))
-        bar = _progress(total, f"{self.task.name}/{name}", self.progress)
+        bar = progress_bar(total=total, desc=f"{self.task.name}/{name}", unit="ex", enabled=self.progress)
         started, seen_tokens = time.perf_counter(), 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool:
             pending: list[Future] = []
@@ -292,8 +286,6 @@ class Extraction:
     def _compute_block(
         self, token_ids: list[list[int]], plan: Any, block: int, first: int
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        from pipeline.store import STORED_DTYPES
-
         cfg, bb = self.cfg, self.backbone
         hidden = {
             side: np.zeros((plan.capacity[side], len(layers), bb.d_model), dtype=STORED_DTYPES[cfg.dtype])
@@ -343,21 +335,11 @@ class Extraction:
         return self.cfg.out_path
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
 def finished_store(cfg: ExtractConfig) -> bool:
     """True if cfg.out already holds every requested split, complete, made with these settings.
 
     Checked before the backbone is loaded, so rerunning a finished extraction costs seconds.
     """
-    from pipeline.backbones import resolve_model_path
-    from pipeline.errors import PipelineError
-    from pipeline.store import CacheStore
-
     if cfg.overwrite or "://" not in cfg.out_path and not Path(cfg.out_path).exists():
         return False
     try:

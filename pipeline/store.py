@@ -266,11 +266,13 @@ def _store_lock(path: str) -> Any:
 # ---- reading ---------------------------------------------------------------------------------
 
 
-def bf16_view(bits: np.ndarray) -> np.ndarray:
-    """uint16 bits -> ml_dtypes.bfloat16 array, a view (no copy)."""
-    import ml_dtypes
+def logical_view(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows in their logical dtype without a copy (bf16 bits as ml_dtypes.bfloat16)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
 
-    return bits.view(ml_dtypes.bfloat16)
+        return raw.view(ml_dtypes.bfloat16)
+    return raw
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:

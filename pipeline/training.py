@@ -22,6 +22,7 @@ from pipeline.batches import SplitBatches
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, StoreCorruptError, TrainingError
 from pipeline.metrics import compute_metrics, primary_metric
+from pipeline.progress import progress_bar
 from pipeline.resources import ResourceMeter
 from pipeline.side import ReadConfig, ReadModel, clip_grad_norm_per_seed, per_seed_loss, trainable_parameter_count
 from pipeline.store import CacheStore, fingerprint
@@ -122,8 +123,9 @@ class Trainer:
         self.model.train()
         totals, count = np.zeros(len(self.cfg.seeds)), 0
         batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self.cfg.data_seed * 100_003 + epoch)
-        for _, batch in _progress(batches, math.ceil(len(self.train_data) / self.cfg.batch_size),
-                                  f"epoch {epoch}", self.progress):
+        steps = math.ceil(len(self.train_data) / self.cfg.batch_size)
+        for _, batch in progress_bar(batches, total=steps, desc=f"epoch {epoch}", unit="batch",
+                                     enabled=self.progress, leave=False):
             batch = batch.to(self.device, non_blocking=True)
             losses = per_seed_loss(self.model(batch), batch.labels, self.task.kind)  # (S,)
             if not torch.isfinite(losses).all():
@@ -257,13 +259,6 @@ class Trainer:
             "extraction": self.store.meta["extraction"]}}
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return metrics
-
-
-def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not enabled, leave=False,
-                file=sys.stderr, dynamic_ncols=True)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.config import TrainConfig
 from pipeline.errors import StoreFormatError, StoreIncompleteError, TrainingError
 from pipeline.side import ReadModel
-from pipeline.store import ATTRS_KEY, CacheStore
+from pipeline.store import ATTRS_KEY, CacheStore, to_float32
 from pipeline.training import Trainer, train
 
 
@@ -139,7 +139,7 @@ def test_probe_and_read_have_the_same_untrained_prediction_on_label_rows(t5_stor
     for i in range(len(split)):
         start, end = split.offsets["decoder"][i]
         raw = np.asarray(split.hidden("decoder")[start:end])
-        finals.append(torch.from_numpy((raw.astype(np.uint32) << 16).view(np.float32))[0, -1])
+        finals.append(torch.from_numpy(to_float32(raw, store.dtype))[0, -1])
     expected = (torch.stack(finals) @ rows.T).argmax(-1).numpy()
     np.testing.assert_array_equal(preds[0], expected)
 
