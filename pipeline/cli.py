@@ -66,9 +66,10 @@ def extract(quiet: bool, **options: Any) -> None:
     """Run a frozen backbone once over a GLUE task and store every layer's hidden states."""
     from pipeline.config import ExtractConfig
     from pipeline.extraction import extract as run
+    from pipeline.store import CacheStore
 
     path = run(ExtractConfig(**options), progress=not quiet)
-    click.echo(f"store complete: {path}")
+    click.echo(CacheStore(path).completion_message())
 
 
 @main.command(context_settings=CONTEXT)

@@ -182,8 +182,8 @@ class Extraction:
         self.limits, self.chunk_rows = self._layout()
         self.meta = self._meta()
         self.writer = StoreWriter(cfg.out_path, self.meta, overwrite=cfg.overwrite)
-        if self.label_rows is not None and "label_rows" not in self.writer.group:
-            self.writer.group.create_array("label_rows", data=self.label_rows)
+        if self.label_rows is not None:
+            self.writer.ensure_array("label_rows", self.label_rows)
         self.checked_label_rows = False
 
     def _layout(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -246,13 +246,12 @@ class Extraction:
         n_tokens = np.array([len(t) for t in token_ids], dtype=np.int64)
         rows = {side: (n_tokens if self.per_token[side] else np.ones_like(n_tokens)) for side in self.layers}
         plan = plan_blocks(rows, self.limits, self.chunk_rows)
-        if not self.writer.split_ready(name):
-            lengths = {side: (n_tokens if side == "encoder" else np.ones_like(n_tokens)) for side in self.layers}
-            self.writer.ensure_split(
-                name, labels=split.labels, ids=split.ids, plan=plan, lengths=lengths,
-                num_states={side: len(l) for side, l in self.layers.items()}, d_model=bb.d_model,
-                dtype=cfg.dtype, codec=cfg.codec, token_ids=any(self.per_token.values()),
-            )
+        lengths = {side: (n_tokens if side == "encoder" else np.ones_like(n_tokens)) for side in self.layers}
+        self.writer.ensure_split(
+            name, labels=split.labels, ids=split.ids, plan=plan, lengths=lengths,
+            num_states={side: len(l) for side, l in self.layers.items()}, d_model=bb.d_model,
+            dtype=cfg.dtype, codec=cfg.codec, token_ids=any(self.per_token.values()),
+        )
         done = self.writer.done_blocks(name)
         index, count = cfg.part_index
         # --part I/N: this process owns blocks j with j % N == I, so parts never share a shard.

@@ -163,10 +163,23 @@ class StoreWriter:
         return bool(info and info.get("created"))
 
     def ensure_split(self, split: str, **arrays: Any) -> None:
-        """Create the split's arrays unless an earlier run (or another --part) already did."""
+        """Create the split's arrays unless an earlier run (or another --part) already did.
+
+        The check reads the attributes as they are on disk *under the lock*: a group opened
+        earlier caches them, and a part acting on that stale view would delete and recreate a
+        split another part is already writing into.
+        """
         with self.lock:
+            self.group = zarr_reopen(self.path)
             if not self.split_ready(split):
                 self.create_split(split, **arrays)
+
+    def ensure_array(self, name: str, data: np.ndarray) -> None:
+        """A small root array written once (e.g. label_rows), whichever part comes first."""
+        with self.lock:
+            self.group = zarr_reopen(self.path)
+            if name not in self.group:
+                self.group.create_array(name, data=data)
 
     def create_split(
         self,
@@ -234,10 +247,11 @@ class StoreWriter:
 
     def mark_complete(self, split: str) -> bool:
         """Record completion if every block is written (by this or any other part)."""
-        if self.done_blocks(split).all():
-            self._update_split(split, {"complete": True})
-            return True
-        return False
+        with self.lock:
+            if self.done_blocks(split).all():
+                self._update_split(split, {"complete": True})
+                return True
+            return False
 
 
 def zarr_reopen(path: str) -> Any:
@@ -370,6 +384,23 @@ class CacheStore:
 
     def label_rows(self) -> np.ndarray | None:
         return np.asarray(self.group["label_rows"][:]) if "label_rows" in self.group else None
+
+    def blocks_missing(self) -> dict[str, str]:
+        """Splits with blocks still to write, as 'done/total' (empty when the store is complete)."""
+        missing = {}
+        for name in self.splits:
+            done = self.split(name).blocks_done()
+            if not done.all():
+                missing[name] = f"{int(done.sum())}/{len(done)}"
+        return missing
+
+    def completion_message(self) -> str:
+        """One line for the end of an extraction: complete, or which blocks other parts still owe."""
+        missing = self.blocks_missing()
+        if not missing:
+            return f"store complete: {self.path}"
+        shown = ", ".join(f"{name} {blocks} blocks" for name, blocks in missing.items())
+        return f"this part is done; {self.path} is not complete yet ({shown}): it completes when every --part has run"
 
     def require_complete(self, splits: Iterable[str]) -> None:
         for name in splits:

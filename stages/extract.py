@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from pipeline.errors import StoreMismatchError
         from pipeline.extraction import extract
+        from pipeline.store import CacheStore
 
         cfg = extract_config(read_params(args.params), args.task, args.out, path=args.params)
         try:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             # Same settings resume; other settings mean DVC wants a new output, so start afresh.
             log.info("%s\nreplacing it: the params changed since it was written", exc)
             path = extract(dataclasses.replace(cfg, overwrite=True), progress=not args.quiet)
-        print(f"store complete: {path}")
+        print(CacheStore(path).completion_message())
 
     return run_stage(body)
 
