@@ -49,10 +49,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import pipeline.extraction as extraction_module  # noqa: E402
-from pipeline.backbones import Backbone, load_backbone  # noqa: E402
-from pipeline.config import ExtractConfig  # noqa: E402
+import pipeline.extraction.stage as extraction_module  # noqa: E402
+from pipeline.common.config import ExtractConfig  # noqa: E402
 from pipeline.extraction import Extraction, length_batches  # noqa: E402
+from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
 from pipeline.store import CacheStore, plan_blocks  # noqa: E402
 
 SECTION = "## Extraction (stage one)"

@@ -35,14 +35,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
+import quality  # noqa: E402  (caps, paths: the same data as the stores)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import quality  # noqa: E402  (caps, paths: the same data as the stores)
-from pipeline.glue import load_split  # noqa: E402
-from pipeline.metrics import compute_metrics, primary_metric  # noqa: E402
-from pipeline.tasks import get_task  # noqa: E402
-from pipeline.training import lr_lambda  # noqa: E402
+from pipeline.common.tasks import get_task  # noqa: E402
+from pipeline.extraction.glue import load_split  # noqa: E402
+from pipeline.training.metrics import compute_metrics, primary_metric  # noqa: E402
+from pipeline.training.trainer import lr_lambda  # noqa: E402
 
 
 class FineTuned(nn.Module):

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import tempfile
 
-from pipeline.config import TrainConfig
+from pipeline.common.config import TrainConfig
 from pipeline.store import CacheStore
 from pipeline.training import train
 

@@ -51,7 +51,7 @@ def store_path(task: str, tokens: str = "all") -> Path:
 
 def capped_load_split(task: str):
     """``load_split`` with the train split cut to ``CAPS[task]`` (validation untouched)."""
-    from pipeline.glue import load_split
+    from pipeline.extraction.glue import load_split
 
     def load(spec, name, glue_dir=None, *, limit=None):
         if name == "train":
@@ -62,9 +62,9 @@ def capped_load_split(task: str):
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    import pipeline.extraction as extraction_module
-    from pipeline.config import ExtractConfig
-    from pipeline.tasks import get_task
+    import pipeline.extraction.stage as extraction_module
+    from pipeline.common.config import ExtractConfig
+    from pipeline.common.tasks import get_task
 
     jobs = [(t, "all") for t in args.tasks] + ([("stsb", "pooled")] if "stsb" in args.tasks else [])
     timings = {}
@@ -98,7 +98,7 @@ READ_DEFAULTS: dict[str, Any] = {"epochs": 10, "rnn_dim": 128, "lr": 3e-3, "batc
 def run_variant(task: str, name: str, overrides: dict[str, Any], tokens: str, seeds: tuple[int, ...]) -> dict:
     import torch
 
-    from pipeline.config import TrainConfig
+    from pipeline.common.config import TrainConfig
     from pipeline.training import train
 
     settings = {**READ_DEFAULTS, **overrides}

@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.side import clip_grad_norm_per_seed, per_seed_loss  # noqa: E402
-from pipeline.training import Trainer, lr_lambda  # noqa: E402
+from pipeline.common.config import TrainConfig  # noqa: E402
+from pipeline.training.model import clip_grad_norm_per_seed, per_seed_loss  # noqa: E402
+from pipeline.training.trainer import Trainer, lr_lambda  # noqa: E402
 
 SECTION = "## Training throughput (stage two)"
 

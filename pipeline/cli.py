@@ -17,7 +17,7 @@ def reports_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.errors import PipelineError
+        from pipeline.common.errors import PipelineError
 
         try:
             return command(*args, **kwargs)
@@ -64,7 +64,7 @@ def main() -> None:
 @reports_errors
 def extract(quiet: bool, **options: Any) -> None:
     """Run a frozen backbone once over a GLUE task and store every layer's hidden states."""
-    from pipeline.config import ExtractConfig
+    from pipeline.common.config import ExtractConfig
     from pipeline.extraction import extract as run
     from pipeline.store import CacheStore
 
@@ -134,7 +134,7 @@ def verify(store: str) -> None:
 @reports_errors
 def train(quiet: bool, patience: int, **options: Any) -> None:
     """Train READ side networks (several seeds in lockstep) from a store, never loading the backbone."""
-    from pipeline.config import TrainConfig
+    from pipeline.common.config import TrainConfig
     from pipeline.training import train as run
 
     metrics = run(TrainConfig(patience=patience or None, **options), progress=not quiet)
@@ -150,7 +150,7 @@ def train(quiet: bool, patience: int, **options: Any) -> None:
 @reports_errors
 def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
     """Summarise trained runs: one table over tasks and seeds (summary.md) and a plot (summary.png)."""
-    from pipeline.config import parse_list
+    from pipeline.common.config import parse_list
     from pipeline.report import write_report
 
     result = write_report(runs_dir, out_dir, tasks=list(parse_list(tasks) or []) or None)
@@ -172,9 +172,9 @@ def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
 def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: str, out: str | None,
           scheduler: str | None, workers: int, threads_per_worker: int) -> None:
     """Train a grid of settings from one store, spread over Dask workers; print the runs best first."""
-    from pipeline.config import TrainConfig
+    from pipeline.common.config import TrainConfig
     from pipeline.store import CacheStore
-    from pipeline.sweep import parse_grid, run_sweep
+    from pipeline.training.sweep import parse_grid, run_sweep
 
     fixed = {k: v[0] for k, v in parse_grid(settings).items()} if settings else {}
     base = TrainConfig(cache=cache, seeds=seeds, **fixed)

@@ -133,7 +133,9 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -> None:
     """Left: per task the seeds' best scores around their mean. Right: validation curves per epoch."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, the Agg canvas is implied by savefig
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global state, the Agg canvas is implied by savefig
+    )
 
     rows = summary["rows"]
     colors = [f"C{i}" for i in range(len(rows))]

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import ConfigError, DataNotFoundError, PipelineError
+from pipeline.common.errors import ConfigError, DataNotFoundError, PipelineError
 
 TOP_LEVEL = ("tasks", "glue_dir", "extract", "train")
 

@@ -20,7 +20,7 @@ log = logging.getLogger("stages.extract")
 
 def extract_config(params: dict[str, Any], task: str, out: str | None, *, path: str = "params.yaml"):
     """ExtractConfig from the ``extract`` section, the top-level ``glue_dir`` and the per-task paths."""
-    from pipeline.config import ExtractConfig, from_mapping
+    from pipeline.common.config import ExtractConfig, from_mapping
 
     values = section(params, "extract", set_here=("task", "out", "glue_dir"), path=path)
     values.update(task=task, out=out, glue_dir=params.get("glue_dir"))
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def body() -> None:
-        from pipeline.errors import StoreMismatchError
+        from pipeline.common.errors import StoreMismatchError
         from pipeline.extraction import extract
         from pipeline.store import CacheStore
 

@@ -15,7 +15,7 @@ from stages import read_params, run_stage, section, stage_parser
 
 def train_config(params: dict[str, Any], cache: str, out: str | None, *, path: str = "params.yaml"):
     """TrainConfig from the ``train`` section and the per-task paths."""
-    from pipeline.config import TrainConfig, from_mapping
+    from pipeline.common.config import TrainConfig, from_mapping
 
     values = section(params, "train", set_here=("cache", "out"), path=path)
     values.update(cache=cache, out=out)

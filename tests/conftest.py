@@ -69,7 +69,7 @@ def minilm() -> Path:
 
 
 def make_store(tmp_path_factory, model: Path, glue_dir: Path, task: str, **kw) -> str:
-    from pipeline.config import ExtractConfig
+    from pipeline.common.config import ExtractConfig
     from pipeline.extraction import extract
 
     out = str(tmp_path_factory.mktemp(f"store-{task}") / f"{task}.zarr")

@@ -15,10 +15,9 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.backbones import load_backbone, model_label_logits
 from pipeline.cli import main
-from pipeline.config import ExtractConfig
-from pipeline.errors import (
+from pipeline.common.config import ExtractConfig
+from pipeline.common.errors import (
     ConfigError,
     DataNotFoundError,
     EmptySplitError,
@@ -27,10 +26,11 @@ from pipeline.errors import (
     StoreMismatchError,
     UnknownTaskError,
 )
+from pipeline.common.tasks import get_task
 from pipeline.extraction import Extraction, extract, length_batches
-from pipeline.glue import load_split
+from pipeline.extraction.backbones import load_backbone, model_label_logits
+from pipeline.extraction.glue import load_split
 from pipeline.store import CacheStore, to_float32, verify_store
-from pipeline.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 BF16_RTOL = 2**-7  # bfloat16 keeps 8 significant bits
@@ -271,7 +271,7 @@ def test_empty_split_and_colliding_label_words(tiny_t5, tmp_path, glue_dir, monk
                                  out=str(tmp_path / "e.zarr")), progress=False)
     import dataclasses
 
-    import pipeline.tasks as tasks
+    import pipeline.common.tasks as tasks
 
     clash = dataclasses.replace(tasks.get_task("rte"), label_words=("entailment", "entailments"))
     backbone = load_backbone(str(tiny_t5), device="cpu")
@@ -326,7 +326,7 @@ def test_rerun_of_a_finished_store_does_not_load_the_model(tiny_t5, tmp_path, gl
     def refuse(*args, **kwargs):
         raise AssertionError("the backbone was loaded for a finished store")
 
-    monkeypatch.setattr("pipeline.extraction.load_backbone", refuse)
+    monkeypatch.setattr("pipeline.extraction.stage.load_backbone", refuse)
     run_extract(tmp_path, tiny_t5, glue_dir)  # nothing to do
     with pytest.raises(AssertionError, match="loaded"):
         run_extract(tmp_path, tiny_t5, glue_dir, splits="train,validation")  # a new split needs the model

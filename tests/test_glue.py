@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import DataNotFoundError, EmptySplitError, UnknownSplitError
-from pipeline.errors import MalformedGlueFileError
-from pipeline.glue import GlueSplit, load_split, resolve_glue_dir
-from pipeline.tasks import TASKS
+from pipeline.common.errors import (
+    DataNotFoundError,
+    EmptySplitError,
+    MalformedGlueFileError,
+    UnknownSplitError,
+)
+from pipeline.common.tasks import TASKS
+from pipeline.extraction.glue import GlueSplit, load_split, resolve_glue_dir
 
 # Official GLUE sizes (PROVENANCE.md), for every file in ../shared/data/glue.
 OFFICIAL_SIZES = [

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import compute_metrics, primary_metric
-from pipeline.tasks import TASKS
+from pipeline.common.tasks import TASKS
+from pipeline.training.metrics import compute_metrics, primary_metric
 
 
 def test_cola_matthews_by_formula():

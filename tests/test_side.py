@@ -9,19 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
-from pipeline.side import (
+from pipeline.common.errors import ConfigError
+from pipeline.training.model import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     ReadConfig,
     ReadModel,
-    SideBatch,
-    SideNet,
     clip_grad_norm_per_seed,
     per_seed_loss,
-    segment_mean,
     trainable_parameter_count,
 )
+from pipeline.training.network import SideBatch, SideNet, segment_mean
 
 D, R, K, B, N_STATES = 8, 6, 3, 4, 5
 

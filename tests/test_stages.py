@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ExtractConfig, TrainConfig
-from pipeline.errors import ConfigError
+from pipeline.common.config import ExtractConfig, TrainConfig
+from pipeline.common.errors import ConfigError
 from pipeline.report import write_report
-from stages import read_params
 from stages import extract as extract_stage
+from stages import read_params
 from stages import report as report_stage
 from stages import train as train_stage
 

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import TrainConfig
-from pipeline.errors import ConfigError
-from pipeline.sweep import expand, parse_grid
+from pipeline.common.config import TrainConfig
+from pipeline.common.errors import ConfigError
+from pipeline.training.sweep import expand, parse_grid
 
 
 def test_grid_parsing_and_expansion():

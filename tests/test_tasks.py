@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import UnknownTaskError
-from pipeline.tasks import TASKS, TaskSpec, get_task
+from pipeline.common.errors import UnknownTaskError
+from pipeline.common.tasks import TASKS, TaskSpec, get_task
 
 ALL = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 

@@ -11,13 +11,13 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.batches import SplitBatches
 from pipeline.cli import main
-from pipeline.config import TrainConfig
-from pipeline.errors import StoreFormatError, StoreIncompleteError, TrainingError
-from pipeline.side import ReadModel
+from pipeline.common.config import TrainConfig
+from pipeline.common.errors import StoreFormatError, StoreIncompleteError, TrainingError
 from pipeline.store import ATTRS_KEY, CacheStore, to_float32
 from pipeline.training import Trainer, train
+from pipeline.training.batches import SplitBatches
+from pipeline.training.model import ReadModel
 
 
 def quick(cache: str, out: Path, **kw) -> TrainConfig:
@@ -92,7 +92,7 @@ def test_training_never_loads_a_backbone(t5_store, tmp_path, monkeypatch):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
     for name in ("hf_hub_download", "snapshot_download"):
         monkeypatch.setattr(huggingface_hub, name, refuse)
-    monkeypatch.setattr("pipeline.backbones.load_backbone", refuse)
+    monkeypatch.setattr("pipeline.extraction.backbones.load_backbone", refuse)
     metrics = train(quick(t5_store, tmp_path / "patched", seeds=(0,)), progress=False)
     assert metrics["seeds"]["0"]["accuracy"] >= 0
     # Stronger: a fresh process in which `import transformers` itself fails still trains.

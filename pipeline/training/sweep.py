@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import TrainConfig
-from pipeline.errors import ConfigError
+from pipeline.common.config import TrainConfig
+from pipeline.common.errors import ConfigError
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:

@@ -17,16 +17,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.backbones import pick_device
-from pipeline.batches import SplitBatches
-from pipeline.config import TrainConfig
-from pipeline.errors import ConfigError, StoreCorruptError, TrainingError
-from pipeline.metrics import compute_metrics, primary_metric
-from pipeline.progress import progress_bar
-from pipeline.resources import ResourceMeter
-from pipeline.side import ReadConfig, ReadModel, clip_grad_norm_per_seed, per_seed_loss, trainable_parameter_count
+from pipeline.common.config import TrainConfig
+from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError
+from pipeline.common.progress import progress_bar
+from pipeline.common.resources import ResourceMeter, pick_device
+from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore, fingerprint
-from pipeline.tasks import TaskSpec, get_task
+from pipeline.training.batches import SplitBatches
+from pipeline.training.metrics import compute_metrics, primary_metric
+from pipeline.training.model import (
+    ReadConfig,
+    ReadModel,
+    clip_grad_norm_per_seed,
+    per_seed_loss,
+    trainable_parameter_count,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,22 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.backbones import load_backbone, model_content_hash, model_label_logits, resolve_model_path
-from pipeline.config import ExtractConfig
-from pipeline.errors import DataNotFoundError, EmptySplitError, PipelineError, UnsupportedModelError
-from pipeline.glue import GlueSplit, load_split
-from pipeline.progress import progress_bar
+from pipeline.common.config import ExtractConfig
+from pipeline.common.errors import (
+    DataNotFoundError,
+    EmptySplitError,
+    PipelineError,
+    UnsupportedModelError,
+)
+from pipeline.common.progress import progress_bar
+from pipeline.common.tasks import TaskSpec, get_task
+from pipeline.extraction.backbones import (
+    load_backbone,
+    model_content_hash,
+    model_label_logits,
+    resolve_model_path,
+)
+from pipeline.extraction.glue import GlueSplit, load_split
 from pipeline.store import (
     FORMAT_VERSION,
     STORED_DTYPES,
@@ -37,7 +48,6 @@ from pipeline.store import (
     round_up,
     row_bytes,
 )
-from pipeline.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 

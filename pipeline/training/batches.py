@@ -15,9 +15,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import TrainingError
-from pipeline.side import SideBatch
+from pipeline.common.errors import TrainingError
 from pipeline.store import CachedSplit
+from pipeline.training.network import SideBatch
 
 
 def as_tensor(raw: np.ndarray, dtype: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from pipeline.tasks import TaskSpec, get_task
+from pipeline.common.tasks import TaskSpec, get_task
 
 _F1_TASKS = ("mrpc", "qqp")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.errors import UnknownTaskError
+from pipeline.common.errors import UnknownTaskError
 
 _SPLITS = ("train", "validation", "test")
 _MNLI_SPLITS = (

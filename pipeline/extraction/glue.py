@@ -16,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataNotFoundError, EmptySplitError, MalformedGlueFileError, UnknownSplitError
-from pipeline.tasks import TaskSpec, get_task
+from pipeline.common.errors import (
+    DataNotFoundError,
+    EmptySplitError,
+    MalformedGlueFileError,
+    UnknownSplitError,
+)
+from pipeline.common.tasks import TaskSpec, get_task
 
 HUB_DATASET = "nyu-mll/glue"
 

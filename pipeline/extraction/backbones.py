@@ -15,13 +15,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import (
+from pipeline.common.errors import (
     ConfigError,
     LabelWordCollisionError,
     ModelLoadError,
     UnsupportedModelError,
 )
-from pipeline.tasks import TaskSpec
+from pipeline.common.resources import pick_device
+from pipeline.common.tasks import TaskSpec
 
 FAMILIES = ("seq2seq", "encoder", "decoder")
 
@@ -250,14 +251,6 @@ class Backbone:
             return {"encoder": list(out.hidden_states), "lengths": {"encoder": lengths}}
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
-
-
 def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -> Backbone:
     """Load a frozen backbone offline-friendly; refuse float16 for T5 (it overflows)."""
     from transformers import (
@@ -267,7 +260,6 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
         AutoModelForSeq2SeqLM,
         AutoTokenizer,
     )
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # load reports (unused pooler weights...) are noise here

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.errors import ConfigError
+from pipeline.common.errors import ConfigError
 
 DTYPES = ("bfloat16", "float32", "float16")
 DEVICES_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")

@@ -1,4 +1,7 @@
-"""Wall time, peak memory and energy of a run: the paper's headline figures are memory and energy."""
+"""The machine a stage runs on: the device it picks, and the wall time, peak memory and energy it uses.
+
+The paper's headline figures are memory and energy. Shared by both stages.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,18 @@ from typing import Any
 
 import torch
 
+from pipeline.common.errors import ConfigError
+
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto' -> CUDA when visible, else CPU; an explicit CUDA device without a GPU is refused."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
 
 
 def _rapl_uj() -> int | None:

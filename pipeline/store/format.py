@@ -1,0 +1,130 @@
+"""The store's format: layout, constants, the fingerprint, block planning and the bfloat16 helper.
+
+Layout (per split group, e.g. ``train/``)::
+
+    labels            (n,)            int64 class index (-1 unlabeled) or float32 score (nan unlabeled)
+    ids               (n,)            int64 GLUE idx
+    block_starts      (n_blocks + 1,) example boundaries of the blocks
+    blocks_done       (n_blocks,)     uint8, one chunk per block: set only after the block's data is written
+    <side>/hidden     (n_blocks * capacity, layers, d)   bf16 bits as uint16, or float16/float32
+    <side>/offsets    (n, 2)          [start, end) rows of each example in <side>/hidden
+    <side>/lengths    (n,)            token count of each example before any pooling
+    <side>/token_ids  (n_blocks * capacity,)  int32 (per-token stores only)
+
+``side`` is ``encoder`` and/or ``decoder``. Block j owns rows [j * capacity, (j + 1) * capacity) of
+every side array, which is exactly one shard: a writer owns whole shards, so a resumed or parallel
+run never rewrites another block's shard, and a block written whole needs no read-modify-write.
+Rows past a block's last example are never stored (empty inner chunks are skipped), so nothing
+is padded on disk beyond the tail of one inner chunk per block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "read_pipeline"
+SIDES = ("encoder", "decoder")
+STORED_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+TARGET_SHARD_BYTES = 128 * 2**20  # a few large files: DVC hashes and pushes every file
+TARGET_CHUNK_BYTES = 2 * 2**20
+
+
+def fingerprint(content: dict[str, Any]) -> str:
+    """A hash of everything that decides the store's content (sorted JSON, so key order is moot)."""
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def compressor(name: str) -> list[Any]:
+    """The lossless codec for hidden states; 'none' skips compression (it gains little on activations)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "none":
+        return []
+    if name == "zstd":
+        return [ZstdCodec(level=3)]
+    if name == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    raise ValueError(f"unknown codec {name!r}; expected zstd, blosc-zstd or none")
+
+
+def row_bytes(num_states: int, d_model: int, dtype: str) -> int:
+    return num_states * d_model * np.dtype(STORED_DTYPES[dtype]).itemsize
+
+
+def chunk_rows_for(bytes_per_row: int) -> int:
+    """Inner chunk rows: a power of two near TARGET_CHUNK_BYTES (the unit a reader decompresses)."""
+    rows = max(1, TARGET_CHUNK_BYTES // bytes_per_row)
+    return 1 << (rows.bit_length() - 1)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How a split's examples are cut into blocks, and where each example's rows go."""
+
+    block_starts: np.ndarray  # (n_blocks + 1,) example boundaries
+    capacity: dict[str, int]  # rows per block, per side (a multiple of the side's chunk rows)
+    chunk_rows: dict[str, int]
+    offsets: dict[str, np.ndarray]  # side -> (n, 2) [start, end) rows
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_starts) - 1
+
+
+def plan_blocks(rows: dict[str, np.ndarray], limits: dict[str, int], chunk_rows: dict[str, int]) -> BlockPlan:
+    """Cut examples, in order, into blocks that fit every side's row limit.
+
+    ``rows[side][i]`` is how many rows example i takes on that side (its token count, or 1).
+    """
+    n = len(next(iter(rows.values())))
+    for side, per_example in rows.items():
+        if n and int(per_example.max()) > limits[side]:
+            raise ValueError(f"an example needs {int(per_example.max())} rows on {side}; the block limit is {limits[side]}")
+    starts = [0]
+    used = {side: 0 for side in rows}
+    for i in range(n):
+        if any(used[s] + int(rows[s][i]) > limits[s] for s in rows):
+            starts.append(i)
+            used = {side: 0 for side in rows}
+        for side in rows:
+            used[side] += int(rows[side][i])
+    starts.append(n)
+    block_starts = np.asarray(starts, dtype=np.int64)
+    capacity = {side: round_up(limits[side], chunk_rows[side]) for side in rows}
+    offsets: dict[str, np.ndarray] = {}
+    for side, per_example in rows.items():
+        out = np.zeros((n, 2), dtype=np.int64)
+        for j in range(len(block_starts) - 1):
+            lo, hi = block_starts[j], block_starts[j + 1]
+            ends = j * capacity[side] + np.cumsum(per_example[lo:hi])
+            out[lo:hi, 1] = ends
+            out[lo:hi, 0] = ends - per_example[lo:hi]
+        offsets[side] = out
+    return BlockPlan(block_starts, capacity, dict(chunk_rows), offsets)
+
+
+def logical_view(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows in their logical dtype without a copy (bf16 bits as ml_dtypes.bfloat16)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return raw.view(ml_dtypes.bfloat16)
+    return raw
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows -> float32; bf16 bits widen exactly by a 16-bit shift."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)

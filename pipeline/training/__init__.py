@@ -1,0 +1,9 @@
+"""Stage two: READ side networks trained from a store alone, never touching backbone code.
+
+``side`` is the network, ``batches`` reads training batches from the store, ``trainer`` runs the
+lockstep training, ``metrics`` scores it, ``sweep`` spreads grids of runs over Dask workers.
+"""
+
+from pipeline.training.trainer import Trainer, train
+
+__all__ = ["Trainer", "train"]

@@ -1,0 +1,272 @@
+"""The READ side network's recurrence over layers (stage two), for S seeds trained in lockstep.
+
+READ runs a small recurrent network over the *layers* of a frozen backbone: every token has its own
+short sequence of per-layer states x_0 .. x_L. For one token:
+
+    u_i   = RMSNorm_w(x_i)                 (learned weight w = the paper's s_in, shared over layers)
+    h_0   = 0                              (h0="embedding": tanh(W_0 RMSNorm_w(x_0) + b_0))
+    h_i   = RNN(u_i, h_{i-1})              i = 1..L   (GRU, Elman "rnn" or LSTM; hidden size r)
+    a     = mean_i h_i                     (aggregate="last": h_L; dropout, per seed, in training)
+    delta = W_out a + b_out                (zero-initialised: an untrained network changes nothing)
+    final = x_L + delta                    -> the family's head
+
+Lockstep: S independent parameter sets live stacked on a leading seed axis and run in one batched
+computation (bmm / matmul), so one read of the cached states serves every seed. Seed k's
+initialisation comes from ``torch.Generator().manual_seed(seed_k)`` and its dropout masks from its own
+generator, so seed k trains exactly as it would alone (up to float rounding), whatever other seeds
+share the stack. The RMS normalisation of the states is shared by all seeds and each seed's norm weight
+is folded into its W_ih, so the input projection of all seeds is one GEMM with no gradient w.r.t. the
+(frozen) states; dropout therefore acts on ``a``, not on ``u`` (a per-seed mask on ``u`` would need an
+(S, L*N, d) tensor and cost 2x in time, measured). ``torch.nn.GRU`` cannot batch over parameter sets, hence the hand-written cells
+(PyTorch's equations and gate order, so weights map one-to-one onto ``nn.GRUCell`` & co.).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+FAMILIES = ("encoder", "seq2seq", "decoder")
+TASK_KINDS = ("classification", "regression")
+METHODS = ("read", "probe")
+CELLS = ("gru", "rnn", "lstm")
+AGGREGATES = ("mean", "last")
+H0_OPTIONS = ("zero", "embedding")
+POOLINGS = ("mean", "cls")
+
+_GATES = {"gru": 3, "rnn": 1, "lstm": 4}  # gate blocks per cell, PyTorch order (GRU r,z,n; LSTM i,f,g,o)
+_RMS_EPS = 1e-6
+
+
+# ------------------------------------------------------------------------------------------ batch
+
+
+@dataclass
+class SideBatch:
+    """One batch of cached states for B examples (float32; labels int64 or float32).
+
+    Encoder tokens are flattened without padding: the tokens of one example are contiguous and the
+    examples come in order. ``encoder_segment=None`` means one token per example (pooled stores).
+    ``encoder_first`` is optional (derived from the segment ids when absent).
+    """
+
+    labels: Tensor | None  # (B,) int64 (classification) or float32 (regression)
+    encoder: Tensor | None = None  # (N_tok, n_states, d)
+    encoder_segment: Tensor | None = None  # (N_tok,) int64 in 0..B-1
+    encoder_first: Tensor | None = None  # (B,) index of each example's first token
+    decoder: Tensor | None = None  # (B, n_states, d)
+
+    @property
+    def num_examples(self) -> int:
+        if self.decoder is not None:
+            return int(self.decoder.shape[0])
+        if self.encoder_first is not None:
+            return int(self.encoder_first.shape[0])
+        if self.labels is not None:
+            return int(self.labels.shape[0])
+        if self.encoder is None:
+            raise ValueError("SideBatch holds no states")
+        if self.encoder_segment is None:
+            return int(self.encoder.shape[0])
+        return int(self.encoder_segment[-1].item()) + 1
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SideBatch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return SideBatch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+
+def segment_mean(
+    values: Tensor, segment: Tensor | None, num_segments: int, counts: Tensor | None = None
+) -> Tensor:
+    """Mean of ``values`` (..., N, F) over each segment along dim -2 -> (..., B, F).
+
+    ``segment=None`` means one row per segment (identity). Differentiable (out-of-place index_add).
+    """
+    if segment is None:
+        return values
+    if counts is None:
+        counts = torch.bincount(segment, minlength=num_segments)
+    dim = values.dim() - 2
+    shape = (*values.shape[:-2], num_segments, values.shape[-1])
+    sums = values.new_zeros(shape).index_add(dim, segment, values)  # (..., B, F)
+    return sums / counts.to(values.dtype).unsqueeze(-1)
+
+
+def _rms_norm(x: Tensor) -> Tensor:
+    """RMSNorm without weight (the learned weight is per seed, applied by the caller)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _RMS_EPS)
+
+
+# --------------------------------------------------------------------------------- dropout streams
+
+
+def _dropout_seed(seed: int) -> int:
+    """A dropout stream seed derived from the init seed, stable across Python processes."""
+    digest = hashlib.sha256(f"read-dropout-{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class _DropoutStreams:
+    """One dropout generator per seed, created on the device of the states at first use.
+
+    Each mask is drawn per seed with a shape that does not involve S, so seed k's masks are the same
+    whichever seeds share the stack. Moving the model to another device restarts the streams there.
+    """
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.seeds = list(seeds)
+        self._generators: dict[str, list[torch.Generator]] = {}
+
+    def _for(self, device: torch.device) -> list[torch.Generator]:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = [
+                torch.Generator(device=device).manual_seed(_dropout_seed(s)) for s in self.seeds
+            ]
+        return self._generators[key]
+
+    def mask(self, shape: Sequence[int], p: float, device: torch.device) -> Tensor:
+        """Inverted-dropout mask (S, *shape): 0 or 1/(1-p)."""
+        masks = [
+            torch.empty(tuple(shape), device=device).bernoulli_(1.0 - p, generator=g)
+            for g in self._for(device)
+        ]
+        return torch.stack(masks).mul_(1.0 / (1.0 - p))
+
+
+# -------------------------------------------------------------------------------------- side net
+
+
+class SideNet(nn.Module):
+    """The recurrent side network over layers, S parameter sets stacked on dim 0.
+
+    Parameters (per seed; the stored tensors carry a leading S axis): ``norm_weight`` (d),
+    ``weight_ih`` (G r, d), ``weight_hh`` (G r, r), ``bias_ih``/``bias_hh`` (G r) in nn.GRUCell /
+    nn.RNNCell / nn.LSTMCell layout; optional ``h0_weight`` (r, d), ``h0_bias`` (r); optional
+    ``out_weight`` (d, r), ``out_bias`` (d). None of them depends on the number of layers.
+    """
+
+    def __init__(
+        self,
+        num_seeds: int,
+        d_model: int,
+        rnn_dim: int,
+        cell: str,
+        *,
+        aggregate: str,
+        dropout: float,
+        h0_from_embedding: bool,
+        with_output: bool,
+    ) -> None:
+        super().__init__()
+        S, d, r, G = num_seeds, d_model, rnn_dim, _GATES[cell]
+        self.cell, self.aggregate, self.dropout = cell, aggregate, float(dropout)
+        self.rnn_dim = r
+        self.norm_weight = nn.Parameter(torch.ones(S, d))
+        self.weight_ih = nn.Parameter(torch.empty(S, G * r, d))
+        self.weight_hh = nn.Parameter(torch.empty(S, G * r, r))
+        self.bias_ih = nn.Parameter(torch.empty(S, G * r))
+        self.bias_hh = nn.Parameter(torch.empty(S, G * r))
+        self.h0_weight = nn.Parameter(torch.empty(S, r, d)) if h0_from_embedding else None
+        self.h0_bias = nn.Parameter(torch.empty(S, r)) if h0_from_embedding else None
+        self.out_weight = nn.Parameter(torch.zeros(S, d, r)) if with_output else None
+        self.out_bias = nn.Parameter(torch.zeros(S, d)) if with_output else None
+        rnn_bound, d_bound = 1.0 / math.sqrt(r), 1.0 / math.sqrt(d)
+        # Init rules: torch's RNN init for the cell, nn.Linear's for h0, zeros for the output.
+        self.init_rules: dict[str, tuple[str, float]] = {
+            "norm_weight": ("ones", 0.0),
+            "weight_ih": ("uniform", rnn_bound),
+            "weight_hh": ("uniform", rnn_bound),
+            "bias_ih": ("uniform", rnn_bound),
+            "bias_hh": ("uniform", rnn_bound),
+            "h0_weight": ("uniform", d_bound),
+            "h0_bias": ("uniform", d_bound),
+            "out_weight": ("zeros", 0.0),
+            "out_bias": ("zeros", 0.0),
+        }
+
+    @property
+    def num_seeds(self) -> int:
+        return int(self.norm_weight.shape[0])
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        has_embedding: bool,
+        streams: _DropoutStreams,
+        h0: Tensor | None = None,
+    ) -> Tensor:
+        """Run over the layers of every token; return the (dropped-out) aggregate a: (S, N, r).
+
+        x: (N, n_states, d). h0: (S, N, r) from the caller (seq2seq join), else zero or the embedding
+        projection, per the module's configuration.
+        """
+        x = x.to(torch.float32)
+        S, r = self.num_seeds, self.rnn_dim
+        emb = x[:, 0] if has_embedding else None  # (N, d)
+        layers = x[:, 1:] if has_embedding else x  # (N, L, d)
+        N, L, d = layers.shape
+        if L < 1:
+            raise ValueError(f"the side network needs at least one layer state, got n_states={x.shape[1]}")
+        drop = self.training and self.dropout > 0.0
+        xn = _rms_norm(layers.transpose(0, 1).reshape(L * N, d))  # (L N, d), layer-major, shared by all seeds
+        # The norm weight is folded into W_ih, so the input projection of every seed is one GEMM over the
+        # shared normalised states: no (S, L N, d) tensor, and no gradient w.r.t. the states (frozen data).
+        w = (self.weight_ih * self.norm_weight.unsqueeze(1)).reshape(S * self.weight_ih.shape[1], d)  # (S G r, d)
+        gi = (xn @ w.T).view(L, N, S, -1)  # (L, N, S, G r)
+        # unbind, not gi[i]: the backward of L selects would zero-fill a full-size gradient L times.
+        gi_layers = [g.transpose(0, 1) + self.bias_ih.unsqueeze(1) for g in gi.unbind(0)]  # L x (S, N, G r)
+
+        if h0 is not None:
+            h = h0  # (S, N, r)
+        elif self.h0_weight is not None:
+            assert emb is not None and self.h0_bias is not None
+            u0 = _rms_norm(emb).unsqueeze(0) * self.norm_weight.unsqueeze(1)  # (S, N, d)
+            h = torch.tanh(torch.baddbmm(self.h0_bias.unsqueeze(1), u0, self.h0_weight.transpose(1, 2)))
+        else:
+            h = x.new_zeros(S, N, r)
+        c = x.new_zeros(S, N, r) if self.cell == "lstm" else None  # LSTM cell state starts at 0
+
+        whh_t = self.weight_hh.transpose(1, 2)  # (S, r, G r)
+        bhh = self.bias_hh.unsqueeze(1)  # (S, 1, G r)
+        total: Tensor | None = None
+        for i in range(L):
+            gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, G r)
+            gx = gi_layers[i]  # (S, N, G r)
+            if self.cell == "gru":
+                rz = torch.sigmoid(gx[..., : 2 * r] + gh[..., : 2 * r])
+                reset, update = rz[..., :r], rz[..., r:]
+                n = torch.tanh(gx[..., 2 * r :] + reset * gh[..., 2 * r :])  # reset gates (W_hn h + b_hn)
+                h = n + update * (h - n)  # (1 - z) n + z h
+            elif self.cell == "rnn":
+                h = torch.tanh(gx + gh)
+            else:
+                gates = gx + gh
+                i_g, f_g = torch.sigmoid(gates[..., :r]), torch.sigmoid(gates[..., r : 2 * r])
+                g_g, o_g = torch.tanh(gates[..., 2 * r : 3 * r]), torch.sigmoid(gates[..., 3 * r :])
+                assert c is not None
+                c = f_g * c + i_g * g_g
+                h = o_g * torch.tanh(c)
+            if self.aggregate == "mean":
+                total = h if total is None else total + h
+        a = total / L if self.aggregate == "mean" else h  # (S, N, r)
+        if drop:
+            a = a * streams.mask((N, r), self.dropout, x.device)
+        return a
+
+    def project(self, a: Tensor) -> Tensor:
+        """delta = W_out a + b_out: (S, M, r) -> (S, M, d)."""
+        if self.out_weight is None or self.out_bias is None:
+            raise RuntimeError("this side network has no output projection")
+        return torch.baddbmm(self.out_bias.unsqueeze(1), a, self.out_weight.transpose(1, 2))
+
+
