@@ -1,6 +1,6 @@
 """The cache-compatible Joiner, measured: seq2seq READ with the encoder side joined vs the decoder side alone.
 
-DESIGN.md: with a cache we cannot re-run the frozen decoder on a corrected encoder output, so the
+With a cache we cannot re-run the frozen decoder on a corrected encoder output, so the
 encoder side reaches the decoder side only through its pooled summary (h_0 = tanh(W_e e)). This
 script trains both variants from one seq2seq store (same seeds, same batches) and prints them side
 by side. It needs a store of a real T5 (e.g. t5-base on a GPU):

@@ -1,4 +1,4 @@
-"""The GLUE task table: names, labels, splits and the T5 templates of DESIGN.md."""
+"""The GLUE task table: names, labels, splits and the T5 text-to-text templates."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Both sources give the same ``GlueSplit`` (Hub column names, Hub label indices, Hub ``idx``), so
 nothing downstream knows where the data came from except ``source``, which goes into the store.
 Local TSVs are read with quoting disabled: with default CSV quoting MRPC, QNLI and STS-B lose rows
-and RTE silently changes the text of 76 rows (see DESIGN.md, "GLUE tasks and data").
+and RTE silently changes the text of 76 rows (docs/design.md, "GLUE data").
 """
 
 from __future__ import annotations
