@@ -13,22 +13,28 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
 
 
 def reports_errors(command: Callable) -> Callable:
-    """Turn the pipeline's typed errors into one line on stderr and exit code 2, never a traceback."""
+    """Turn expected failures into one line on stderr and exit code 2, never a traceback.
+
+    Expected: the pipeline's typed errors and OS errors (disk full, permission denied, a file where
+    a folder should be). Anything else is a bug and keeps its traceback. Ctrl-C exits 130.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.common.errors import PipelineError
+        from pipeline.common.errors import (
+            PipelineError,
+            error_message,
+            interrupted_message,
+        )
 
+        rerun = "the same command"
         try:
             return command(*args, **kwargs)
-        except PipelineError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(2)
-        except FileNotFoundError as exc:
-            click.echo(f"Error: {exc}", err=True)
+        except (PipelineError, OSError) as exc:
+            click.echo(f"Error: {error_message(exc, rerun=rerun, out=kwargs.get('out'))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("Interrupted; rerun the same command to resume.", err=True)
+            click.echo(interrupted_message(rerun), err=True)
             sys.exit(130)
 
     return wrapper

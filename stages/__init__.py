@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.common.errors import ConfigError, DataNotFoundError, PipelineError
+from pipeline.common.errors import (
+    ConfigError,
+    DataNotFoundError,
+    PipelineError,
+    error_message,
+    interrupted_message,
+)
 
 TOP_LEVEL = ("tasks", "glue_dir", "extract", "train")
 
@@ -79,25 +85,23 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def run_stage(body: Callable[[], None]) -> int:
-    """Run a stage body; the pipeline's typed errors become one line on stderr and exit code 2."""
+    """Run a stage body; typed errors and OS errors become one line on stderr and exit code 2.
+
+    The same translation as the `pipeline` CLI (``error_message``); any other exception is a bug
+    and keeps its traceback. Ctrl-C returns 130.
+    """
+    rerun = "`dvc repro`"
     try:
         body()
     except DataNotFoundError as exc:
-        print(f"Error: {one_line(exc)}. In params.yaml: set glue_dir, e.g. "
+        print(f"Error: {error_message(exc, rerun=rerun)}. In params.yaml: set glue_dir, e.g. "
               "`dvc exp run -S glue_dir=../shared/data/glue`, or export GLUE_DIR", file=sys.stderr)
         return 2
-    except PipelineError as exc:
-        print(f"Error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"Error: {one_line(exc)}", file=sys.stderr)
+    except (PipelineError, OSError) as exc:
+        print(f"Error: {error_message(exc, rerun=rerun)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("Interrupted; rerun `dvc repro` to resume.", file=sys.stderr)
+        print(interrupted_message(rerun), file=sys.stderr)
         return 130
     return 0

@@ -25,6 +25,7 @@ from pipeline.common.errors import (
     ModelLoadError,
     StoreMismatchError,
     UnknownTaskError,
+    UnsupportedModelError,
 )
 from pipeline.common.tasks import get_task
 from pipeline.extraction import Extraction, extract, length_batches
@@ -258,7 +259,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
-    with pytest.raises(Exception, match="not a supported family"):
+    with pytest.raises(UnsupportedModelError, match=r"model type 'vit' .* is not a supported family; supported: "):
         load_backbone(str(tmp_path), device="cpu")
 
 

@@ -1,10 +1,14 @@
 """Typed errors: each says what was expected, what was found, and what to run.
 
-The CLI turns any ``PipelineError`` into a one-line message and exit code 2; no traceback.
+The CLI and the DVC stages turn any ``PipelineError``, and any ``OSError`` (disk full, permission
+denied), into a one-line message from ``error_message`` and exit code 2; no traceback. Any other
+exception is a bug and keeps its traceback.
 Each subclasses the built-in error it resembles, so library users can catch either.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class PipelineError(Exception):
@@ -32,7 +36,7 @@ class EmptySplitError(PipelineError, ValueError):
 
 
 class ModelLoadError(PipelineError, OSError):
-    """A model that cannot be loaded (not on disk and the Hub is unreachable, or broken files)."""
+    """A model that cannot be loaded: no such folder, not on the Hub nor in its cache, Hub unreachable, broken files."""
 
 
 class UnsupportedModelError(PipelineError, ValueError):
@@ -65,3 +69,50 @@ class StoreFormatError(PipelineError, ValueError):
 
 class TrainingError(PipelineError, RuntimeError):
     """Training met something it cannot go on from (non-finite loss or values, unusable label set)."""
+
+
+# ---- the one translation both front doors use (the `pipeline` CLI and the DVC stages) ----------------
+
+# errno -> (what happened, how to fix it); {path} is the file the system named, else the output.
+_OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on device writing {path}", "free space or choose another --out"),
+    errno.EDQUOT: ("disk quota exceeded writing {path}", "free space or choose another --out"),
+    errno.EACCES: ("permission denied on {path}", "choose another --out or fix its permissions"),
+    errno.EPERM: ("operation not permitted on {path}", "choose another --out or fix its permissions"),
+    errno.EROFS: ("read-only file system at {path}", "choose another --out on a writable disk"),
+    errno.ENOTDIR: ("{path} is a file where a folder was expected", "remove it or choose another --out"),
+    errno.EISDIR: ("{path} is a folder where a file was expected", "remove it or choose another path"),
+}
+# Errors after which the work already written is kept, so the same command carries on from there.
+_RESUMABLE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace and newlines, so a message is exactly one line on stderr."""
+    return " ".join(text.split())
+
+
+def error_message(exc: PipelineError | OSError, *, rerun: str, out: str | None = None) -> str:
+    """The one-line message for an expected failure: a typed error's own text, or an OS error explained.
+
+    ``rerun`` names what to run again to resume (the same command, or ``dvc repro``); ``out`` is the
+    path to name when the system did not say which file it was writing (a failed ``write()`` names none).
+    A typed error, or an OSError raised with a message of ours (no errno), is shown as it is.
+    """
+    if isinstance(exc, PipelineError) or exc.errno is None:
+        return one_line(str(exc))
+    path = str(exc.filename) if exc.filename is not None else (out or "the output")
+    known = _OS_ERRORS.get(exc.errno)
+    if known is None:
+        text = f"{exc.strerror or type(exc).__name__}: {path}"
+    else:
+        what, fix = known
+        text = f"{what.format(path=path)}; {fix}"
+    if exc.errno in _RESUMABLE:
+        text += f"; rerun {rerun} to resume"
+    return one_line(text)
+
+
+def interrupted_message(rerun: str) -> str:
+    """What to say on Ctrl-C: finished blocks and epochs are on disk, so rerunning resumes."""
+    return f"Interrupted; rerun {rerun} to resume."

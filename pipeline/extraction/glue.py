@@ -128,29 +128,35 @@ def _load_local(spec: TaskSpec, split: str, root: Path, limit: int | None) -> Gl
         )
     texts: list[dict[str, str]] = []
     labels: list[int | float] = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        # Quoting off: one record is one line, so line_num is the file's line number.
-        # utf-8-sig drops MRPC's byte-order mark, which would otherwise prefix "Quality".
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = _COLA_HEADER if _is_headerless(spec, split) else tuple(next(reader, ()))
-        text_idx, label_idx = _column_positions(path, spec, header)
-        for row in reader:
-            if not row:  # a blank line (e.g. a trailing one) is not a record
-                continue
-            if limit is not None and len(texts) >= limit:
-                break
-            where = f"{path}, line {reader.line_num}"
-            if len(row) != len(header):
-                raise MalformedGlueFileError(
-                    f"{where}: {len(row)} tab-separated fields, expected {len(header)} "
-                    f"({', '.join(header)}); the file is malformed or not a GLUE TSV"
-                )
-            texts.append({field: row[i] for field, i in zip(spec.text_fields, text_idx)})
-            if label_idx is not None:
-                try:
-                    labels.append(_parse_label(spec, row[label_idx]))
-                except ValueError as exc:
-                    raise MalformedGlueFileError(f"{where}: {exc}") from None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            # Quoting off: one record is one line, so line_num is the file's line number.
+            # utf-8-sig drops MRPC's byte-order mark, which would otherwise prefix "Quality".
+            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = _COLA_HEADER if _is_headerless(spec, split) else tuple(next(reader, ()))
+            text_idx, label_idx = _column_positions(path, spec, header)
+            for row in reader:
+                if not row:  # a blank line (e.g. a trailing one) is not a record
+                    continue
+                if limit is not None and len(texts) >= limit:
+                    break
+                where = f"{path}, line {reader.line_num}"
+                if len(row) != len(header):
+                    raise MalformedGlueFileError(
+                        f"{where}: {len(row)} tab-separated fields, expected {len(header)} "
+                        f"({', '.join(header)}); the file is malformed or not a GLUE TSV"
+                    )
+                texts.append({field: row[i] for field, i in zip(spec.text_fields, text_idx)})
+                if label_idx is not None:
+                    try:
+                        labels.append(_parse_label(spec, row[label_idx]))
+                    except ValueError as exc:
+                        raise MalformedGlueFileError(f"{where}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MalformedGlueFileError(
+            f"{_undecodable_place(path, exc)}; the file is damaged or in another encoding: "
+            "download it again, or convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     return GlueSplit(
         task=spec,
         split=split,
@@ -163,6 +169,23 @@ def _load_local(spec: TaskSpec, split: str, root: Path, limit: int | None) -> Gl
         ids=np.arange(len(texts), dtype=np.int64),
         source=f"local:{path.resolve()}",
     )
+
+
+def _undecodable_place(path: Path, exc: UnicodeDecodeError) -> str:
+    """"<file>, line N: not valid UTF-8 (...)" for the first bad line, found by re-reading the bytes.
+
+    The decoder works on buffered chunks, so its byte position is not a position in the file; an
+    error path can afford a second pass. A newline byte never occurs inside a UTF-8 sequence, so
+    decoding line by line finds the same fault.
+    """
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return (f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[bad.start]:02x}, "
+                        f"byte {bad.start + 1} of the line: {bad.reason})")
+    return f"{path}: not valid UTF-8 ({exc.reason})"
 
 
 def _is_headerless(spec: TaskSpec, split: str) -> bool:
@@ -209,17 +232,24 @@ def _parse_label(spec: TaskSpec, value: str) -> int | float:
     )
 
 
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hub cannot be reached (None if it can, or if offline mode asks for the local cache).
+def offline_flag(*names: str) -> str | None:
+    """``NAME=value`` of the first of these environment variables that switches offline mode on, or None."""
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name}={value}"
+    return None
 
-    Without this, ``datasets`` retries for about half a minute before giving up; a missing data
-    source should stop a run at once.
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached, or None if a connection opens; seconds at most, not minutes.
+
+    Without this, ``datasets`` and ``transformers`` retry for about half a minute before giving up;
+    a missing data source or model should stop a run at once. Used by both loaders (data, model).
     """
     import socket
     from urllib.parse import urlparse
 
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return None  # offline mode: datasets reads its local cache or fails at once by itself
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -229,7 +259,8 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
 
 
 def _load_hub(spec: TaskSpec, split: str, limit: int | None) -> GlueSplit:
-    unreachable = _hub_unreachable()
+    # Offline mode: datasets reads its local cache or fails at once by itself.
+    unreachable = None if offline_flag("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") else hub_unreachable()
     if unreachable:
         raise DataNotFoundError(
             f"{spec.name}/{split}: no local GLUE folder given and the Hugging Face Hub is not reachable "

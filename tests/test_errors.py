@@ -1,0 +1,245 @@
+"""The README's promise for failures: one line on stderr naming the problem and the fix, exit 2, no traceback.
+
+Bugs (any other exception) must stay visible as tracebacks; Ctrl-C exits 130. Both front doors, the
+`pipeline` CLI and the DVC stages, share one translation (``error_message``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner, Result
+
+from pipeline.cli import main
+from pipeline.common.errors import MalformedGlueFileError, ModelLoadError, error_message
+from pipeline.extraction.backbones import load_backbone
+from pipeline.extraction.glue import load_split
+from pipeline.store import verify_store
+from stages import run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+BAD_LINE = 18  # the line of RTE/dev.tsv whose first byte the tests corrupt
+
+
+def assert_one_line(result: Result, *needles: str) -> None:
+    """Exit 2 and exactly one line, ``Error: ...`` with every needle in it, and no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, (needle, result.output)
+
+
+def extract_args(model: str | Path, glue_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract", "--model", str(model), "--task", "rte", "--glue-dir", str(glue_dir), "--splits", "validation",
+            "--limit", "8", "--max-length", "32", "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture
+def bad_utf8_glue(tmp_path: Path, glue_dir: Path) -> Path:
+    """A copy of RTE/dev.tsv with one byte of line BAD_LINE replaced by 0xff (never valid UTF-8)."""
+    target = tmp_path / "glue" / "RTE" / "dev.tsv"
+    target.parent.mkdir(parents=True)
+    lines = (glue_dir / "RTE" / "dev.tsv").read_bytes().splitlines(keepends=True)
+    lines[BAD_LINE - 1] = b"\xff" + lines[BAD_LINE - 1][1:]
+    target.write_bytes(b"".join(lines))
+    return tmp_path / "glue"
+
+
+def test_invalid_utf8_names_file_and_line(bad_utf8_glue: Path):
+    with pytest.raises(MalformedGlueFileError, match=rf"dev\.tsv, line {BAD_LINE}: not valid UTF-8 \(byte 0xff"):
+        load_split("rte", "validation", bad_utf8_glue)
+
+
+def test_invalid_utf8_is_one_line_from_the_cli(bad_utf8_glue: Path, minilm: Path, tmp_path: Path):
+    out = tmp_path / "x.zarr"
+    result = CliRunner().invoke(main, extract_args(minilm, bad_utf8_glue, out))
+    assert_one_line(result, str(bad_utf8_glue / "RTE" / "dev.tsv"), f"line {BAD_LINE}", "UTF-8")
+    assert not out.exists()
+
+
+def fail_chunk_writes(monkeypatch: pytest.MonkeyPatch, error: OSError) -> None:
+    """Make zarr's local store raise ``error`` when it writes a hidden-state chunk, as a full disk would."""
+    from zarr.storage import LocalStore
+
+    original = LocalStore.set
+
+    async def set_or_fail(self, key: str, value) -> None:
+        if "/hidden/c/" in key:
+            raise error
+        await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", set_or_fail)
+
+
+def test_disk_full_during_extraction_is_one_line_and_resumable(monkeypatch, minilm, glue_dir, tmp_path):
+    out = tmp_path / "rte.zarr"
+    args = extract_args(minilm, glue_dir, out)
+    # write() on a full disk raises with no file name: the message names --out instead.
+    fail_chunk_writes(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    result = CliRunner().invoke(main, args)
+    assert_one_line(result, f"no space left on device writing {out}", "free space or choose another --out",
+                    "rerun the same command to resume")
+    monkeypatch.undo()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert verify_store(str(out)) == []
+
+
+def test_permission_denied_names_the_path(monkeypatch, minilm, glue_dir, tmp_path):
+    out = tmp_path / "rte.zarr"
+    denied = out / "validation" / "encoder" / "hidden" / "c" / "0"
+    fail_chunk_writes(monkeypatch, PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(denied)))
+    result = CliRunner().invoke(main, extract_args(minilm, glue_dir, out))
+    assert_one_line(result, f"permission denied on {denied}", "--out")
+
+
+def test_disk_full_during_training_is_one_line(monkeypatch, t5_store, tmp_path):
+    out = tmp_path / "run"
+    original = Path.write_text
+
+    def write_text_or_fail(self: Path, *args, **kwargs):
+        if out in self.parents:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text_or_fail)
+    result = CliRunner().invoke(main, ["train", "--cache", t5_store, "--out", str(out), "--epochs", "1",
+                                       "--rnn-dim", "8", "--seeds", "0", "--device", "cpu", "--quiet"])
+    assert_one_line(result, f"no space left on device writing {out}", "rerun the same command to resume")
+
+
+def test_overwrite_on_a_plain_file_is_one_line_and_keeps_it(minilm, glue_dir, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("not a store\n")
+    result = CliRunner().invoke(main, extract_args(minilm, glue_dir, out, "--overwrite"))
+    assert_one_line(result, str(out))
+    assert out.read_text() == "not a store\n"
+
+
+def test_bugs_keep_their_traceback_and_ctrl_c_exits_130(monkeypatch, tmp_path):
+    import pipeline.extraction
+
+    args = ["extract", "--model", "m", "--task", "rte", "--out", str(tmp_path / "x.zarr")]
+
+    def bug(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline.extraction, "extract", bug)
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, RuntimeError) and result.exit_code == 1
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.extraction, "extract", interrupt)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130
+    assert result.output == "Interrupted; rerun the same command to resume.\n"
+
+
+def test_stages_use_the_same_translation(capsys, tmp_path):
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "data" / "rte.zarr"))
+
+    def body() -> None:
+        raise full
+
+    assert run_stage(body) == 2
+    err = capsys.readouterr().err
+    assert err == f"Error: {error_message(full, rerun='`dvc repro`')}\n"
+    assert f"no space left on device writing {tmp_path / 'data' / 'rte.zarr'}" in err
+    assert "rerun `dvc repro` to resume" in err
+
+    def bug() -> None:
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError):
+        run_stage(bug)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    assert run_stage(interrupt) == 130
+    assert capsys.readouterr().err == "Interrupted; rerun `dvc repro` to resume.\n"
+
+
+def test_error_message_keeps_our_own_os_error_text_and_collapses_lines():
+    assert error_message(FileNotFoundError("no store at x;\n run `pipeline extract` first"), rerun="it") == (
+        "no store at x; run `pipeline extract` first"
+    )
+    assert error_message(OSError(errno.EIO, "Input/output error", "/data/x"), rerun="it") == (
+        "Input/output error: /data/x"
+    )
+
+
+# ---- models: say what is really wrong, and fast ----------------------------------------------------
+
+
+def test_missing_local_model_folder_says_it_does_not_exist(monkeypatch, glue_dir, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for model in ("./no/such/dir", str(tmp_path / "absent" / "model")):
+        result = CliRunner().invoke(main, extract_args(model, glue_dir, tmp_path / "x.zarr"))
+        assert_one_line(result, f"cannot load model {model!r}: the folder {Path(model).absolute()} does not exist")
+        assert "unreachable" not in result.output and "HF_HUB_OFFLINE" not in result.output
+
+
+def test_model_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="is a file; pass the folder"):
+        load_backbone(str(tmp_path / "config.json"), device="cpu")
+
+
+def test_hub_model_with_offline_flag_names_the_flag(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"HF_HUB_OFFLINE=1 is set \(offline mode\), so the Hub was not asked"):
+        load_backbone("nosuchorg/nosuchmodel", device="cpu")
+
+
+def test_hub_model_without_offline_flag_and_no_network_fails_fast_and_says_so(glue_dir, tmp_path):
+    """A closed port stands in for a network without the Hub, so the test means the same everywhere."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:1", PYTHONPATH=str(REPO))
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "extract", "--model", "nosuchorg/nosuchmodel", "--task", "rte",
+         "--glue-dir", str(glue_dir), "--splits", "validation", "--limit", "8", "--out", str(tmp_path / "x.zarr")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - started < 15, "the Hub was retried instead of checked once"
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "the Hugging Face Hub could not be reached (127.0.0.1 unreachable" in proc.stderr
+    assert "offline mode is not set" in proc.stderr
+
+
+def test_model_missing_from_a_reachable_hub_says_not_found(monkeypatch):
+    import huggingface_hub.constants
+    import transformers
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from pipeline.extraction import backbones
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(backbones, "hub_unreachable", lambda: None)
+    asked: list[bool] = []
+
+    def from_pretrained(path: str, *, local_files_only: bool = False, **_kwargs):
+        asked.append(local_files_only)
+        try:
+            raise RepositoryNotFoundError("404 Client Error", response=SimpleNamespace(headers={}, request=None))
+        except RepositoryNotFoundError as exc:
+            raise OSError(f"{path} is not a local folder and is not a valid model identifier") from exc
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelLoadError, match="no such model on the Hugging Face Hub"):
+        load_backbone("nosuchorg/nosuchmodel", device="cpu")
+    assert asked == [False]  # the Hub was asked
