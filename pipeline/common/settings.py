@@ -195,12 +195,12 @@ def refuse(cls: type, field: dataclasses.Field, value: Any, wrong_type: bool = F
     message = f"{field.name} {'null' if value is None else repr(value)} must be {expected(cls, field)}"
     if wrong_type:
         message += _wrong_type(kind_of(cls, field.name), value)
-    if not spec.choices:
-        has_default = field.default is not MISSING and field.default is not None
-        example = spec.example or (show(field.default) if has_default else None)
-        if example is not None:
-            message += f"; e.g. {field.name}: {example}" + (" (the default)" if has_default and example == show(
-                field.default) else "")
+    if spec.choices:
+        pass  # the choices are the example
+    elif spec.example is not None:
+        message += f"; e.g. {field.name}: {spec.example}"
+    elif field.default is not MISSING and field.default is not None:
+        message += f"; e.g. {field.name}: {show(field.default)} (the default)"
     return ConfigError(message)
 
 
