@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 import pipeline.extraction.stage as extraction_module  # noqa: E402
 from pipeline.common.config import ExtractConfig  # noqa: E402
+from pipeline.common.settings import field_of  # noqa: E402
 from pipeline.extraction import Extraction, length_batches  # noqa: E402
 from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
 from pipeline.store import CacheStore, plan_blocks  # noqa: E402
@@ -346,10 +347,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--glue-dir", default=default_glue, help="glue_data folder (default: $GLUE_DIR or ../shared/data/glue)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of the split (default: all)")
     p.add_argument("--rounds", type=int, default=4, help="plain/extract rounds, ABBA order (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--max-length", type=int, default=field_of(ExtractConfig, "max_length").default)
+    p.add_argument("--batch-tokens", type=int, default=field_of(ExtractConfig, "batch_tokens").default)
     p.add_argument("--block-tokens", type=int, default=None, help="rows per block/shard (default: the pipeline's)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=field_of(ExtractConfig, "device").default)
     p.add_argument("--codecs", default="zstd,blosc-zstd,none", help="codecs to size (default: %(default)s)")
     p.add_argument("--no-pooled", action="store_true", help="skip the pooled store")
     p.add_argument("--workdir", default=None, help="where the temporary stores go (default: system temp)")

@@ -16,17 +16,31 @@ import dataclasses
 import tempfile
 
 from pipeline.common.config import TrainConfig
+from pipeline.common.errors import ConfigError
+from pipeline.common.settings import field_of, option_name, parse_text, show
 from pipeline.store import CacheStore
 from pipeline.training import train
+
+
+def setting_reader(name: str):
+    """An argparse type that reads a TrainConfig setting as declared (a bad value is argparse's usage error)."""
+
+    def read(text: str):
+        try:
+            return parse_text(TrainConfig, name, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return read
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True, help="a seq2seq (T5) store")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--rnn-dim", type=int, default=256)
-    parser.add_argument("--device", default="auto")
+    for name in ("seeds", "epochs", "rnn_dim", "device"):  # read and defaulted as `pipeline train` does
+        field = field_of(TrainConfig, name)
+        parser.add_argument(option_name(field), type=setting_reader(name), default=field.default,
+                            help=f"(default: {show(field.default)})")
     args = parser.parse_args()
     family = CacheStore(args.cache).meta["backbone"]["family"]
     if family != "seq2seq":

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
 from typing import Any, Callable
 
 import click
+
+from pipeline.common.config import ExtractConfig, TrainConfig
+from pipeline.common.settings import (
+    default_text,
+    field_of,
+    kind_of,
+    option_name,
+    ordered_fields,
+    parse_text,
+    spec_of,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
@@ -40,37 +52,74 @@ def reports_errors(command: Callable) -> Callable:
     return wrapper
 
 
-@click.group(context_settings=CONTEXT)
+class SettingType(click.ParamType):
+    """Command-line text read with a setting's declared type; a refused value is a one-line ConfigError."""
+
+    def __init__(self, cls: type, field: dataclasses.Field) -> None:
+        self.cls, self.field = cls, field
+        self.name = field.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return parse_text(self.cls, self.field.name, value) if isinstance(value, str) else value  # defaults pass
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(c) for c in spec_of(self.field).choices or () if c.startswith(incomplete)]
+
+
+def _metavar(cls: type, field: dataclasses.Field) -> str:
+    spec, kind = spec_of(field), kind_of(cls, field.name)
+    if spec.metavar or spec.choices:
+        return spec.metavar or f"[{'|'.join(spec.choices)}]"
+    word = "LIST" if kind.is_list else {int: "INTEGER", float: "NUMBER"}.get(kind.types[0], "TEXT")
+    return f"{word}|none" if kind.optional and word in ("INTEGER", "NUMBER") else word
+
+
+def setting_option(cls: type, name: str) -> Callable:
+    """One setting of a config as a click option: name, default, choices and help from its declaration."""
+    field = field_of(cls, name)
+    spec, default = spec_of(field), default_text(field)
+    required = field.default is dataclasses.MISSING
+    if field.default is True:
+        default = f"--{name.replace('_', '-')}"
+    shown = f"  [default: {default}]" if default is not None and field.default is not False else ""
+    common: dict[str, Any] = {"help": spec.help + shown, "show_default": False, "envvar": spec.env}
+    if kind_of(cls, name).types == (bool,):
+        return click.option(option_name(field), name, is_flag=True, default=field.default, **common)
+    return click.option(option_name(field), name, type=SettingType(cls, field), metavar=_metavar(cls, field),
+                        required=required, default=None if required else field.default, **common)
+
+
+def setting_options(cls: type) -> Callable:
+    """Every setting of a config as click options, required ones first."""
+
+    def decorate(command: Callable) -> Callable:
+        for field in reversed(ordered_fields(cls)):
+            command = setting_option(cls, field.name)(command)
+        return command
+
+    return decorate
+
+
+class Commands(click.Group):
+    """The command group: a setting refused while click reads the command line is one line too, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return reports_errors(super().invoke)(ctx)
+
+
+@click.group(cls=Commands, context_settings=CONTEXT)
 def main() -> None:
     """READ: extract a frozen backbone's hidden states once, then train recurrent side networks from them."""
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="Hugging Face model id or local folder (T5, BERT-like encoder, or causal LM).")
-@click.option("--task", required=True, help="GLUE task: cola sst2 mrpc qqp stsb mnli qnli rte wnli.")
-@click.option("--out", default=None, help="Store path (any fsspec URL zarr supports).  [default: data/<task>.zarr]")
-@click.option("--glue-dir", envvar="GLUE_DIR", default=None,
-              help="Local glue_data folder (<dir>/RTE/train.tsv ...); unset: the Hugging Face Hub.  [env: GLUE_DIR]")
-@click.option("--splits", default=None, help="Comma-separated splits.  [default: every split the source has]")
-@click.option("--max-length", default=256, type=int, help="Tokens per example after truncation.")
-@click.option("--batch-tokens", default=16384, type=int, help="Padded tokens per forward batch.")
-@click.option("--dtype", default="bfloat16", type=click.Choice(["bfloat16", "float32", "float16"]),
-              help="Storage dtype (T5 refuses float16: it overflows).")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--layers", default="all", help="'all' or a comma-separated list of state indices (0 = embeddings, -1 = final).")
-@click.option("--tokens", default="all", type=click.Choice(["all", "pooled"]),
-              help="all: every token's states; pooled: per layer the mean over tokens (a compact store).")
-@click.option("--limit", default=None, type=int, help="Only the first N examples of each split.")
-@click.option("--block-tokens", default=None, type=int, help="Rows per block and shard.  [default: about 128 MiB a shard]")
-@click.option("--codec", default="blosc-zstd", type=click.Choice(["zstd", "blosc-zstd", "none"]), help="Lossless codec (blosc-zstd: bit shuffle + zstd; measured 1.38x on bf16 activations, zstd 1.26x).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
-@click.option("--part", default=None, metavar="I/N",
-              help="Extract only blocks j with j % N == I, so N processes (GPUs, hosts) fill one store together.")
+@setting_options(ExtractConfig)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def extract(quiet: bool, **options: Any) -> None:
     """Run a frozen backbone once over a GLUE task and store every layer's hidden states."""
-    from pipeline.common.config import ExtractConfig
     from pipeline.extraction import extract as run
     from pipeline.store import CacheStore
 
@@ -109,41 +158,14 @@ def verify(store: str) -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--cache", required=True, help="Store written by `pipeline extract` (the only input; the backbone is never loaded).")
-@click.option("--out", default=None, help="Run directory.  [default: runs/<task>]")
-@click.option("--seeds", default="0,1,2", help="Comma-separated seeds, trained in lockstep on the same batches.")
-@click.option("--epochs", default=10, type=int)
-@click.option("--method", default="read", type=click.Choice(["read", "probe"]),
-              help="read: the recurrent side network; probe: a linear head on the frozen final state (baseline).")
-@click.option("--rnn", default="gru", type=click.Choice(["gru", "rnn", "lstm"]), help="Recurrent cell over the layers.")
-@click.option("--rnn-dim", default=256, type=int, help="Hidden size r of the side network.")
-@click.option("--aggregate", default="mean", type=click.Choice(["mean", "last"]), help="Summary of the layer recurrence.")
-@click.option("--h0", default="zero", type=click.Choice(["zero", "embedding"]), help="Initial RNN state.")
-@click.option("--pooling", default="mean", type=click.Choice(["mean", "cls"]), help="Encoder family: pooling before the head.")
-@click.option("--encoder-side/--no-encoder-side", default=True,
-              help="Seq2seq: join the encoder side through its pooled summary (off: decoder side alone).")
-@click.option("--dropout", default=0.1, type=float)
-@click.option("--lr", default=1e-3, type=float, help="Peak AdamW learning rate.")
-@click.option("--weight-decay", default=0.01, type=float)
-@click.option("--warmup-ratio", default=0.06, type=float, help="Share of steps for linear warm-up (then linear decay).")
-@click.option("--batch-size", default=32, type=int)
-@click.option("--patience", default=5, type=int, help="Epochs without improvement before a seed's best is final (0: never stop early).")
-@click.option("--max-grad-norm", default=1.0, type=float, help="Gradient clipping, per seed.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--memory-budget", default="8GB", help="Splits larger than this are streamed from the store by block.")
-@click.option("--train-split", default="train")
-@click.option("--eval-splits", default=None, help="Comma-separated.  [default: the task's validation split(s)]")
-@click.option("--data-seed", default=0, type=int, help="Seed of the batch order (shared by all seeds).")
-@click.option("--shuffle-buffer", default=8, type=int, help="Streaming: blocks mixed in memory at once.")
-@click.option("--threads", default=None, type=int, help="Torch CPU threads.  [default: torch's own]")
+@setting_options(TrainConfig)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @reports_errors
-def train(quiet: bool, patience: int, **options: Any) -> None:
+def train(quiet: bool, **options: Any) -> None:
     """Train READ side networks (several seeds in lockstep) from a store, never loading the backbone."""
-    from pipeline.common.config import TrainConfig
     from pipeline.training import train as run
 
-    metrics = run(TrainConfig(patience=patience or None, **options), progress=not quiet)
+    metrics = run(TrainConfig(**options), progress=not quiet)
     mean, std = metrics["mean"], metrics["std"]
     shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
     click.echo(f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}")
@@ -156,7 +178,7 @@ def train(quiet: bool, patience: int, **options: Any) -> None:
 @reports_errors
 def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
     """Summarise trained runs: one table over tasks and seeds (summary.md) and a plot (summary.png)."""
-    from pipeline.common.config import parse_list
+    from pipeline.common.settings import parse_list
     from pipeline.report import write_report
 
     result = write_report(runs_dir, out_dir, tasks=list(parse_list(tasks) or []) or None)
@@ -165,27 +187,26 @@ def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--cache", required=True, help="Store written by `pipeline extract`.")
+@setting_option(TrainConfig, "cache")
 @click.option("--grid", "grid_items", multiple=True, required=True, metavar="NAME=V1,V2",
               help="A train setting and its values; repeat for a product grid, e.g. --grid lr=1e-3,3e-4 --grid rnn-dim=64,256.")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE", help="A fixed train setting for every run (repeatable).")
-@click.option("--seeds", default="0,1,2", help="Seeds of every run (trained in lockstep within a run).")
+@setting_option(TrainConfig, "seeds")
 @click.option("--out", default=None, help="Root folder of the runs.  [default: runs/<task>-sweep]")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.  [default: a LocalCluster]")
 @click.option("--workers", default=2, type=int, help="LocalCluster worker processes.")
 @click.option("--threads-per-worker", default=1, type=int, help="LocalCluster threads (torch threads) per worker.")
 @reports_errors
-def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: str, out: str | None,
+def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: tuple[int, ...], out: str | None,
           scheduler: str | None, workers: int, threads_per_worker: int) -> None:
     """Train a grid of settings from one store, spread over Dask workers; print the runs best first."""
-    from pipeline.common.config import TrainConfig
     from pipeline.store import CacheStore
-    from pipeline.training.sweep import parse_grid, run_sweep
+    from pipeline.training.sweep import parse_grid, parse_settings, run_sweep
 
-    fixed = {k: v[0] for k, v in parse_grid(settings).items()} if settings else {}
-    base = TrainConfig(cache=cache, seeds=seeds, **fixed)
+    base = TrainConfig(cache=cache, seeds=seeds, **parse_settings(settings))
+    grid = parse_grid(grid_items)
     out_root = out or f"runs/{CacheStore(cache).meta['task']['name']}-sweep"
-    rows = run_sweep(base, parse_grid(grid_items), out_root, scheduler=scheduler, workers=workers,
+    rows = run_sweep(base, grid, out_root, scheduler=scheduler, workers=workers,
                      threads_per_worker=threads_per_worker)
     for row in rows:
         click.echo(f"{row['mean']:7.2f} ± {row['std']:5.2f}  {row['primary_metric']}  {row['run']}")

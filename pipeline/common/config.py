@@ -1,94 +1,100 @@
 """One frozen config per stage; the same field names in params.yaml, the CLI and the store.
 
-Validation lives in ``__post_init__`` and does no I/O, so a bad setting fails before any work.
+Each field is the single declaration of its setting (type, default, allowed values, help; see
+``pipeline.common.settings``): the CLI options, the checks and the README's table all come from here.
+Cross-setting checks live in ``__post_init__`` and do no I/O, so a bad setting fails before any work.
+
+    python -m pipeline.common.config --markdown                # print the README's tables of settings
+    python -m pipeline.common.config --update-readme README.md # put them between the README's markers
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any
 
 from pipeline.common.errors import ConfigError
+from pipeline.common.settings import (
+    FRACTION,
+    Settings,
+    above,
+    at_least,
+    from_mapping,
+    parse_list,
+    parse_size,
+    setting,
+    settings_table,
+)
+from pipeline.common.tasks import TASKS
+
+__all__ = [
+    "AGGREGATES", "CELLS", "DTYPES", "H0_OPTIONS", "METHODS", "POOLINGS", "ExtractConfig", "SideConfig",
+    "TrainConfig", "from_mapping", "parse_list", "parse_size", "readme_settings", "with_readme_settings",
+]
 
 DTYPES = ("bfloat16", "float32", "float16")
-DEVICES_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+METHODS = ("read", "probe")
+CELLS = ("gru", "rnn", "lstm")
+AGGREGATES = ("mean", "last")
+H0_OPTIONS = ("zero", "embedding")
+POOLINGS = ("mean", "cls")
 
 
-def parse_list(value: str | list | tuple | None, cast: type = str) -> tuple | None:
-    """'a,b' or a YAML list -> tuple; None/'all'/'' -> None."""
-    if value is None or value == "" or value == "all":
-        return None
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    else:
-        items = list(value)
-    try:
-        return tuple(cast(v) for v in items)
-    except ValueError as exc:
-        raise ConfigError(f"cannot read {value!r} as a comma-separated list of {cast.__name__}") from exc
-
-
-def parse_size(value: str | int | None) -> int | None:
-    """'8GB', '512MiB', 1000000 -> bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(value), re.IGNORECASE)
-    if not match:
-        raise ConfigError(f"cannot read size {value!r}; write e.g. 8GB or 512MiB")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** "_KMGT".index(unit or "_")) if unit else int(number)
+def device_setting() -> Any:
+    """Both stages' ``device``: one declaration, a fresh field for each class."""
+    return setting("auto", "Where to run: auto (CUDA if available), cpu, cuda, cuda:N or mps.",
+                   pattern=r"auto|cpu|cuda(:\d+)?|mps", allowed="auto, cpu, cuda, cuda:N or mps")
 
 
 def _parse_part(value: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
     if not match or not int(match.group(1)) < int(match.group(2)):
-        raise ConfigError(f"part {value!r} must be I/N with 0 <= I < N, e.g. 0/4")
+        raise ConfigError(f"part {value!r} must be I/N with 0 <= I < N (I counts from 0), e.g. 0/4")
     return int(match.group(1)), int(match.group(2))
 
 
-def from_mapping(cls: type, values: Mapping[str, Any]):
-    """Build a config from params.yaml-style keys; unknown keys are refused, not ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} setting(s) {unknown}; known: {sorted(names)}")
-    return cls(**values)
-
-
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Settings):
     """Stage one: which backbone over which task, and how the store is laid out."""
 
-    model: str
-    task: str
-    out: str | None = None  # default data/<task>.zarr
-    glue_dir: str | None = None  # None: $GLUE_DIR, else the Hugging Face Hub
-    splits: tuple[str, ...] | None = None  # None: every split the source has
-    max_length: int = 256  # tokens per example after truncation
-    batch_tokens: int = 16384  # padded tokens per forward batch (batches are built by length)
-    dtype: str = "bfloat16"  # storage dtype; bfloat16 is kept as uint16 bits
-    device: str = "auto"
-    layers: tuple[int, ...] | None = None  # None: every state (embeddings + each block)
-    tokens: str = "all"  # all: every token; pooled: per layer the masked mean over tokens
-    limit: int | None = None  # first N examples per split (smoke tests)
-    block_tokens: int | None = None  # rows per block/shard; None: about 128 MiB a shard
-    codec: str = "blosc-zstd"  # zstd behind a bit shuffle: 1.38x on real bf16 activations vs 1.26x for plain zstd
-    overwrite: bool = False
-    part: str | None = None  # "I/N": this process extracts blocks j with j % N == I (several GPUs/hosts)
+    model: str = setting(help="Hugging Face model id or local folder (T5, BERT-like encoder, or causal LM).")
+    task: str = setting(help=f"GLUE task: {' '.join(TASKS)}.")
+    out: str | None = setting(None, "Store path (any fsspec URL zarr supports).", none="data/<task>.zarr")
+    glue_dir: str | None = setting(
+        None, "Local glue_data folder (<dir>/RTE/train.tsv ...).", none="$GLUE_DIR, else the Hugging Face Hub",
+        env="GLUE_DIR")
+    splits: tuple[str, ...] | None = setting(
+        None, "Splits to extract, comma-separated.", none="every split the source has", example="train,validation")
+    max_length: int = setting(256, "Tokens per example after truncation.", bounds=at_least(2))
+    batch_tokens: int = setting(16384, "Padded tokens per forward batch (batches are built by length).",
+                                bounds=at_least(1))
+    dtype: str = setting("bfloat16", "Storage dtype; bfloat16 is kept as uint16 bits (T5 refuses float16: it overflows).",
+                         choices=DTYPES)
+    device: str = device_setting()
+    layers: tuple[int, ...] | None = setting(
+        None, "States to keep: 'all' or a comma-separated list of state indices (0 = embeddings, -1 = final).",
+        none="all: every state", example="0,-1")
+    tokens: str = setting("all", "all: every token's states; pooled: per layer the masked mean over tokens (a compact store).",
+                          choices=("all", "pooled"))
+    limit: int | None = setting(None, "Only the first N examples of each split (smoke tests).", bounds=at_least(1),
+                                none="every example", example="1500")
+    block_tokens: int | None = setting(None, "Rows per block and shard.", bounds=at_least(1),
+                                       none="about 128 MiB a shard", example="65536")
+    codec: str = setting(
+        "blosc-zstd", "Lossless codec (blosc-zstd: bit shuffle + zstd; measured 1.38x on bf16 activations, zstd 1.26x).",
+        choices=("zstd", "blosc-zstd", "none"))
+    overwrite: bool = setting(False, "Replace an existing store made with other settings.")
+    part: str | None = setting(
+        None, "Extract only blocks j with j % N == I, where I counts from 0, so N processes (GPUs, hosts) "
+        "fill one store together: e.g. 0/2 and 1/2.", none="the whole store", metavar="I/N",
+        allowed="I/N with 0 <= I < N")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "splits", parse_list(self.splits))
-        object.__setattr__(self, "layers", parse_list(self.layers, int))
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.tokens not in ("all", "pooled"):
-            raise ConfigError(f"tokens {self.tokens!r} must be 'all' or 'pooled'")
-        if not DEVICES_RE.match(self.device):
-            raise ConfigError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+        super().__post_init__()
         if self.batch_tokens < self.max_length:
             raise ConfigError(
                 f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length}) "
@@ -96,14 +102,10 @@ class ExtractConfig:
             )
         if self.block_tokens is not None and self.block_tokens < self.max_length:
             raise ConfigError(f"block_tokens ({self.block_tokens}) must be at least max_length ({self.max_length})")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be a positive number of examples, got {self.limit}")
         if self.part is not None:
             _parse_part(self.part)
             if self.overwrite:
                 raise ConfigError("--overwrite cannot be combined with --part: one part would delete the others' work")
-        if self.codec not in ("zstd", "blosc-zstd", "none"):
-            raise ConfigError(f"codec {self.codec!r} must be zstd, blosc-zstd or none")
 
     @property
     def part_index(self) -> tuple[int, int]:
@@ -116,78 +118,93 @@ class ExtractConfig:
     def out_path(self) -> str:
         return self.out or f"data/{self.task.lower()}.zarr"
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["splits"] = list(self.splits) if self.splits else None
-        out["layers"] = list(self.layers) if self.layers else None
-        return out
+
+@dataclass(frozen=True, kw_only=True)
+class SideConfig(Settings):
+    """The side network's own settings: TrainConfig says what to train, ReadConfig records what was trained."""
+
+    method: str = setting("read", "read: the recurrent side network; probe: a linear head on the frozen final state "
+                          "(baseline).", choices=METHODS)
+    rnn: str = setting("gru", "Recurrent cell over the layers.", choices=CELLS)
+    rnn_dim: int = setting(256, "Hidden size r of the side network.", bounds=at_least(1))
+    aggregate: str = setting("mean", "Summary of the layer recurrence: the mean of its states or the last one.",
+                             choices=AGGREGATES)
+    h0: str = setting("zero", "Initial RNN state: zero, or a projection of the embedding output (state 0).",
+                      choices=H0_OPTIONS)
+    pooling: str = setting("mean", "Encoder family: pooling over tokens before the head.", choices=POOLINGS)
+    dropout: float = setting(0.1, "Dropout on the side network's summary, per seed.", bounds=FRACTION)
+    encoder_side: bool = setting(True, "Seq2seq: join the encoder side through its pooled summary (off: the decoder "
+                                 "side alone).")
+
+    def side_settings(self) -> dict[str, Any]:
+        """Just the SideConfig fields, to build a ReadConfig from a TrainConfig."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SideConfig)}
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(SideConfig):
     """Stage two: READ side networks for several seeds, trained from a store alone."""
 
-    cache: str  # the store written by `pipeline extract`
-    out: str | None = None  # default runs/<task>
-    seeds: tuple[int, ...] = (0, 1, 2)  # trained in lockstep on the same batches
-    epochs: int = 10
-    method: str = "read"  # read: the side network; probe: a linear head on the frozen final state
-    rnn: str = "gru"  # gru | rnn | lstm
-    rnn_dim: int = 256
-    aggregate: str = "mean"  # mean | last over the layer recurrence
-    h0: str = "zero"  # zero | embedding
-    pooling: str = "mean"  # encoder family head: mean | cls
-    encoder_side: bool = True  # seq2seq: join the encoder side through its pooled summary
-    dropout: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06  # linear warm-up over this share of the steps, then linear decay to 0
-    batch_size: int = 32
-    patience: int | None = 5  # epochs without improvement before a seed stops counting; None: never
-    max_grad_norm: float = 1.0  # per seed
-    device: str = "auto"
-    memory_budget: str | int = "8GB"  # a split bigger than this is streamed from the store
-    train_split: str = "train"
-    eval_splits: tuple[str, ...] | None = None  # None: the task's validation split(s)
-    data_seed: int = 0  # batch order (shared by all seeds)
-    shuffle_buffer: int = 8  # streaming: blocks mixed in memory at once
-    threads: int | None = None  # torch CPU threads; None: torch's default. 1 avoids oversubscription
-    # on small side networks and busy machines (measured 14x faster under load on 2 cores).
+    cache: str = setting(help="Store written by `pipeline extract` (the only input; the backbone is never loaded).")
+    out: str | None = setting(None, "Run directory.", none="runs/<task>")
+    seeds: tuple[int, ...] = setting((0, 1, 2), "Seeds, comma-separated, trained in lockstep on the same batches.")
+    epochs: int = setting(10, "Passes over the training split.", bounds=at_least(1))
+    lr: float = setting(1e-3, "Peak AdamW learning rate.", bounds=above(0))
+    weight_decay: float = setting(0.01, "AdamW weight decay.", bounds=at_least(0))
+    warmup_ratio: float = setting(0.06, "Share of the steps for linear warm-up (then linear decay to 0).",
+                                  bounds=FRACTION)
+    batch_size: int = setting(32, "Examples per batch.", bounds=at_least(1))
+    patience: int | None = setting(5, "Epochs without improvement before a seed's best is final; null (--patience "
+                                   "none): never stop early.", bounds=at_least(1), none="never stop early")
+    max_grad_norm: float = setting(1.0, "Gradient clipping, per seed.", bounds=above(0))
+    device: str = device_setting()
+    memory_budget: str | int = setting("8GB", "Splits larger than this are streamed from the store by block.",
+                                       parse=parse_size, allowed="a size such as 8GB or 512MiB, or a number of bytes",
+                                       metavar="SIZE")
+    train_split: str = setting("train", "Split to train on.")
+    eval_splits: tuple[str, ...] | None = setting(None, "Splits to evaluate on, comma-separated.",
+                                                  none="the task's validation split(s)", example="validation")
+    data_seed: int = setting(0, "Seed of the batch order (shared by all seeds).", bounds=at_least(0))
+    shuffle_buffer: int = setting(8, "Streaming: blocks mixed in memory at once.", bounds=at_least(1))
+    threads: int | None = setting(
+        None, "Torch CPU threads; 1 avoids oversubscription on small side networks and busy machines (measured 14x "
+        "faster under load on 2 cores).", bounds=at_least(1), none="torch's own",
+        example="1")
 
     def __post_init__(self) -> None:
-        seeds = parse_list(self.seeds, int) if not isinstance(self.seeds, int) else (self.seeds,)
-        object.__setattr__(self, "seeds", seeds)
-        object.__setattr__(self, "eval_splits", parse_list(self.eval_splits))
-        object.__setattr__(self, "memory_budget", parse_size(self.memory_budget))
-        if not self.seeds:
-            raise ConfigError("seeds must name at least one seed, e.g. 0,1,2")
+        super().__post_init__()
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {list(self.seeds)}")
-        if self.method not in ("read", "probe"):
-            raise ConfigError(f"method {self.method!r} must be 'read' or 'probe'")
-        if self.rnn not in ("gru", "rnn", "lstm"):
-            raise ConfigError(f"rnn {self.rnn!r} must be gru, rnn or lstm")
-        if self.aggregate not in ("mean", "last") or self.h0 not in ("zero", "embedding"):
-            raise ConfigError("aggregate must be mean|last and h0 zero|embedding")
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"pooling {self.pooling!r} must be mean or cls")
-        for name in ("epochs", "rnn_dim", "batch_size", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
-            raise ConfigError("lr must be > 0, dropout and warmup_ratio in [0, 1)")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be at least 1 (or null for torch's default), got {self.threads}")
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"patience must be at least 1 (or null to disable), got {self.patience}")
-        if not DEVICES_RE.match(self.device):
-            raise ConfigError(f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
 
     def out_dir(self, task: str) -> str:
         return self.out or f"runs/{task}"
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["seeds"] = list(self.seeds)
-        out["eval_splits"] = list(self.eval_splits) if self.eval_splits else None
-        return out
+
+SETTINGS_BEGIN, SETTINGS_END = "<!-- settings:begin -->", "<!-- settings:end -->"
+
+
+def readme_settings() -> str:
+    """The README's settings section: one table per stage, generated so that it cannot drift."""
+    return (
+        "**`pipeline extract`**, params.yaml section `extract:`\n\n" + settings_table(ExtractConfig)
+        + "\n**`pipeline train`**, params.yaml section `train:`\n\n" + settings_table(TrainConfig)
+    )
+
+
+def with_readme_settings(readme: str) -> str:
+    """The README text with the generated tables between its settings markers."""
+    head, begin, rest = readme.partition(SETTINGS_BEGIN)
+    _, end, tail = rest.partition(SETTINGS_END)
+    if not begin or not end:
+        raise ConfigError(f"the README lacks the markers {SETTINGS_BEGIN} ... {SETTINGS_END}")
+    return f"{head}{SETTINGS_BEGIN}\n{readme_settings()}{SETTINGS_END}{tail}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(readme_settings())
+    elif len(sys.argv) == 3 and sys.argv[1] == "--update-readme":
+        path = Path(sys.argv[2])
+        path.write_text(with_readme_settings(path.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        sys.exit("usage: python -m pipeline.common.config --markdown | --update-readme README.md")

@@ -19,14 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.common.config import SideConfig
 from pipeline.common.errors import ConfigError
+from pipeline.common.settings import at_least, setting
 from pipeline.training.network import (
-    AGGREGATES,
-    CELLS,
     FAMILIES,
-    H0_OPTIONS,
-    METHODS,
-    POOLINGS,
     TASK_KINDS,
     SideBatch,
     SideNet,
@@ -41,48 +38,22 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 # ----------------------------------------------------------------------------------------- config
 
 
-@dataclass(frozen=True)
-class ReadConfig:
-    """Everything that decides the side network's shape and behaviour (saved in adapter_config.json)."""
+@dataclass(frozen=True, kw_only=True)
+class ReadConfig(SideConfig):
+    """Everything that decides the side network's shape and behaviour (saved in adapter_config.json).
 
-    family: str  # "encoder" | "seq2seq" | "decoder"
-    d_model: int
-    num_labels: int  # K classes, or 1 for regression
-    task_kind: str  # "classification" | "regression"
-    method: str = "read"  # "read" | "probe" (frozen final state + head only: the baseline)
-    rnn: str = "gru"  # gru | rnn | lstm
-    rnn_dim: int = 256
-    aggregate: str = "mean"  # mean | last
-    h0: str = "zero"  # zero | embedding
-    pooling: str = "mean"  # encoder family only: mean | cls
-    dropout: float = 0.1
-    has_embedding: bool = True  # x[:, 0] is the embedding output (not run through the RNN)
-    encoder_side: bool = True  # seq2seq only: join the encoder side through its summary
+    The training settings' side-network part (``SideConfig``: method, rnn, rnn_dim, ...) with its
+    checks, plus what the store decides.
+    """
+
+    family: str = setting(help="Backbone family.", choices=FAMILIES)
+    d_model: int = setting(help="Width of the backbone's states.", bounds=at_least(1))
+    num_labels: int = setting(help="K classes, or 1 for regression.", bounds=at_least(1))
+    task_kind: str = setting(help="classification or regression.", choices=TASK_KINDS)
+    has_embedding: bool = setting(True, "x[:, 0] is the embedding output (not run through the RNN).")
 
     def __post_init__(self) -> None:
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
-
-        choice("family", FAMILIES)
-        choice("task_kind", TASK_KINDS)
-        choice("method", METHODS)
-        choice("rnn", CELLS)
-        choice("aggregate", AGGREGATES)
-        choice("h0", H0_OPTIONS)
-        choice("pooling", POOLINGS)
-        for name in ("d_model", "rnn_dim", "num_labels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r}: expected a positive integer")
-        for name in ("has_embedding", "encoder_side"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
-            0.0 <= self.dropout < 1.0
-        ):
-            raise ConfigError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
+        super().__post_init__()
         if self.task_kind == "regression" and self.num_labels != 1:
             raise ConfigError(f"task_kind='regression' needs num_labels=1, got num_labels={self.num_labels}")
         if self.task_kind == "classification" and self.num_labels < 2:
@@ -105,20 +76,6 @@ class ReadConfig:
     def uses_label_rows(self) -> bool:
         """Whether the head is (or, for the probe, starts from) the LM-head rows of the label words."""
         return self.family != "encoder" and self.task_kind == "classification"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ReadConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown ReadConfig fields: {', '.join(unknown)}")
-        try:
-            return cls(**dict(data))
-        except TypeError as exc:  # a required field is missing
-            raise ConfigError(f"incomplete ReadConfig: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------ family model

@@ -34,11 +34,6 @@ from torch import Tensor, nn
 
 FAMILIES = ("encoder", "seq2seq", "decoder")
 TASK_KINDS = ("classification", "regression")
-METHODS = ("read", "probe")
-CELLS = ("gru", "rnn", "lstm")
-AGGREGATES = ("mean", "last")
-H0_OPTIONS = ("zero", "embedding")
-POOLINGS = ("mean", "cls")
 
 _GATES = {"gru": 3, "rnn": 1, "lstm": 4}  # gate blocks per cell, PyTorch order (GRU r,z,n; LSTM i,f,g,o)
 _RMS_EPS = 1e-6

@@ -14,31 +14,35 @@ from typing import Any, Sequence
 
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError
+from pipeline.common.settings import parse_text
+
+SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
+
+
+def _assignment(item: str, form: str) -> tuple[str, str]:
+    """'rnn-dim=8,16' -> ('rnn_dim', '8,16'), the name checked against TrainConfig's sweepable settings."""
+    key, sep, values = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not values.strip():
+        raise ConfigError(f"{item!r} must look like {form}")
+    sweepable = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SET_BY_SWEEP]
+    if key not in sweepable:
+        raise ConfigError(f"cannot sweep {key!r}; sweepable: {', '.join(sorted(sweepable))}")
+    return key, values
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
-    """['lr=1e-3,3e-4', 'rnn=gru,lstm'] -> {'lr': [0.001, 0.0003], 'rnn': ['gru', 'lstm']}."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """['lr=1e-3,3e-4', 'rnn=gru,lstm'] -> {'lr': [0.001, 0.0003], 'rnn': ['gru', 'lstm']}, read as declared."""
     grid: dict[str, list[Any]] = {}
     for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not values:
-            raise ConfigError(f"grid entry {item!r} must look like name=v1,v2")
-        if key not in fields or key in ("cache", "out", "seeds"):
-            raise ConfigError(f"cannot sweep {key!r}; sweepable: {sorted(set(fields) - {'cache', 'out', 'seeds'})}")
-        grid[key] = [_cast(v.strip(), getattr(TrainConfig(cache="x"), key)) for v in values.split(",")]
+        key, values = _assignment(item, "name=v1,v2")
+        grid[key] = [parse_text(TrainConfig, key, v) for v in values.split(",")]
     return grid
 
 
-def _cast(text: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int) and not isinstance(default, bool):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
-    return text
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """['epochs=3', 'eval_splits=a,b'] -> {'epochs': 3, 'eval_splits': ('a', 'b')}: one value each, read as declared."""
+    return dict((key, parse_text(TrainConfig, key, value)) for key, value in (_assignment(i, "name=value") for i in items))
 
 
 def expand(base: TrainConfig, grid: dict[str, list[Any]], out_root: str) -> list[tuple[str, TrainConfig]]:

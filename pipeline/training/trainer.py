@@ -47,12 +47,12 @@ def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> Read
             f"--h0 embedding needs the embedding output (state 0) in the store, but {store.path} kept layers "
             f"{ext['layers']}; re-extract with --layers all (or a list with 0), or use --h0 zero"
         )
+    side_settings = cfg.side_settings()
+    side_settings.update(pooling=cfg.pooling if family == "encoder" else "mean",
+                         encoder_side=cfg.encoder_side if family == "seq2seq" else True)
     return ReadConfig(
-        family=family, d_model=int(bb["d_model"]), num_labels=task.num_labels, task_kind=task.kind,
-        method=cfg.method, rnn=cfg.rnn, rnn_dim=cfg.rnn_dim, aggregate=cfg.aggregate,
-        h0=cfg.h0, pooling=cfg.pooling if family == "encoder" else "mean",
-        dropout=cfg.dropout, has_embedding=has_embedding and ext["layers"][side][0] == 0,
-        encoder_side=cfg.encoder_side if family == "seq2seq" else True,
+        **side_settings, family=family, d_model=int(bb["d_model"]), num_labels=task.num_labels, task_kind=task.kind,
+        has_embedding=has_embedding and ext["layers"][side][0] == 0,
     )
 
 
