@@ -178,7 +178,7 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
 
     fixed = {k: v[0] for k, v in parse_grid(settings).items()} if settings else {}
     base = TrainConfig(cache=cache, seeds=seeds, **fixed)
-    out_root = out or f"runs/{CacheStore(cache).meta['task']['name']}-sweep"
+    out_root = out or f"runs/{CacheStore(cache).meta.task.name}-sweep"
     rows = run_sweep(base, parse_grid(grid_items), out_root, scheduler=scheduler, workers=workers,
                      threads_per_worker=threads_per_worker)
     for row in rows:

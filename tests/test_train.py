@@ -187,6 +187,20 @@ def test_unlabeled_labels_and_non_finite_values_are_refused(t5_store, tmp_path):
         train(quick(str(copy), tmp_path), progress=False)
 
 
+def test_a_damaged_shard_stops_training_before_it_starts(t5_store, tmp_path):
+    import shutil
+
+    from synthetic import damage_shard
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(t5_store, copy)
+    damage_shard(copy / "train" / "encoder" / "hidden" / "c" / "0" / "0" / "0", "truncate")
+    result = CliRunner().invoke(main, ["train", "--cache", str(copy), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "train/encoder block 0: hidden" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_store_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["train", "--cache", str(tmp_path / "none.zarr")])
     assert result.exit_code == 2 and result.output.startswith("Error: no store")
