@@ -167,10 +167,11 @@ class StoreWriter:
         """
         reader = CachedSplit(self.group[split], split, self.meta.settings.dtype, self.path)
         damaged = reader.damaged_blocks(blocks)
-        for block in damaged:
-            self.group[split]["blocks_done"][block] = 0
         if damaged:
-            self._update_split(split, complete=False)
+            with self.lock:  # not while another part decides the split is complete
+                for block in damaged:
+                    self.group[split]["blocks_done"][block] = 0
+                self._update_split(split, complete=False)
         return damaged
 
     def write_block(self, split: str, block: int, hidden: dict[str, np.ndarray], token_ids: dict[str, np.ndarray]) -> None:
