@@ -42,7 +42,7 @@ def main() -> None:
         parser.add_argument(option_name(field), type=setting_reader(name), default=field.default,
                             help=f"(default: {show(field.default)})")
     args = parser.parse_args()
-    family = CacheStore(args.cache).meta["backbone"]["family"]
+    family = CacheStore(args.cache).meta.backbone.family
     if family != "seq2seq":
         parser.error(f"{args.cache} holds a {family} backbone; the Joiner exists only for seq2seq (T5) stores")
     base = TrainConfig(cache=args.cache, seeds=args.seeds, epochs=args.epochs, rnn_dim=args.rnn_dim, device=args.device)

@@ -205,7 +205,7 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
 
     base = TrainConfig(cache=cache, seeds=seeds, **parse_settings(settings))
     grid = parse_grid(grid_items)
-    out_root = out or f"runs/{CacheStore(cache).meta['task']['name']}-sweep"
+    out_root = out or f"runs/{CacheStore(cache).meta.task.name}-sweep"
     rows = run_sweep(base, grid, out_root, scheduler=scheduler, workers=workers,
                      threads_per_worker=threads_per_worker)
     for row in rows:

@@ -3,7 +3,9 @@
     python -m stages.extract --task rte --out data/rte.zarr [--params params.yaml]
 
 The store is a ``persist: true`` output in dvc.yaml, so a killed extraction resumes where it
-stopped. A store left by other settings (say, another model) is stale for DVC; it is replaced.
+stopped (re-extracting any block whose shards were damaged). A store left by other settings (say,
+another model), other data or an older format is stale for DVC; it is replaced. Anything at the
+path that is not a READ store is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = extract(cfg, progress=not args.quiet)
         except StoreMismatchError as exc:
-            # Same settings resume; other settings mean DVC wants a new output, so start afresh.
+            # The same store resumes; other settings or data mean DVC wants a new output: start afresh.
             log.info("%s\nreplacing it: the params changed since it was written", exc)
             path = extract(dataclasses.replace(cfg, overwrite=True), progress=not args.quiet)
         print(CacheStore(path).completion_message())

@@ -92,3 +92,17 @@ def minilm_store(tmp_path_factory, minilm, glue_dir) -> str:
 @pytest.fixture(scope="session")
 def gpt2_store(tmp_path_factory, tiny_gpt2, glue_dir) -> str:
     return make_store(tmp_path_factory, tiny_gpt2, glue_dir, "sst2")
+
+
+# ---- synthetic stores: no model, no GLUE files (tests/synthetic.py) ----------------------------------
+
+
+@pytest.fixture
+def synthetic_store(tmp_path: Path):
+    """A factory: ``synthetic_store(name="s.zarr", **options)`` writes a random store and returns a SyntheticStore."""
+    from synthetic import write_synthetic_store
+
+    def build(name: str = "s.zarr", **options):
+        return write_synthetic_store(tmp_path / name, **options)
+
+    return build

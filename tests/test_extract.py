@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from synthetic import damage_shard, tree_bytes
 
 from pipeline.cli import main
 from pipeline.common.config import ExtractConfig
@@ -28,7 +30,7 @@ from pipeline.common.errors import (
     UnsupportedModelError,
 )
 from pipeline.common.tasks import get_task
-from pipeline.extraction import Extraction, extract, length_batches
+from pipeline.extraction import Extraction, extract, finished_store, length_batches
 from pipeline.extraction.backbones import load_backbone, model_label_logits
 from pipeline.extraction.glue import load_split
 from pipeline.store import CacheStore, to_float32, verify_store
@@ -77,7 +79,7 @@ def run_extract(tmp_path: Path, model: Path, glue_dir: Path, **kw) -> CacheStore
 def test_stored_states_equal_the_models_own_hidden_states(request, fixture, tmp_path, glue_dir):
     model_path = request.getfixturevalue(fixture)
     store = run_extract(tmp_path, model_path, glue_dir, block_tokens=128)
-    family = store.meta["backbone"]["family"]
+    family = store.meta.backbone.family
     task = get_task("rte")
     backbone = load_backbone(str(model_path), device="cpu")
     examples = load_split(task, "validation", glue_dir, limit=12)
@@ -101,7 +103,7 @@ def test_stored_states_equal_the_models_own_hidden_states(request, fixture, tmp_
         assert rows is None
         return
     # Label rows reproduce the model's own label logits at the final state (correction 0).
-    label_ids = store.meta["task"]["label_token_ids"]
+    label_ids = store.meta.task.label_token_ids
     final = torch.from_numpy(stored_example(store, "validation", "decoder", 3)[-1, -1].copy())
     theirs = model_label_logits(backbone, [token_ids[3]], label_ids)[0]
     exact_final = reference_states(model_path, family, token_ids[3])["decoder"][0, -1]
@@ -141,7 +143,7 @@ def test_pooled_store_holds_the_mean_over_tokens(minilm, tmp_path, glue_dir):
 def test_layer_subset_keeps_the_named_states(minilm, tmp_path, glue_dir):
     full = run_extract(tmp_path / "full", minilm, glue_dir, dtype="float32", limit=2)
     some = run_extract(tmp_path / "some", minilm, glue_dir, dtype="float32", limit=2, layers="0,3,-1")
-    assert some.meta["extraction"]["layers"]["encoder"] == [0, 3, 6]
+    assert some.meta.layout.layers["encoder"] == [0, 3, 6]
     np.testing.assert_array_equal(
         stored_example(some, "validation", "encoder", 1), stored_example(full, "validation", "encoder", 1)[:, [0, 3, 6]]
     )
@@ -163,20 +165,95 @@ def test_a_finished_store_is_not_recomputed_and_other_settings_are_refused(tiny_
     with pytest.raises(StoreMismatchError, match="--overwrite"):
         run_extract(tmp_path, tiny_t5, glue_dir, max_length=32)
     again = run_extract(tmp_path, tiny_t5, glue_dir, max_length=32, overwrite=True)
-    assert again.meta["extraction"]["max_length"] == 32
+    assert again.meta.settings.max_length == 32
     assert verify_store(again.path) == []
 
 
 def test_verify_catches_a_missing_block_and_non_finite_values(tiny_t5, tmp_path, glue_dir):
     store = run_extract(tmp_path, tiny_t5, glue_dir, dtype="float32", block_tokens=128)
+    assert store.split("validation").num_blocks >= 3
+    damage_shard(Path(store.path, "validation", "encoder", "hidden", "c", "1", "0", "0"), "delete")  # a real shard
     group = zarr.open_group(store.path, mode="r+")
-    group["validation"]["blocks_done"][1] = 0
+    group["validation"]["blocks_done"][2] = 0
     group["validation"]["encoder"]["hidden"][0, 0, 0] = np.nan
     problems = verify_store(store.path)
-    assert any("not written" in p for p in problems)
-    assert any("non-finite" in p for p in problems)
+    assert [p for p in problems if "block 1" in p] == [
+        "validation/encoder block 1: hidden checksum mismatch (its shard is missing, truncated or altered)"]
+    assert any("1 of" in p and "not written" in p for p in problems)
+    assert any(p.startswith("validation/encoder block 0: ") and "1 non-finite values" in p for p in problems)
     result = CliRunner().invoke(main, ["verify", store.path])
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and "FAIL validation/encoder block 1: " in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
+def test_a_rerun_re_extracts_exactly_the_damaged_block(tiny_t5, tmp_path, glue_dir, how):
+    args = ["--model", str(tiny_t5), "--task", "rte", "--glue-dir", str(glue_dir), "--splits", "validation",
+            "--limit", "12", "--max-length", "64", "--batch-tokens", "256", "--block-tokens", "128", "--quiet"]
+    clean, damaged = tmp_path / "clean.zarr", tmp_path / "damaged.zarr"
+    assert cli(*args, "--out", str(clean)).exit_code == 0
+    shutil.copytree(clean, damaged)
+    shard = damaged / "validation" / "encoder" / "hidden" / "c" / "1" / "0" / "0"
+    damage_shard(shard, how)
+    result = CliRunner().invoke(main, ["verify", str(damaged)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("FAIL validation/encoder block 1: ")
+    before = {f: f.stat().st_mtime_ns for f in damaged.rglob("*") if f.is_file() and f != shard}
+    assert cli(*args, "--out", str(damaged)).exit_code == 0
+    assert verify_store(str(damaged)) == []
+    assert tree_bytes(damaged) == tree_bytes(clean)  # the same store, byte for byte
+    rewritten = {f.relative_to(damaged).as_posix() for f, t in before.items() if f.stat().st_mtime_ns != t}
+    block_1 = {"validation/encoder/token_ids/c/1", "validation/decoder/hidden/c/1/0/0", "validation/checksums/c/1/0",
+               "validation/blocks_done/c/1", "zarr.json"}
+    assert rewritten <= block_1 and "validation/decoder/hidden/c/1/0/0" in rewritten, rewritten
+
+
+def test_the_same_inputs_give_the_same_bytes(tiny_t5, tmp_path, glue_dir):
+    """Nothing volatile (a time, the store's path) is stored, so DVC's hash of a store is reproducible."""
+    a = run_extract(tmp_path / "a", tiny_t5, glue_dir, block_tokens=128)
+    b = run_extract(tmp_path / "b", tiny_t5, glue_dir, block_tokens=128)
+    assert tree_bytes(a.path) == tree_bytes(b.path)
+    root = Path(a.path, "zarr.json")
+    stamp = root.stat().st_mtime_ns
+    run_extract(tmp_path / "a", tiny_t5, glue_dir, block_tokens=128)  # finished: not rewritten
+    assert root.stat().st_mtime_ns == stamp and tree_bytes(a.path) == tree_bytes(b.path)
+
+
+def flip_labels(tsv: Path) -> None:
+    swap = {"entailment": "not_entailment", "not_entailment": "entailment"}
+    lines = tsv.read_text(encoding="utf-8").splitlines()
+    rows = [line.rsplit("\t", 1) for line in lines[1:]]
+    tsv.write_text("\n".join([lines[0], *(f"{text}\t{swap[label]}" for text, label in rows)]) + "\n", encoding="utf-8")
+
+
+def test_a_store_built_from_other_data_is_stale(tiny_t5, tmp_path, glue_dir):
+    """Same model and settings, labels flipped in the same file: not complete, refused, and the stage rebuilds it."""
+    import yaml
+
+    from stages import extract as extract_stage
+
+    copy = tmp_path / "glue"
+    (copy / "RTE").mkdir(parents=True)
+    shutil.copy(Path(glue_dir) / "RTE" / "dev.tsv", copy / "RTE" / "dev.tsv")
+    out = str(tmp_path / "s.zarr")
+    settings = {"model": str(tiny_t5), "splits": ["validation"], "limit": 12, "max_length": 64, "batch_tokens": 256,
+                "device": "cpu"}
+    cfg = ExtractConfig(task="rte", out=out, glue_dir=str(copy), **settings)
+    extract(cfg, progress=False)
+    assert finished_store(cfg)
+    before = CacheStore(out).split("validation").labels
+    flip_labels(copy / "RTE" / "dev.tsv")
+    assert not finished_store(cfg)
+    with pytest.raises(StoreMismatchError, match="validation data differ from the examples the store was built from"):
+        extract(cfg, progress=False)
+    result = cli("--model", str(tiny_t5), "--task", "rte", "--glue-dir", str(copy), "--splits", "validation",
+                 "--limit", "12", "--max-length", "64", "--batch-tokens", "256", "--out", out, "--quiet")
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "validation data differ" in result.output
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tasks": ["rte"], "glue_dir": str(copy), "extract": settings}))
+    assert extract_stage.main(["--task", "rte", "--params", str(params), "--out", out, "--quiet"]) == 0
+    np.testing.assert_array_equal(CacheStore(out).split("validation").labels, 1 - before)
+    assert finished_store(cfg) and verify_store(out) == []
 
 
 def test_killed_extraction_resumes_to_the_same_store(minilm, tmp_path, glue_dir):
@@ -315,7 +392,7 @@ def test_parts_in_parallel_fill_the_same_store_as_one_process(tiny_t5, tmp_path,
     a, b = CacheStore(parted), CacheStore(whole)
     assert a.fingerprint == b.fingerprint
     for name in ("train", "validation"):
-        assert a.meta["splits"][name]["complete"] and a.split(name).num_blocks > 2
+        assert a.meta.splits[name].complete and a.split(name).num_blocks > 2
         for side in ("encoder", "decoder"):
             np.testing.assert_array_equal(np.asarray(a.split(name).hidden(side)[:]), np.asarray(b.split(name).hidden(side)[:]))
     assert verify_store(parted) == []

@@ -13,8 +13,13 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import StoreFormatError, StoreIncompleteError, TrainingError
-from pipeline.store import ATTRS_KEY, CacheStore, to_float32
+from pipeline.common.errors import (
+    StoreCorruptError,
+    StoreFormatError,
+    StoreIncompleteError,
+    TrainingError,
+)
+from pipeline.store import ATTRS_KEY, CacheStore, checksum, to_float32
 from pipeline.training import Trainer, train
 from pipeline.training.batches import SplitBatches
 from pipeline.training.model import ReadModel
@@ -182,9 +187,30 @@ def test_unlabeled_labels_and_non_finite_values_are_refused(t5_store, tmp_path):
     with pytest.raises(TrainingError, match="labels outside"):
         train(quick(str(copy), tmp_path), progress=False)
     group["validation"]["labels"][0] = 0
-    group["train"]["encoder"]["hidden"][0] = np.uint16(0x7FC0)  # bfloat16 nan
+    group["train"]["encoder"]["hidden"][0] = np.uint16(0x7FC0)  # bfloat16 nan, written behind the store's back
+    with pytest.raises(StoreCorruptError, match="train/encoder block 0: hidden checksum mismatch"):
+        train(quick(str(copy), tmp_path), progress=False)
+    # A nan the extraction itself wrote (its checksum matches) is refused as a value, not as damage.
+    split = CacheStore(str(copy)).split("train")
+    start, end = split.block_rows(0, "encoder")
+    group["train"]["checksums"][0, split.columns.index("encoder/hidden")] = checksum(
+        np.asarray(group["train"]["encoder"]["hidden"][start:end]))
     with pytest.raises(TrainingError, match="non-finite"):
         train(quick(str(copy), tmp_path), progress=False)
+
+
+def test_a_damaged_shard_stops_training_before_it_starts(t5_store, tmp_path):
+    import shutil
+
+    from synthetic import damage_shard
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(t5_store, copy)
+    damage_shard(copy / "train" / "encoder" / "hidden" / "c" / "0" / "0" / "0", "truncate")
+    result = CliRunner().invoke(main, ["train", "--cache", str(copy), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "train/encoder block 0: hidden" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_store_is_one_line(tmp_path):

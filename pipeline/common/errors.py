@@ -60,11 +60,19 @@ class StoreIncompleteError(PipelineError, ValueError):
 
 
 class StoreCorruptError(PipelineError, ValueError):
-    """A store that fails verification: missing blocks, non-finite values, inconsistent metadata."""
+    """A store that fails verification: a damaged shard (checksum), non-finite values, inconsistent metadata."""
 
 
 class StoreFormatError(PipelineError, ValueError):
     """A store written in a format version this software does not read."""
+
+
+class NotAStoreError(PipelineError, FileExistsError):
+    """A path that holds something other than a READ store: the pipeline neither writes into nor deletes it."""
+
+
+class StoreBusyError(PipelineError, RuntimeError):
+    """Another extraction (not a --part of the same run) is filling the same store right now."""
 
 
 class TrainingError(PipelineError, RuntimeError):

@@ -23,6 +23,7 @@ from pipeline.common.errors import (
 from pipeline.common.resources import pick_device
 from pipeline.common.tasks import TaskSpec
 from pipeline.extraction.glue import hub_unreachable, offline_flag
+from pipeline.store import BackboneInfo
 
 FAMILIES = ("seq2seq", "encoder", "decoder")
 
@@ -193,19 +194,13 @@ class Backbone:
     n_layers_decoder: int
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def describe(self) -> dict[str, Any]:
-        """Metadata for the store's root attributes (JSON-serialisable)."""
-        return {
-            "name": self.name,
-            "revision": self.revision,
-            "family": self.family,
-            "model_type": self.model.config.model_type,
-            "d_model": self.d_model,
-            "num_states_encoder": self.n_layers_encoder,
-            "num_states_decoder": self.n_layers_decoder,
-            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
-            **self.extra,
-        }
+    def info(self) -> BackboneInfo:
+        """The backbone as the store records it (stage two reads this, never the model)."""
+        return BackboneInfo(
+            name=self.name, revision=self.revision, family=self.family, model_type=self.model.config.model_type,
+            d_model=self.d_model, num_states_encoder=self.n_layers_encoder, num_states_decoder=self.n_layers_decoder,
+            num_parameters=int(sum(p.numel() for p in self.model.parameters())), extra=dict(self.extra),
+        )
 
     # ---- inputs -----------------------------------------------------------------------------
     def input_text(self, task: TaskSpec, example: Mapping[str, str]) -> list[str]:

@@ -8,6 +8,7 @@ exactly as it would have been in one uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -38,15 +39,22 @@ from pipeline.extraction.glue import GlueSplit, load_split
 from pipeline.store import (
     FORMAT_VERSION,
     STORED_DTYPES,
-    TARGET_SHARD_BYTES,
+    BlockPlan,
     CacheStore,
+    ExtractionSettings,
+    SplitData,
+    StoreIdentity,
+    StoreLayout,
+    StoreMeta,
     StoreWriter,
-    chunk_rows_for,
-    fingerprint,
+    TaskInfo,
+    block_layout,
+    check_target,
+    examples_hash,
+    exclusive_extraction,
     logical_view,
+    path_kind,
     plan_blocks,
-    round_up,
-    row_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -78,15 +86,6 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
-def host_array(values: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a numpy array without a copy (bfloat16 as an ml_dtypes.bfloat16 view)."""
-    if values.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return values.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return values.numpy()
-
-
 def copy_states(
     dest: np.ndarray,
     dtype: str,
@@ -116,7 +115,7 @@ def copy_states(
     target = logical_view(dest, dtype)
     if not on_device:
         for j, layer in enumerate(layers):
-            h = host_array(states[layer])
+            h = logical_view(states[layer])
             for k, (n, start) in enumerate(zip(lengths, starts)):
                 if pooled:
                     target[start, j] = h[k, :n].astype(np.float32, copy=False).mean(axis=0) if n > 1 else h[k, 0]
@@ -135,7 +134,7 @@ def copy_states(
         index = torch.cat([k * width + torch.arange(n) for k, n in enumerate(lengths)]).to(device)
         packed = torch.stack([states[l].flatten(0, 1).index_select(0, index) for l in layers], dim=1)
         rows = list(lengths)  # (sum of lengths, layers, d)
-    host = host_array(packed.to(torch_dtype).cpu())
+    host = logical_view(packed.to(torch_dtype).cpu())
     offset = 0
     for n, start in zip(rows, starts):
         target[start : start + n] = host[offset : offset + n]
@@ -170,14 +169,35 @@ def gather_splits(cfg: ExtractConfig, task: TaskSpec) -> dict[str, GlueSplit]:
     return data
 
 
+def split_data(split: GlueSplit) -> SplitData:
+    """A split's data identity: its source and a hash of its examples in order."""
+    return SplitData(source=split.source, sha256=examples_hash(split.texts, split.labels, split.ids),
+                     num_examples=len(split))
+
+
+def store_identity(cfg: ExtractConfig, data: dict[str, GlueSplit], model: str) -> StoreIdentity:
+    """What decides the store's content, computable before the backbone loads (``model``: its revision)."""
+    settings = ExtractionSettings(
+        max_length=cfg.max_length, dtype=cfg.dtype, tokens=cfg.tokens, layers=cfg.layers, limit=cfg.limit,
+        block_tokens=cfg.block_tokens, codec=cfg.codec,
+    )
+    return StoreIdentity(format_version=FORMAT_VERSION, model=model, task=get_task(cfg.task).name,
+                         settings=settings, data={name: split_data(split) for name, split in data.items()})
+
+
+def model_identity(revision: str, name: str) -> str:
+    """The weights' identity: their revision (so a moved folder is the same model), else the name."""
+    return name if revision == "unknown" else revision
+
+
 class Extraction:
     """Holds the loaded backbone and the open store while splits are extracted."""
 
-    def __init__(self, cfg: ExtractConfig, *, progress: bool = True) -> None:
+    def __init__(self, cfg: ExtractConfig, *, progress: bool = True, data: dict[str, GlueSplit] | None = None) -> None:
         self.cfg = cfg
         self.progress = progress
         self.task = get_task(cfg.task)
-        self.data = gather_splits(cfg, self.task)
+        self.data = gather_splits(cfg, self.task) if data is None else data
         for name, split in self.data.items():
             if len(split) == 0:
                 raise EmptySplitError(f"split {name!r} of {self.task.name} has no examples")
@@ -189,65 +209,31 @@ class Extraction:
         self.layers = {side: select_layers(cfg.layers, n) for side, n in states.items() if n}
         # Which sides keep every token: the encoder of encoder/seq2seq, unless pooled.
         self.per_token = {side: side == "encoder" and cfg.tokens == "all" for side in self.layers}
-        self.limits, self.chunk_rows = self._layout()
+        self.limits, self.chunk_rows = block_layout(
+            {side: len(layers) for side, layers in self.layers.items()}, bb.d_model, cfg.dtype,
+            per_token=self.per_token, max_length=cfg.max_length, block_tokens=cfg.block_tokens,
+        )
         self.meta = self._meta()
         self.writer = StoreWriter(cfg.out_path, self.meta, overwrite=cfg.overwrite)
         if self.label_rows is not None:
             self.writer.ensure_array("label_rows", self.label_rows)
         self.checked_label_rows = False
 
-    def _layout(self) -> tuple[dict[str, int], dict[str, int]]:
-        cfg, bb = self.cfg, self.backbone
-        limits, chunks = {}, {}
-        for side, layers in self.layers.items():
-            per_row = row_bytes(len(layers), bb.d_model, cfg.dtype)
-            auto = max(cfg.max_length, TARGET_SHARD_BYTES // per_row)
-            tokens = cfg.block_tokens or auto
-            chunks[side] = min(chunk_rows_for(per_row), 1 << (tokens.bit_length() - 1))
-            # One-row-per-example sides hold a whole block's examples; per-token sides its tokens.
-            limits[side] = round_up(tokens, chunks[side]) if self.per_token[side] else tokens
-        if any(self.per_token.values()):
-            # Examples per block are bounded by the per-token side; one-row sides need no more.
-            tok = max(limits[s] for s in limits if self.per_token[s])
-            for side in limits:
-                if not self.per_token[side]:
-                    limits[side] = tok
-        for side in limits:
-            chunks[side] = min(chunks[side], limits[side])
-        return limits, chunks
-
-    def _meta(self) -> dict[str, Any]:
+    def _meta(self) -> StoreMeta:
         cfg, bb, task = self.cfg, self.backbone, self.task
-        backbone = bb.describe()
-        task_meta = {
-            "name": task.name, "kind": task.kind, "label_names": list(task.label_names),
-            "label_words": list(task.label_words) if self.label_ids else [],
-            "label_token_ids": self.label_ids, "text_fields": list(task.text_fields),
-            "template": {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair"}[bb.family],
-        }
-        extraction = {
-            "max_length": cfg.max_length, "dtype": cfg.dtype, "tokens": cfg.tokens, "limit": cfg.limit,
-            "layers": {side: layers for side, layers in self.layers.items()},
-            "has_embedding": {side: layers[0] == 0 for side, layers in self.layers.items()},
-            "block_rows": self.limits, "chunk_rows": self.chunk_rows, "codec": cfg.codec,
-        }
-        content = {
-            "format_version": FORMAT_VERSION,
-            "backbone": {k: v for k, v in backbone.items() if k != "name" or backbone["revision"] == "unknown"},
-            "task": task_meta,
-            "extraction": extraction,
-        }
-        return {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint(content),
-            "content": content,
-            "backbone": backbone,
-            "task": task_meta,
-            "extraction": extraction,
-            "config": cfg.to_dict(),
-            "software": software_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        return StoreMeta(
+            identity=store_identity(cfg, self.data, model_identity(bb.revision, bb.name)),
+            backbone=bb.info(),
+            task=TaskInfo(
+                name=task.name, kind=task.kind, label_names=list(task.label_names),
+                label_words=list(task.label_words) if self.label_ids else [],
+                label_token_ids=list(self.label_ids or []), text_fields=list(task.text_fields),
+                template={"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair"}[bb.family],
+            ),
+            layout=StoreLayout(layers=self.layers, per_token=self.per_token, block_rows=self.limits,
+                               chunk_rows=self.chunk_rows),
+            software=software_versions(),
+        )
 
     # ---- one split ----------------------------------------------------------------------------
     def run_split(self, name: str, *, max_blocks: int | None = None) -> None:
@@ -257,15 +243,17 @@ class Extraction:
         rows = {side: (n_tokens if self.per_token[side] else np.ones_like(n_tokens)) for side in self.layers}
         plan = plan_blocks(rows, self.limits, self.chunk_rows)
         lengths = {side: (n_tokens if side == "encoder" else np.ones_like(n_tokens)) for side in self.layers}
-        self.writer.ensure_split(
-            name, labels=split.labels, ids=split.ids, plan=plan, lengths=lengths,
-            num_states={side: len(l) for side, l in self.layers.items()}, d_model=bb.d_model,
-            dtype=cfg.dtype, codec=cfg.codec, token_ids=any(self.per_token.values()),
-        )
-        done = self.writer.done_blocks(name)
+        self.writer.ensure_split(name, labels=split.labels, ids=split.ids, plan=plan, lengths=lengths,
+                                 data=self.meta.identity.data[name])
         index, count = cfg.part_index
         # --part I/N: this process owns blocks j with j % N == I, so parts never share a shard.
-        todo = [j for j in range(plan.num_blocks) if not done[j] and j % count == index]
+        mine = [j for j in range(plan.num_blocks) if j % count == index]
+        done = self.writer.done_blocks(name)
+        # A resume first checks the blocks written before: a damaged one is written again.
+        damaged = self.writer.recheck(name, [j for j in mine if done[j]])
+        for problem in damaged.values():
+            log.warning("%s: %s; re-extracting it", cfg.out_path, problem)
+        todo = [j for j in mine if not done[j] or j in damaged]
         if max_blocks is not None:
             todo = todo[:max_blocks]
         if not todo:
@@ -293,7 +281,7 @@ class Extraction:
             log.warning("%s/%s: this part is done; the split completes when every part has run", self.task.name, name)
 
     def _compute_block(
-        self, token_ids: list[list[int]], plan: Any, block: int, first: int
+        self, token_ids: list[list[int]], plan: BlockPlan, block: int, first: int
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         cfg, bb = self.cfg, self.backbone
         hidden = {
@@ -344,31 +332,45 @@ class Extraction:
         return self.cfg.out_path
 
 
-def finished_store(cfg: ExtractConfig) -> bool:
-    """True if cfg.out already holds every requested split, complete, made with these settings.
+def finished_store(cfg: ExtractConfig, data: dict[str, GlueSplit] | None = None) -> bool:
+    """True if cfg.out already holds every requested split, complete and intact, as the same store.
 
-    Checked before the backbone is loaded, so rerunning a finished extraction costs seconds.
+    "The same store" is the fingerprint's identity: model, task, settings, and the data (source and a
+    hash of the examples), so a store built from other data is stale. Intact: every block's shards
+    match their checksums (this reads the store once). Checked before the backbone is loaded.
     """
-    if cfg.overwrite or "://" not in cfg.out_path and not Path(cfg.out_path).exists():
+    if cfg.overwrite or path_kind(cfg.out_path) not in ("store", "remote"):
         return False
     try:
         store = CacheStore(cfg.out_path)
     except (PipelineError, FileNotFoundError):
         return False
-    settings = ("model", "task", "max_length", "dtype", "layers", "tokens", "limit", "block_tokens", "codec")
-    recorded = store.meta.get("config", {})
-    if any(recorded.get(k) != cfg.to_dict()[k] for k in settings):
-        return False
     path = resolve_model_path(cfg.model)
-    if not Path(path).is_dir() or model_content_hash(path, None) != store.meta["backbone"]["revision"]:
+    if not Path(path).is_dir():
+        return False  # a Hub model's revision is known only once it is loaded
+    data = gather_splits(cfg, get_task(cfg.task)) if data is None else data
+    wanted = store_identity(cfg, data, model_identity(model_content_hash(path, None), cfg.model))
+    if not set(wanted.data) <= set(store.splits) or wanted.mismatch(store.meta.identity):
         return False
-    wanted = cfg.splits or [s for s in store.splits]
-    return all(s in store.splits and store.split(s).blocks_done().all() for s in wanted)
+    for name in wanted.data:
+        split = store.split(name)
+        if not split.blocks_done().all() or split.damaged_blocks(range(split.num_blocks)):
+            return False
+    return True
 
 
 def extract(cfg: ExtractConfig, *, progress: bool = True) -> str:
-    """Stage one end to end; returns the store path. Idempotent: a finished store is not recomputed."""
-    if cfg.part_index == (0, 1) and finished_store(cfg):
-        log.info("%s is complete with these settings; nothing to do", cfg.out_path)
+    """Stage one end to end; returns the store path. Idempotent: a finished store is not recomputed.
+
+    The data is read first (its errors come before any model loads) and defines the store's identity.
+    A whole extraction holds the store's lock throughout, so a second one on the same --out refuses;
+    --part runs share the store and take the lock only briefly.
+    """
+    data = gather_splits(cfg, get_task(cfg.task))
+    whole = cfg.part_index == (0, 1)
+    if whole and finished_store(cfg, data):
+        log.info("%s is complete with these settings and data; nothing to do", cfg.out_path)
         return cfg.out_path
-    return Extraction(cfg, progress=progress).run()
+    check_target(cfg.out_path, overwrite=cfg.overwrite)  # before any lock file or model load
+    with exclusive_extraction(cfg.out_path) if whole else contextlib.nullcontext():
+        return Extraction(cfg, progress=progress, data=data).run()

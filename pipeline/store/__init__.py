@@ -1,7 +1,8 @@
 """The activation store: stage one's output and stage two's only input (Zarr v3, no backbone code).
 
-``format`` owns the layout and the fingerprint, ``writer`` creates and fills a store, ``reader``
-opens one read-only, ``verify`` checks and summarises one.
+``format`` owns the layout, block arithmetic, checksums and the bfloat16 helpers, ``meta`` the one
+metadata record and the fingerprint, ``writer`` creates and fills a store (and alone deletes one),
+``reader`` opens one read-only, ``verify`` checks and summarises one.
 """
 
 from pipeline.store.format import (
@@ -9,23 +10,42 @@ from pipeline.store.format import (
     FORMAT_VERSION,
     SIDES,
     STORED_DTYPES,
-    TARGET_SHARD_BYTES,
     BlockPlan,
-    chunk_rows_for,
+    block_layout,
+    block_rows,
+    checksum,
     compressor,
+    examples_hash,
     fingerprint,
     logical_view,
     plan_blocks,
-    round_up,
-    row_bytes,
     to_float32,
+    torch_view,
+)
+from pipeline.store.meta import (
+    BackboneInfo,
+    ExtractionSettings,
+    SplitData,
+    SplitInfo,
+    StoreIdentity,
+    StoreLayout,
+    StoreMeta,
+    TaskInfo,
 )
 from pipeline.store.reader import CachedSplit, CacheStore
 from pipeline.store.verify import summarize_store, verify_store
-from pipeline.store.writer import StoreWriter
+from pipeline.store.writer import (
+    StoreWriter,
+    check_target,
+    exclusive_extraction,
+    path_kind,
+    remove_store,
+)
 
 __all__ = [
-    "ATTRS_KEY", "FORMAT_VERSION", "SIDES", "STORED_DTYPES", "TARGET_SHARD_BYTES", "BlockPlan", "CacheStore",
-    "CachedSplit", "StoreWriter", "chunk_rows_for", "compressor", "fingerprint", "logical_view", "plan_blocks",
-    "round_up", "row_bytes", "summarize_store", "to_float32", "verify_store",
+    "ATTRS_KEY", "FORMAT_VERSION", "SIDES", "STORED_DTYPES", "BackboneInfo", "BlockPlan", "CacheStore",
+    "CachedSplit", "ExtractionSettings", "SplitData", "SplitInfo", "StoreIdentity", "StoreLayout", "StoreMeta",
+    "StoreWriter", "TaskInfo", "block_layout", "block_rows", "check_target", "checksum", "compressor", "examples_hash",
+    "exclusive_extraction", "fingerprint", "logical_view", "path_kind", "plan_blocks", "remove_store",
+    "summarize_store", "to_float32", "torch_view", "verify_store",
 ]

@@ -1,4 +1,4 @@
-"""Reading a store without the backbone: metadata, labels, offsets and whole-block reads."""
+"""Reading a store without the backbone: metadata, labels, offsets and whole-block reads, checked."""
 
 from __future__ import annotations
 
@@ -7,21 +7,27 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pipeline.common.errors import (
-    StoreCorruptError,
-    StoreFormatError,
-    StoreIncompleteError,
-)
-from pipeline.store.format import ATTRS_KEY, FORMAT_VERSION, SIDES
+from pipeline.common.errors import StoreCorruptError, StoreIncompleteError
+from pipeline.store.format import ATTRS_KEY, SIDES, block_rows, checksum
+from pipeline.store.meta import StoreMeta
+
+REEXTRACT = "rerun the same `pipeline extract` command to re-extract it"
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception as one short line (zarr's errors on a damaged shard span many)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
 class CachedSplit:
-    """One split of a store: labels, offsets and block reads, without the backbone."""
+    """One split of a store: labels, offsets and block reads checked against the block's checksums."""
 
-    def __init__(self, group: Any, name: str, dtype: str) -> None:
+    def __init__(self, group: Any, name: str, dtype: str, path: str = "") -> None:
         self.group = group
         self.name = name
         self.dtype = dtype
+        self.path = path
         self.labels = np.asarray(group["labels"][:])
         self.ids = np.asarray(group["ids"][:])
         self.block_starts = np.asarray(group["block_starts"][:])
@@ -29,6 +35,8 @@ class CachedSplit:
         self.offsets = {s: np.asarray(group[s]["offsets"][:]) for s in self.sides}
         self.lengths = {s: np.asarray(group[s]["lengths"][:]) for s in self.sides}
         self.capacity = {s: int(group[s]["hidden"].shards[0]) for s in self.sides}
+        self._checksums = group["checksums"]
+        self.columns: list[str] = list(self._checksums.attrs["columns"])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,12 +51,51 @@ class CachedSplit:
     def hidden(self, side: str) -> Any:
         return self.group[side]["hidden"]
 
-    def read_block(self, block: int, side: str) -> np.ndarray:
-        """The stored rows of one block (used rows only), in the stored dtype: one shard read."""
-        lo, hi = self.block_starts[block], self.block_starts[block + 1]
-        start = int(self.offsets[side][lo, 0]) if hi > lo else 0
-        end = int(self.offsets[side][hi - 1, 1]) if hi > lo else 0
-        return np.asarray(self.hidden(side)[start:end])
+    def block_rows(self, block: int, side: str) -> tuple[int, int]:
+        return block_rows(self.block_starts, self.offsets[side], block)
+
+    def _read(self, block: int, side: str, array: str, verify: bool) -> tuple[np.ndarray | None, str | None]:
+        """A block's used rows of one array, and what is wrong with them (None: intact)."""
+        start, end = self.block_rows(block, side)
+        try:
+            rows = np.asarray(self.group[side][array][start:end])
+        except Exception as exc:  # a truncated or garbled shard: zarr/codec errors of every kind
+            return None, f"{array} shard unreadable ({first_line(exc)})"
+        if verify:
+            expected = int(self._checksums[block, self.columns.index(f"{side}/{array}")])
+            if checksum(rows) != expected:
+                return rows, f"{array} checksum mismatch (its shard is missing, truncated or altered)"
+        return rows, None
+
+    def read_block(self, block: int, side: str, *, verify: bool = True) -> np.ndarray:
+        """The stored rows of one block (used rows only), in the stored dtype: one shard read.
+
+        Checked against the checksum written with the block; a damaged shard raises one line.
+        """
+        rows, problem = self._read(block, side, "hidden", verify)
+        if problem is not None:
+            raise StoreCorruptError(f"{self.path}: {self.name}/{side} block {block}: {problem}; {REEXTRACT}")
+        return rows
+
+    def inspect_block(self, block: int, side: str) -> tuple[np.ndarray | None, list[str]]:
+        """A block's hidden rows (None if unreadable) and every integrity problem of the side's shards."""
+        rows, problem = self._read(block, side, "hidden", True)
+        problems = [problem] if problem else []
+        if f"{side}/token_ids" in self.columns:
+            _, problem = self._read(block, side, "token_ids", True)
+            problems += [problem] if problem else []
+        return rows, problems
+
+    def damaged_blocks(self, blocks: Iterable[int]) -> dict[int, str]:
+        """Blocks among ``blocks`` whose shards do not match their checksums: block -> 'split/side block j: why'."""
+        damaged: dict[int, str] = {}
+        for block in blocks:
+            for side in self.sides:
+                _, problems = self.inspect_block(block, side)
+                if problems:
+                    damaged[block] = f"{self.name}/{side} block {block}: {'; '.join(problems)}"
+                    break
+        return damaged
 
     def nbytes(self, side: str) -> int:
         """Bytes of this side's used rows once in memory, in the stored dtype."""
@@ -69,29 +116,20 @@ class CacheStore:
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except Exception as exc:
-            raise StoreCorruptError(f"{self.path} is not a Zarr group ({exc}); rerun `pipeline extract`") from exc
-        meta = self.group.attrs.get(ATTRS_KEY)
-        if not meta:
-            raise StoreFormatError(f"{self.path} is a Zarr group but not a READ activation store (no '{ATTRS_KEY}' attributes)")
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreFormatError(
-                f"{self.path} has store format version {version}; this software reads version {FORMAT_VERSION}. "
-                "Re-extract it with this version (`pipeline extract ... --overwrite`)"
-            )
-        self.meta: dict[str, Any] = meta
+            raise StoreCorruptError(f"{self.path} is not a Zarr group ({first_line(exc)}); rerun `pipeline extract`") from None
+        self.meta = StoreMeta.from_attrs(self.group.attrs.get(ATTRS_KEY), self.path)
 
     @property
     def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
+        return self.meta.fingerprint
 
     @property
     def dtype(self) -> str:
-        return self.meta["extraction"]["dtype"]
+        return self.meta.settings.dtype
 
     @property
     def splits(self) -> list[str]:
-        return [s for s in self.meta.get("splits", {}) if s in self.group]
+        return [s for s in self.meta.splits if s in self.group]
 
     def split(self, name: str) -> CachedSplit:
         if name not in self.splits:
@@ -99,7 +137,7 @@ class CacheStore:
                 f"{self.path} has no split {name!r} (it has {', '.join(self.splits) or 'none'}); "
                 f"run `pipeline extract ... --splits {name}`"
             )
-        return CachedSplit(self.group[name], name, self.dtype)
+        return CachedSplit(self.group[name], name, self.dtype, self.path)
 
     def label_rows(self) -> np.ndarray | None:
         return np.asarray(self.group["label_rows"][:]) if "label_rows" in self.group else None

@@ -7,23 +7,28 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.store.format import fingerprint, to_float32
+from pipeline.store.format import to_float32
 from pipeline.store.reader import CacheStore
 
 
 def verify_store(path: str | Path) -> list[str]:
-    """Every problem found: missing blocks, non-finite values, inconsistent metadata. [] = healthy."""
+    """Every problem found, one line each: damaged or missing blocks, non-finite values, inconsistent metadata.
+
+    A damaged block (its shard missing, truncated or altered: the checksum written with it no longer
+    matches) is one line naming split, side and block. [] = healthy.
+    """
     store = CacheStore(path)
     problems: list[str] = []
-    content = store.meta.get("content")
-    if content is None or fingerprint(content) != store.fingerprint:
-        problems.append("fingerprint does not match the recorded settings")
+    if not store.meta.consistent:
+        problems.append(f"fingerprint {store.meta.recorded_fingerprint} does not match the recorded identity "
+                        f"({store.fingerprint}): the metadata was edited")
     for name in store.splits:
         split = store.split(name)
-        info = store.meta["splits"].get(name, {})
+        info = store.meta.splits[name]
+        data = store.meta.identity.data.get(name)
         n = len(split)
-        if info.get("num_examples") != n or len(split.ids) != n:
-            problems.append(f"{name}: {n} labels but metadata says {info.get('num_examples')} examples")
+        if info.num_examples != n or len(split.ids) != n or data is None or data.num_examples != n:
+            problems.append(f"{name}: {n} labels but metadata says {info.num_examples} examples")
         if split.block_starts[0] != 0 or split.block_starts[-1] != n or np.any(np.diff(split.block_starts) < 0):
             problems.append(f"{name}: block boundaries do not cover the {n} examples")
         done = split.blocks_done()
@@ -39,22 +44,32 @@ def verify_store(path: str | Path) -> list[str]:
                 lo, hi = split.block_starts[j], split.block_starts[j + 1]
                 if hi > lo and (off[lo, 0] != j * cap or off[hi - 1, 1] > (j + 1) * cap):
                     problems.append(f"{name}/{side}: block {j} rows fall outside its shard")
-                if not done[j]:
-                    continue
-                rows = to_float32(split.read_block(j, side), store.dtype)
-                bad = ~np.isfinite(rows)
-                if bad.any():
-                    problems.append(f"{name}/{side}: block {j} has {int(bad.sum())} non-finite values")
-                elif hi > lo and not np.any(rows):
-                    problems.append(f"{name}/{side}: block {j} is marked done but holds only zeros")
+                if done[j]:
+                    found = block_findings(split.inspect_block(j, side), store.dtype, empty=hi <= lo)
+                    if found:
+                        problems.append(f"{name}/{side} block {j}: {'; '.join(found)}")
     return problems
+
+
+def block_findings(inspected: tuple[np.ndarray | None, list[str]], dtype: str, *, empty: bool) -> list[str]:
+    """What is wrong with one written block: integrity first, then its values."""
+    rows, found = inspected
+    if rows is None:
+        return found
+    values = to_float32(rows, dtype)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        found.append(f"{int(bad.sum())} non-finite values")
+    elif not found and not empty and not np.any(values):
+        found.append("marked done but holds only zeros")
+    return found
 
 
 def summarize_store(path: str | Path) -> dict[str, Any]:
     """What `pipeline info` shows: a dict, plus a human-readable 'text' rendering."""
     store = CacheStore(path)
     meta = store.meta
-    bb, task, ext = meta["backbone"], meta["task"], meta["extraction"]
+    bb, task, settings, layout = meta.backbone, meta.task, meta.settings, meta.layout
     splits: dict[str, Any] = {}
     for name in store.splits:
         split = store.split(name)
@@ -64,22 +79,24 @@ def summarize_store(path: str | Path) -> dict[str, Any]:
             "tokens": {s: int(split.lengths[s].sum()) for s in split.sides},
             "blocks": f"{int(done.sum())}/{len(done)}",
             "complete": bool(done.all()),
+            "source": meta.identity.data[name].source,
         }
     disk = store.disk_bytes()
     lines = [
-        f"store      {store.path}  (format {meta['format_version']}, fingerprint {store.fingerprint})",
-        f"backbone   {bb['name']}  [{bb['family']}, {bb['model_type']}, d={bb['d_model']}, "
-        f"revision {bb['revision']}]",
-        f"task       {task['name']} ({task['kind']}; labels {', '.join(task['label_names']) or 'score'})",
-        f"stored     dtype {ext['dtype']}, tokens {ext['tokens']}, max_length {ext['max_length']}, "
-        f"layers {', '.join(f'{s}: {len(l)}' for s, l in ext['layers'].items())}, codec {ext['codec']}",
+        f"store      {store.path}  (format {meta.identity.format_version}, fingerprint {store.fingerprint})",
+        f"backbone   {bb.name}  [{bb.family}, {bb.model_type}, d={bb.d_model}, revision {bb.revision}]",
+        f"task       {task.name} ({task.kind}; labels {', '.join(task.label_names) or 'score'})",
+        f"stored     dtype {settings.dtype}, tokens {settings.tokens}, max_length {settings.max_length}, "
+        f"layers {', '.join(f'{s}: {len(l)}' for s, l in layout.layers.items())}, codec {settings.codec}",
         f"on disk    {disk / 2**20:,.1f} MiB in {store.file_count()} files",
     ]
     for name, s in splits.items():
         tokens = ", ".join(f"{side} {n:,}" for side, n in s["tokens"].items())
         state = "complete" if s["complete"] else "INCOMPLETE"
         lines.append(f"split      {name:<22} {s['examples']:>8,} examples  tokens: {tokens}  blocks {s['blocks']}  {state}")
+    plain = meta.to_attrs()
     return {
-        "path": store.path, "fingerprint": store.fingerprint, "backbone": bb, "task": task,
-        "extraction": ext, "splits": splits, "disk_bytes": disk, "text": "\n".join(lines),
+        "path": store.path, "fingerprint": store.fingerprint, "backbone": plain["backbone"], "task": plain["task"],
+        "settings": plain["identity"]["settings"], "layout": plain["layout"], "splits": splits,
+        "disk_bytes": disk, "text": "\n".join(lines),
     }

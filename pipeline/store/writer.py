@@ -1,62 +1,95 @@
-"""Writing a store: create or reopen it under a lock, create splits, write whole blocks, mark them done."""
+"""Writing a store: create or reopen it under a lock, create splits, write whole blocks, mark them done.
+
+Only this module creates or deletes a store, and it deletes nothing but a READ store (a directory
+whose root ``zarr.json`` carries the ``ATTRS_KEY`` attributes): never a plain folder, a file or
+another Zarr group, and nothing outside the store.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.common.errors import StoreCorruptError, StoreMismatchError
-from pipeline.store.format import ATTRS_KEY, STORED_DTYPES, BlockPlan, compressor
+from pipeline.common.errors import (
+    NotAStoreError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreMismatchError,
+)
+from pipeline.store.format import (
+    ATTRS_KEY,
+    CHECKSUM,
+    STORED_DTYPES,
+    BlockPlan,
+    block_rows,
+    checksum,
+    checksum_columns,
+    compressor,
+)
+from pipeline.store.meta import SplitData, StoreMeta
+from pipeline.store.reader import CachedSplit, first_line
+
+BUSY_WAIT_S = 5.0  # --part processes hold the lock for milliseconds; a whole extraction holds it throughout
 
 
 class StoreWriter:
-    """Creates or reopens a store, checks its fingerprint, and writes whole blocks."""
+    """Creates or reopens a store, checks it is the same store (identity), and writes whole blocks."""
 
-    def __init__(self, path: str | Path, meta: dict[str, Any], *, overwrite: bool = False) -> None:
-
+    def __init__(self, path: str | Path, meta: StoreMeta, *, overwrite: bool = False) -> None:
         self.path = str(path)
-        self.meta = meta
-        self.lock = _store_lock(self.path)
+        self.meta = meta  # this run's record: its identity's data names the splits it will write
+        self.lock = store_lock(self.path)
+        self._rows: dict[str, tuple[np.ndarray, dict[str, np.ndarray], list[str]]] = {}
         with self.lock:
-            self.group = self._open_or_create(meta, overwrite)
+            self.group = self._open_or_create(overwrite)
 
-    def _open_or_create(self, meta: dict[str, Any], overwrite: bool) -> Any:
+    def _open_or_create(self, overwrite: bool) -> Any:
         import zarr
 
-        local = Path(self.path)
-        if overwrite and "://" not in self.path and local.exists():
-            shutil.rmtree(local)
+        if overwrite:
+            remove_store(self.path)
+        check_target(self.path, overwrite=False)
         try:
             group = zarr.open_group(self.path, mode="r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             group = None
         except Exception as exc:
-            raise StoreCorruptError(f"{self.path} exists but is not a readable Zarr group ({exc}); "
-                                    "remove it or pass --overwrite") from exc
+            raise StoreCorruptError(f"{self.path} exists but is not a readable Zarr group ({first_line(exc)}); "
+                                    "remove it or pass --overwrite") from None
         if group is None:
-            if local.exists() and any(local.iterdir()):
-                raise StoreMismatchError(f"{self.path} exists and is not a store; remove it or pass --overwrite")
-            group = zarr.open_group(self.path, mode="w")
-            group.attrs[ATTRS_KEY] = {**meta, "splits": {}}
-        else:
-            old = group.attrs.get(ATTRS_KEY)
-            if not old or old.get("fingerprint") != meta["fingerprint"]:
-                raise StoreMismatchError(
-                    f"{self.path} was made with other settings (fingerprint {old and old.get('fingerprint')}, "
-                    f"now {meta['fingerprint']}); pass --overwrite to replace it or choose another --out"
-                )
+            empty = dataclasses.replace(self.meta.identity, data={})
+            attrs = dataclasses.replace(self.meta, identity=empty, splits={}).to_attrs()
+            # Attributes in the same write as the group: a store is never left without them.
+            return zarr.open_group(self.path, mode="w", attributes={ATTRS_KEY: attrs})
+        try:
+            old = StoreMeta.from_attrs(group.attrs.get(ATTRS_KEY), self.path)
+        except StoreFormatError as exc:  # an older format: the same remedy as other settings
+            raise StoreMismatchError(str(exc)) from None
+        problem = self.meta.identity.mismatch(old.identity)
+        if problem:
+            raise StoreMismatchError(
+                f"{self.path} was made from other inputs ({problem}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
         return group
 
     # ---- splits -------------------------------------------------------------------------------
+    def _stored_meta(self) -> StoreMeta:
+        return StoreMeta.from_attrs(self.group.attrs[ATTRS_KEY], self.path)
+
     def split_ready(self, split: str) -> bool:
         """True if the split's arrays were fully created before (a crash during creation redoes it)."""
-        info = self.group.attrs[ATTRS_KEY]["splits"].get(split)
-        return bool(info and info.get("created"))
+        return split in self._stored_meta().splits
 
-    def ensure_split(self, split: str, **arrays: Any) -> None:
+    def ensure_split(self, split: str, *, labels: np.ndarray, ids: np.ndarray, plan: BlockPlan,
+                     lengths: dict[str, np.ndarray], data: SplitData) -> None:
         """Create the split's arrays unless an earlier run (or another --part) already did.
 
         The check reads the attributes as they are on disk *under the lock*: a group opened
@@ -66,7 +99,11 @@ class StoreWriter:
         with self.lock:
             self.group = zarr_reopen(self.path)
             if not self.split_ready(split):
-                self.create_split(split, **arrays)
+                self._create_split(split, labels=labels, ids=ids, plan=plan, lengths=lengths, data=data)
+        g = self.group[split]
+        sides = [side for side in self.meta.layout.sides if side in g]
+        offsets = {s: np.asarray(g[s]["offsets"][:]) for s in sides}
+        self._rows[split] = (np.asarray(g["block_starts"][:]), offsets, list(g["checksums"].attrs["columns"]))
 
     def ensure_array(self, name: str, data: np.ndarray) -> None:
         """A small root array written once (e.g. label_rows), whichever part comes first."""
@@ -75,77 +112,104 @@ class StoreWriter:
             if name not in self.group:
                 self.group.create_array(name, data=data)
 
-    def create_split(
-        self,
-        split: str,
-        *,
-        labels: np.ndarray,
-        ids: np.ndarray,
-        plan: BlockPlan,
-        lengths: dict[str, np.ndarray],
-        num_states: dict[str, int],
-        d_model: int,
-        dtype: str,
-        codec: str,
-        token_ids: bool,
-    ) -> None:
+    def _create_split(self, split: str, *, labels: np.ndarray, ids: np.ndarray, plan: BlockPlan,
+                      lengths: dict[str, np.ndarray], data: SplitData) -> None:
+        layout, settings = self.meta.layout, self.meta.settings
+        d_model = self.meta.backbone.d_model
         if split in self.group:
             del self.group[split]
         g = self.group.create_group(split)
         g.create_array("labels", data=labels)
         g.create_array("ids", data=ids.astype(np.int64))
         g.create_array("block_starts", data=plan.block_starts)
+        columns = checksum_columns(layout.per_token)
+        g.create_array("checksums", shape=(plan.num_blocks, len(columns)), chunks=(1, len(columns)), dtype="uint64",
+                       fill_value=0, attributes={"columns": columns, "algorithm": CHECKSUM})
         g.create_array("blocks_done", shape=(plan.num_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
-        for side, states in num_states.items():
-            cap, rows = plan.capacity[side], plan.chunk_rows[side]
+        for side, layers in layout.layers.items():
+            states, cap, rows = len(layers), plan.capacity[side], plan.chunk_rows[side]
             total = plan.num_blocks * cap
             s = g.create_group(side)
             s.create_array(
                 "hidden", shape=(total, states, d_model), chunks=(rows, states, d_model),
-                shards=(cap, states, d_model), dtype=STORED_DTYPES[dtype], fill_value=0,
-                compressors=compressor(codec), dimension_names=("row", "layer", "dim"),
+                shards=(cap, states, d_model), dtype=STORED_DTYPES[settings.dtype], fill_value=0,
+                compressors=compressor(settings.codec), dimension_names=("row", "layer", "dim"),
             )
             s.create_array("offsets", data=plan.offsets[side])
             s.create_array("lengths", data=lengths[side].astype(np.int64))
-            if token_ids:
+            if layout.per_token[side]:
                 s.create_array("token_ids", shape=(total,), chunks=(rows,), shards=(cap,), dtype="int32",
                                fill_value=-1, compressors=compressor("zstd"))
-        self._update_split(split, {
-            "created": True, "num_examples": int(len(labels)), "num_blocks": plan.num_blocks,
-            "num_tokens": {side: int(lengths[side].sum()) for side in num_states},
-            "num_rows": {side: int((plan.offsets[side][:, 1] - plan.offsets[side][:, 0]).sum()) for side in num_states},
-            "complete": False,
-        })
+        sides = list(layout.layers)
+        self._update_split(split, data, num_examples=int(len(labels)), num_blocks=plan.num_blocks,
+                           num_tokens={side: int(lengths[side].sum()) for side in sides},
+                           num_rows={side: int((plan.offsets[side][:, 1] - plan.offsets[side][:, 0]).sum())
+                                     for side in sides},
+                           complete=False)
 
-    def _update_split(self, split: str, values: dict[str, Any]) -> None:
-        with self.lock:  # read-modify-write of the root attributes: one process at a time
+    def _update_split(self, split: str, data: SplitData | None = None, **info: Any) -> None:
+        """Read-modify-write of the root attributes, one process at a time; unchanged ones are not rewritten."""
+        with self.lock:
             self.group = zarr_reopen(self.path)
-            attrs = dict(self.group.attrs[ATTRS_KEY])
-            splits = dict(attrs.get("splits", {}))
-            splits[split] = {**splits.get(split, {}), **values}
-            attrs["splits"] = splits
-            self.group.attrs[ATTRS_KEY] = attrs
+            current = self.group.attrs[ATTRS_KEY]
+            new = StoreMeta.from_attrs(current, self.path).with_split(split, data, **info).to_attrs()
+            if json.loads(json.dumps(new)) != current:
+                self.group.attrs[ATTRS_KEY] = new
 
+    # ---- blocks -------------------------------------------------------------------------------
     def done_blocks(self, split: str) -> np.ndarray:
         return np.asarray(self.group[split]["blocks_done"][:], dtype=bool)
 
+    def recheck(self, split: str, blocks: Iterable[int]) -> dict[int, str]:
+        """Done blocks among ``blocks`` whose shards no longer match their checksums; their flags are cleared.
+
+        Run at the start of a resume, so a rerun re-extracts exactly the damaged blocks.
+        """
+        reader = CachedSplit(self.group[split], split, self.meta.settings.dtype, self.path)
+        damaged = reader.damaged_blocks(blocks)
+        if damaged:
+            with self.lock:  # not while another part decides the split is complete
+                for block in damaged:
+                    self.group[split]["blocks_done"][block] = 0
+                self._update_split(split, complete=False)
+        return damaged
+
     def write_block(self, split: str, block: int, hidden: dict[str, np.ndarray], token_ids: dict[str, np.ndarray]) -> None:
-        """Write one block's full shards, then (only then) mark it done."""
+        """Write one block's full shards and their checksums, then (only then) mark it done."""
         g = self.group[split]
+        starts, offsets, columns = self._rows[split]
+        sums = np.zeros(len(columns), dtype=np.uint64)
         for side, data in hidden.items():
             cap = data.shape[0]
-            g[side]["hidden"][block * cap : (block + 1) * cap] = data
-            if side in token_ids and "token_ids" in g[side]:
-                g[side]["token_ids"][block * cap : (block + 1) * cap] = token_ids[side]
+            start, end = block_rows(starts, offsets[side], block)
+            used = end - start
+            arrays = {"hidden": data, **({"token_ids": token_ids[side]} if f"{side}/token_ids" in columns else {})}
+            for name, values in arrays.items():
+                clear_shard(g[side][name], block)
+                g[side][name][block * cap : (block + 1) * cap] = values
+                sums[columns.index(f"{side}/{name}")] = checksum(values[:used])
+        g["checksums"][block] = sums
         g["blocks_done"][block] = 1
 
     def mark_complete(self, split: str) -> bool:
         """Record completion if every block is written (by this or any other part)."""
         with self.lock:
             if self.done_blocks(split).all():
-                self._update_split(split, {"complete": True})
+                self._update_split(split, complete=True)
                 return True
             return False
+
+
+def clear_shard(array: Any, block: int) -> None:
+    """Delete block's shard of an array before it is written again.
+
+    zarr reads an existing shard to update it, even when the write covers it whole; a damaged one
+    (truncated, or left half-written by a killed run) would fail that read.
+    """
+    from zarr.core.sync import sync
+
+    key = array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))
+    sync((array.store_path / key).delete())
 
 
 def zarr_reopen(path: str) -> Any:
@@ -155,17 +219,87 @@ def zarr_reopen(path: str) -> Any:
     return zarr.open_group(path, mode="r+")
 
 
-def _store_lock(path: str) -> Any:
-    """A lock file beside a local store, so several --part processes create and annotate it in turn.
+# ---- what is at a path, and what may be deleted ---------------------------------------------------
 
-    Remote (fsspec) stores get no lock: start part 0 first there, and let it create the splits.
+
+def path_kind(path: str) -> str:
+    """'absent', 'empty' (an empty folder), 'store' (a READ store), 'remote', or a phrase for anything else."""
+    if "://" in path:
+        return "remote"
+    local = Path(path)
+    if local.is_symlink():
+        return "a symbolic link"
+    if not local.exists():
+        return "absent"
+    if not local.is_dir():
+        return "a file"
+    if not any(local.iterdir()):
+        return "empty"
+    try:
+        root = json.loads((local / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return "a folder that is not a Zarr store"
+    attrs = root.get("attributes") if isinstance(root, dict) else None
+    if root.get("node_type") == "group" and isinstance(attrs, dict) and ATTRS_KEY in attrs:
+        return "store"
+    return "a Zarr store that is not a READ store"
+
+
+def check_target(path: str, *, overwrite: bool) -> None:
+    """Refuse (one line) a path that holds something other than a READ store: not ours to fill or delete."""
+    kind = path_kind(path)
+    if kind in ("absent", "empty", "store", "remote"):
+        return
+    if overwrite:
+        raise NotAStoreError(f"refusing to delete {path} for --overwrite: it is {kind}, not a READ store "
+                             f"(no '{ATTRS_KEY}' attributes); remove it yourself or choose another --out")
+    raise NotAStoreError(f"{path} is {kind}, not a READ store (no '{ATTRS_KEY}' attributes); "
+                         "choose another --out (the pipeline neither fills nor deletes it)")
+
+
+def remove_store(path: str) -> None:
+    """Delete a READ store for --overwrite; refuse anything else. Nothing outside the store is touched."""
+    check_target(path, overwrite=True)
+    if path_kind(path) == "store":
+        shutil.rmtree(path)
+
+
+# ---- locks --------------------------------------------------------------------------------------
+
+
+def store_lock(path: str) -> Any:
+    """The lock file beside a local store (``<store>.lock``): one lock object per store in a process.
+
+    --part processes take it briefly to create and annotate the store; a whole extraction holds it
+    throughout (``exclusive_extraction``). Remote (fsspec) stores get no lock: start part 0 first
+    there, and let it create the splits.
     """
-    import contextlib
-
     if "://" in path:
         return contextlib.nullcontext()
     from filelock import FileLock
 
     local = Path(path).resolve()
     local.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(local) + ".lock")
+    return FileLock(str(local) + ".lock", is_singleton=True)
+
+
+@contextlib.contextmanager
+def exclusive_extraction(path: str) -> Iterator[None]:
+    """Hold the store's lock for a whole extraction, so a second one on the same store refuses at once."""
+    from filelock import Timeout
+
+    lock = store_lock(path)
+    if isinstance(lock, contextlib.nullcontext):
+        yield
+        return
+    try:
+        lock.acquire(timeout=BUSY_WAIT_S)
+    except Timeout:
+        raise StoreBusyError(
+            f"another extraction is filling {path} now (it holds {lock.lock_file}); let it finish and rerun, "
+            "or split the work between processes with --part I/N"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

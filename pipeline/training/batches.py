@@ -16,15 +16,8 @@ import numpy as np
 import torch
 
 from pipeline.common.errors import TrainingError
-from pipeline.store import CachedSplit
+from pipeline.store import CachedSplit, torch_view
 from pipeline.training.network import SideBatch
-
-
-def as_tensor(raw: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored rows -> a torch tensor in the logical dtype, sharing memory (bf16 bits viewed)."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(raw)
 
 
 @dataclass
@@ -59,13 +52,16 @@ class Chunk:
 
 
 def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) -> Chunk:
-    """Read whole blocks (one shard each per side) into one dense chunk."""
+    """Read whole blocks (one shard each per side) into one dense chunk.
+
+    Every block is checked against its checksum as it is read (a damaged shard raises one line).
+    """
     examples = np.concatenate([np.arange(split.block_starts[j], split.block_starts[j + 1]) for j in blocks])
     states, starts, counts = {}, {}, {}
     for side in split.sides:
         parts = [split.read_block(j, side) for j in blocks]
         for j, part in zip(blocks, parts):  # every value, one block at a time (bounded temporaries)
-            if not torch.isfinite(as_tensor(part, split.dtype)).all():
+            if not torch.isfinite(torch_view(part, split.dtype)).all():
                 raise TrainingError(
                     f"non-finite values in {split.name}/{side} block {j}; "
                     "run `pipeline verify` on the store and re-extract it"
@@ -74,7 +70,7 @@ def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) 
         off = split.offsets[side][examples]
         counts[side] = off[:, 1] - off[:, 0]
         starts[side] = np.concatenate([[0], np.cumsum(counts[side])[:-1]]).astype(np.int64)
-        states[side] = as_tensor(raw, split.dtype)
+        states[side] = torch_view(raw, split.dtype)
     return Chunk(examples, labels[examples], states, starts, counts)
 
 
@@ -94,6 +90,11 @@ class SplitBatches:
     def __len__(self) -> int:
         return len(self.split)
 
+    def preload(self) -> None:
+        """Read a split that is held in memory now rather than at its first epoch (streamed: nothing)."""
+        if self.in_memory and self._all is None:
+            self._all = self._timed_load(list(range(self.split.num_blocks)))
+
     def _timed_load(self, blocks: Sequence[int]) -> Chunk:
         import time
 
@@ -108,8 +109,7 @@ class SplitBatches:
         rng = np.random.default_rng(seed)
         blocks = np.arange(self.split.num_blocks)
         if self.in_memory:
-            if self._all is None:
-                self._all = self._timed_load(list(blocks))
+            self.preload()
             yield from _chunk_batches(self._all, batch_size, rng if shuffle else None)
             return
         # Streaming: blocks in a shuffled order, `shuffle_buffer` at a time, the next group read

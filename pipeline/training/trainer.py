@@ -22,7 +22,7 @@ from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device
 from pipeline.common.tasks import TaskSpec, get_task
-from pipeline.store import CacheStore, fingerprint
+from pipeline.store import CacheStore
 from pipeline.training.batches import SplitBatches
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.model import (
@@ -38,28 +38,28 @@ log = logging.getLogger(__name__)
 
 def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> ReadConfig:
     """The side network's shape, from the store's metadata and the training settings."""
-    bb, ext = store.meta["backbone"], store.meta["extraction"]
-    family = bb["family"]
+    bb, layout = store.meta.backbone, store.meta.layout
+    family = bb.family
     side = "encoder" if family == "encoder" else "decoder"
-    has_embedding = all(ext["has_embedding"].values())
+    has_embedding = all(layout.has_embedding.values())
     if cfg.h0 == "embedding" and not has_embedding:
         raise ConfigError(
             f"--h0 embedding needs the embedding output (state 0) in the store, but {store.path} kept layers "
-            f"{ext['layers']}; re-extract with --layers all (or a list with 0), or use --h0 zero"
+            f"{layout.layers}; re-extract with --layers all (or a list with 0), or use --h0 zero"
         )
     side_settings = cfg.side_settings()
     side_settings.update(pooling=cfg.pooling if family == "encoder" else "mean",
                          encoder_side=cfg.encoder_side if family == "seq2seq" else True)
     return ReadConfig(
-        **side_settings, family=family, d_model=int(bb["d_model"]), num_labels=task.num_labels, task_kind=task.kind,
-        has_embedding=has_embedding and ext["layers"][side][0] == 0,
+        **side_settings, family=family, d_model=bb.d_model, num_labels=task.num_labels, task_kind=task.kind,
+        has_embedding=has_embedding and layout.layers[side][0] == 0,
     )
 
 
 def check_store(store: CacheStore, cfg: TrainConfig, task: TaskSpec, splits: list[str]) -> None:
     """Refuse what training cannot serve, before any work."""
     store.require_complete(splits)
-    if fingerprint(store.meta.get("content", {})) != store.fingerprint:
+    if not store.meta.consistent:
         raise StoreCorruptError(f"{store.path}: metadata does not match its fingerprint; run `pipeline verify`")
     for name in splits:
         labels = store.split(name).labels
@@ -72,7 +72,7 @@ def check_store(store: CacheStore, cfg: TrainConfig, task: TaskSpec, splits: lis
                 )
         elif not np.isfinite(labels).all():
             raise TrainingError(f"{name} has unlabeled (nan) scores; train and evaluate on labeled splits")
-    family = store.meta["backbone"]["family"]
+    family = store.meta.backbone.family
     if task.kind == "classification" and family != "encoder":
         rows = store.label_rows()
         if rows is None or rows.shape[0] != task.num_labels:
@@ -101,7 +101,7 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.store = CacheStore(cfg.cache)
-        self.task = get_task(self.store.meta["task"]["name"])
+        self.task = get_task(self.store.meta.task.name)
         self.eval_splits = list(cfg.eval_splits or self.task.validation_splits)
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
@@ -116,6 +116,8 @@ class Trainer:
 
         self.train_data = batches(cfg.train_split)
         self.eval_data = {name: batches(name) for name in self.eval_splits}
+        for data in (self.train_data, *self.eval_data.values()):
+            data.preload()  # a damaged block stops the run here, before any training
         self.read_config = read_config_for(self.store, cfg, self.task)
         rows = self.store.label_rows()
         rows_t = torch.from_numpy(rows) if rows is not None and self.read_config.uses_label_rows else None
@@ -219,8 +221,8 @@ class Trainer:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         extra = {
-            "base_model_name_or_path": self.store.meta["backbone"]["name"],
-            "revision": self.store.meta["backbone"]["revision"],
+            "base_model_name_or_path": self.store.meta.backbone.name,
+            "revision": self.store.meta.backbone.revision,
             "store_fingerprint": self.store.fingerprint,
             "task": self.task.name,
             "peft_type": "READ",
@@ -235,7 +237,7 @@ class Trainer:
             "method": cfg.method,
             "primary_metric": self.primary,
             "fingerprint": self.store.fingerprint,
-            "backbone": self.store.meta["backbone"]["name"],
+            "backbone": self.store.meta.backbone.name,
             "num_seeds": len(cfg.seeds),
             "epochs_run": epochs_run,
             "trainable_parameters": trainable_parameter_count(self.model),
@@ -259,9 +261,10 @@ class Trainer:
                 columns = [b["predictions"][name] for b in best]
                 for i in range(len(split)):
                     writer.writerow([int(split.ids[i]), split.labels[i].item(), *[c[i].item() for c in columns]])
+        recorded = self.store.meta.to_attrs()
         config = {"train": cfg.to_dict(), "read": self.read_config.to_dict(), "store": {
-            "path": self.store.path, "fingerprint": self.store.fingerprint, "backbone": self.store.meta["backbone"],
-            "extraction": self.store.meta["extraction"]}}
+            "path": self.store.path, "fingerprint": self.store.fingerprint, "backbone": recorded["backbone"],
+            "settings": recorded["identity"]["settings"], "layout": recorded["layout"]}}
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return metrics
 
