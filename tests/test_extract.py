@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -241,6 +242,9 @@ def test_a_store_built_from_other_data_is_stale(tiny_t5, tmp_path, glue_dir):
     cfg = ExtractConfig(task="rte", out=out, glue_dir=str(copy), **settings)
     extract(cfg, progress=False)
     assert finished_store(cfg)
+    moved = tmp_path / "elsewhere" / "glue"
+    shutil.copytree(copy, moved)  # the same examples in another folder: the same store
+    assert finished_store(dataclasses.replace(cfg, glue_dir=str(moved)))
     before = CacheStore(out).split("validation").labels
     flip_labels(copy / "RTE" / "dev.tsv")
     assert not finished_store(cfg)

@@ -170,8 +170,16 @@ def gather_splits(cfg: ExtractConfig, task: TaskSpec) -> dict[str, GlueSplit]:
 
 
 def split_data(split: GlueSplit) -> SplitData:
-    """A split's data identity: its source and a hash of its examples in order."""
-    return SplitData(source=split.source, sha256=examples_hash(split.texts, split.labels, split.ids),
+    """A split's data identity: its source and a hash of its examples in order.
+
+    A local file is named by its place in the glue_data layout (``local:RTE/dev.tsv``), not by where
+    that folder lies on this machine: the same examples read from another checkout or machine make the
+    same store (the same bytes, the same DVC hash); other examples differ by their hash.
+    """
+    kind, _, where = split.source.partition(":")
+    if kind == "local":
+        where = "/".join(Path(where).parts[-2:])
+    return SplitData(source=f"{kind}:{where}", sha256=examples_hash(split.texts, split.labels, split.ids),
                      num_examples=len(split))
 
 
