@@ -6,6 +6,7 @@ nothing, and a changed training parameter reruns training (and the report) but n
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -70,7 +71,11 @@ def test_dvc_repro_end_to_end(tmp_path, glue_dir):
     metrics = json.loads((repo / "runs" / "rte" / "metrics.json").read_text())
     assert metrics["task"] == "rte" and metrics["primary_metric"] == "accuracy"
     assert set(metrics["seeds"]) == {"0", "1"}
-    assert 0 <= metrics["mean"]["accuracy"] <= 100
+    predictions = list(csv.DictReader((repo / "runs" / "rte" / "predictions" / "validation.csv").open()))
+    assert len(predictions) == 40  # extract.limit
+    for seed in ("0", "1"):  # the reported accuracy is the one of the saved predictions, by hand
+        hits = sum(int(float(row["label"])) == int(float(row[f"seed_{seed}"])) for row in predictions)
+        assert metrics["seeds"][seed]["accuracy"] == pytest.approx(100 * hits / len(predictions), abs=1e-3)
     assert (repo / "runs" / "rte" / "history.csv").is_file()
     assert "| rte | accuracy |" in (repo / "reports" / "summary.md").read_text()
     assert (repo / "reports" / "summary.png").stat().st_size > 0

@@ -324,15 +324,21 @@ def test_per_seed_loss_and_clip_are_per_seed():
 
 
 def test_parameter_count_independent_of_depth():
-    counts = []
-    for n_states in (7, 25):
-        model = make_model("decoder", seeds=(0, 1))
-        batch = make_batch("decoder", n_states=n_states)
-        per_seed_loss(model(batch), batch.labels, "classification").sum().backward()  # runs at this depth
-        counts.append(trainable_parameter_count(model))
+    """One model serves backbones of any depth: every parameter is trained at 7 and at 25 states, none resized."""
+    model = make_model("decoder", seeds=(0, 1))
+    with torch.no_grad():  # W_out starts at zero, which blocks every gradient upstream of it
+        model.decoder_net.out_weight.normal_()
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     # GRU: norm d, W_ih 3r d, W_hh 3r r, biases 6r, W_out d r + d; label rows are frozen
     want = D + 3 * R * D + 3 * R * R + 6 * R + D * R + D
-    assert counts == [want, want]
+    for n_states in (7, 25):
+        model.zero_grad(set_to_none=True)
+        batch = make_batch("decoder", n_states=n_states)
+        per_seed_loss(model(batch), batch.labels, "classification").sum().backward()
+        untouched = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+        assert not untouched, f"no gradient at {n_states} states for {untouched}"
+        assert {name: tuple(p.shape) for name, p in model.named_parameters()} == shapes
+        assert trainable_parameter_count(model) == want
     assert "label_rows" not in dict(model.named_parameters())
     probe = make_model("decoder", seeds=(0, 1), method="probe")
     assert trainable_parameter_count(probe) == K * D + K
