@@ -65,3 +65,15 @@ class StoreFormatError(PipelineError, ValueError):
 
 class TrainingError(PipelineError, RuntimeError):
     """Training met something it cannot go on from (non-finite loss or values, unusable label set)."""
+
+
+class AdapterNotFoundError(PipelineError, FileNotFoundError):
+    """An adapter folder without its adapter_config.json or adapter_model.safetensors."""
+
+
+class AdapterError(PipelineError, ValueError):
+    """An adapter that cannot serve this request: a broken config, another backbone, task or extraction."""
+
+
+class InputFormatError(PipelineError, ValueError):
+    """Text to predict on that cannot be read: a malformed line, a missing column or field, no examples."""

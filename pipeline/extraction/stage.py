@@ -142,6 +142,11 @@ def copy_states(
         offset += n
 
 
+def keeps_every_token(side: str, tokens: str) -> bool:
+    """Whether a side stores one row per token: the encoder side, unless pooled (decoder sides are one position)."""
+    return side == "encoder" and tokens == "all"
+
+
 def select_layers(layers: Sequence[int] | None, num_states: int) -> list[int]:
     """Resolve --layers against one side's L+1 states; the final state must stay (heads read it)."""
     if layers is None:
@@ -187,8 +192,7 @@ class Extraction:
         bb = self.backbone
         states = {"encoder": bb.n_layers_encoder, "decoder": bb.n_layers_decoder}
         self.layers = {side: select_layers(cfg.layers, n) for side, n in states.items() if n}
-        # Which sides keep every token: the encoder of encoder/seq2seq, unless pooled.
-        self.per_token = {side: side == "encoder" and cfg.tokens == "all" for side in self.layers}
+        self.per_token = {side: keeps_every_token(side, cfg.tokens) for side in self.layers}
         self.limits, self.chunk_rows = self._layout()
         self.meta = self._meta()
         self.writer = StoreWriter(cfg.out_path, self.meta, overwrite=cfg.overwrite)
@@ -223,7 +227,7 @@ class Extraction:
             "name": task.name, "kind": task.kind, "label_names": list(task.label_names),
             "label_words": list(task.label_words) if self.label_ids else [],
             "label_token_ids": self.label_ids, "text_fields": list(task.text_fields),
-            "template": {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair"}[bb.family],
+            "template": bb.template,
         }
         extraction = {
             "max_length": cfg.max_length, "dtype": cfg.dtype, "tokens": cfg.tokens, "limit": cfg.limit,
