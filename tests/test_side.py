@@ -352,8 +352,8 @@ def adapter_config(model: ReadModel, k: int, **kw) -> AdapterConfig:
     side = "encoder" if model.config.family == "encoder" else "decoder"
     extraction = ExtractionSettings(layers={side: tuple(range(N_STATES))}, tokens="all", dtype="bfloat16",
                                     max_length=64, template="pair" if side == "encoder" else "t5")
-    values = dict(read=model.config, seed=model.seeds[k], task=task, base_model_name_or_path="t5-tiny",
-                  revision="sha256:0123", store_fingerprint="abc123", extraction=extraction)
+    values = {"read": model.config, "seed": model.seeds[k], "task": task, "base_model_name_or_path": "t5-tiny",
+              "revision": "sha256:0123", "store_fingerprint": "abc123", "extraction": extraction}
     return AdapterConfig(**{**values, **kw})
 
 
