@@ -48,6 +48,7 @@ from pipeline.store import (
     round_up,
     row_bytes,
 )
+from pipeline.store.format import keeps_every_token
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +141,6 @@ def copy_states(
     for n, start in zip(rows, starts):
         target[start : start + n] = host[offset : offset + n]
         offset += n
-
-
-def keeps_every_token(side: str, tokens: str) -> bool:
-    """Whether a side stores one row per token: the encoder side, unless pooled (decoder sides are one position)."""
-    return side == "encoder" and tokens == "all"
 
 
 def select_layers(layers: Sequence[int] | None, num_states: int) -> list[int]:

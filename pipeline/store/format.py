@@ -114,6 +114,11 @@ def plan_blocks(rows: dict[str, np.ndarray], limits: dict[str, int], chunk_rows:
     return BlockPlan(block_starts, capacity, dict(chunk_rows), offsets)
 
 
+def keeps_every_token(side: str, tokens: str) -> bool:
+    """Whether a side holds one row per token: the encoder side unless pooled (decoder sides keep one position)."""
+    return side == "encoder" and tokens == "all"
+
+
 def logical_view(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Stored rows in their logical dtype without a copy (bf16 bits as ml_dtypes.bfloat16)."""
     if dtype == "bfloat16":

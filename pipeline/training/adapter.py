@@ -21,6 +21,7 @@ from pipeline.common.config import DTYPES
 from pipeline.common.errors import AdapterError, AdapterNotFoundError, ConfigError
 from pipeline.common.tasks import get_task
 from pipeline.store import SIDES
+from pipeline.store.format import keeps_every_token
 from pipeline.training.model import ReadConfig, ReadModel
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,7 +56,7 @@ class ExtractionSettings:
 
     def per_token(self, side: str) -> bool:
         """Whether ``side`` holds one row per token: the encoder side of an all-tokens store."""
-        return side == "encoder" and self.tokens == "all"
+        return keeps_every_token(side, self.tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": {s: list(k) for s, k in self.layers.items()}, "tokens": self.tokens,
