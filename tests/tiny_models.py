@@ -29,8 +29,12 @@ def glue_sentences(glue_dir: Path, limit: int = 3000) -> list[str]:
     return lines + [extra] * 50 + [" ".join(LABEL_WORDS)] * 200
 
 
-def build_tiny_t5(folder: Path, glue_dir: Path, *, tie_word_embeddings: bool = True, seed: int = 0) -> Path:
-    """A 2-layer random T5 with a sentencepiece vocabulary trained on GLUE text."""
+def build_tiny_t5(folder: Path, glue_dir: Path, *, tie_word_embeddings: bool = True, seed: int = 0,
+                  **shape: int) -> Path:
+    """A 2-layer random T5 with a sentencepiece vocabulary trained on GLUE text.
+
+    ``shape`` overrides T5Config sizes (benchmarks/inference.py builds a t5-base-shaped model this way).
+    """
     import sentencepiece as spm
     import torch
     from transformers import T5Config, T5ForConditionalGeneration, T5TokenizerFast
@@ -51,9 +55,10 @@ def build_tiny_t5(folder: Path, glue_dir: Path, *, tie_word_embeddings: bool = T
     }))
     T5TokenizerFast.from_pretrained(folder).save_pretrained(folder)
     torch.manual_seed(seed)
+    sizes = {"vocab_size": 1000, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 3,
+             "num_heads": 4, **shape}
     config = T5Config(
-        vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=tie_word_embeddings,
+        **sizes, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=tie_word_embeddings,
         feed_forward_proj="relu" if tie_word_embeddings else "gated-gelu", dropout_rate=0.0,
     )
     T5ForConditionalGeneration(config).save_pretrained(folder)
