@@ -34,8 +34,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -46,16 +47,16 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and __name__ == "_
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.extract import machine, plain_forward  # noqa: E402
-from benchmarks.quality import write_section  # noqa: E402
-from pipeline.common.tasks import get_task  # noqa: E402
-from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
-from pipeline.extraction.glue import load_split  # noqa: E402
-from pipeline.inference.predictor import LoadedAdapter, Predictor  # noqa: E402
-from pipeline.training.adapter import AdapterConfig, ExtractionSettings  # noqa: E402
-from pipeline.training.model import ReadConfig, ReadModel, trainable_parameter_count  # noqa: E402
+from benchmarks.extract import machine, plain_forward
+from benchmarks.quality import write_section
+from pipeline.common.tasks import get_task
+from pipeline.extraction.backbones import Backbone, load_backbone
+from pipeline.extraction.glue import load_split
+from pipeline.inference.predictor import LoadedAdapter, Predictor
+from pipeline.training.adapter import AdapterConfig, ExtractionSettings
+from pipeline.training.model import ReadConfig, ReadModel, trainable_parameter_count
 
 SECTION = "## Inference: backbone alone vs backbone + READ"
 T5_BASE_SHAPE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12,
@@ -147,9 +148,9 @@ def bench_backbone(label: str, backbone: Backbone, args: argparse.Namespace, tok
         predictor = Predictor(backbone, [adapter_for(backbone, args.task, tokens, args.rnn_dim, args.max_length)])
         batch = predictor.tokenize(texts)
         runs: dict[str, Callable[[], Any]] = {
-            "alone": lambda: plain_forward(backbone, [batch]),
-            "states": lambda: backbone.forward(batch),
-            "read": lambda: predictor.predict_batch(batch),
+            "alone": lambda batch=batch: plain_forward(backbone, [batch]),
+            "states": lambda batch=batch: backbone.forward(batch),
+            "read": lambda batch=batch, predictor=predictor: predictor.predict_batch(batch),
         }
         for fn in runs.values():  # warm-up
             fn()
@@ -186,19 +187,22 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
     device = results[0]["device"]
     lines = [
         SECTION, "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; device {device}, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} intra-op threads; load average (1 min) {load[0]:.1f} before and {load[1]:.1f} after.",
+        (f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; device {device}, torch {torch.__version__} with "
+         f"{torch.get_num_threads()} intra-op threads; load average (1 min) {load[0]:.1f} before and {load[1]:.1f} "
+         "after."),
         "",
         f"Command: `{command}`",
         "",
-        f"One batch of the first {args.batch_size} RTE validation examples (max_length {args.max_length}); READ = GRU "
-        f"r={args.rnn_dim}, one seed, states rounded to bfloat16 as the store holds them. Median of {args.reps} "
-        "rotated rounds after a warm-up; wall / process CPU time per batch. *Backbone alone*: the plain frozen "
-        "forward (no hidden states kept). *+ READ*: `Predictor.predict_batch` (forward with every hidden state, "
-        "rows as stored, side network). *States kept*: the forward with hidden states alone. Peak memory: "
-        "resident memory above the level before the batch (sampled; large allocations unmapped on free).",
+        (f"One batch of the first {args.batch_size} RTE validation examples (max_length {args.max_length}); READ = "
+         f"GRU r={args.rnn_dim}, one seed, states rounded to bfloat16 as the store holds them. Median of {args.reps} "
+         "rotated rounds after a warm-up; wall / process CPU time per batch. *Backbone alone*: the plain frozen "
+         "forward (no hidden states kept). *+ READ*: `Predictor.predict_batch` (forward with every hidden state, "
+         "rows as stored, side network). *States kept*: the forward with hidden states alone. Peak memory: "
+         "resident memory above the level before the batch (sampled; large allocations unmapped on free)."),
         "",
-        "| backbone | READ over | batch: examples, tokens (padded) | backbone alone ms | + READ ms | READ overhead (wall / CPU) | of which states kept / side network (CPU) | peak MiB alone | peak MiB + READ | parameters: backbone / side network |",
+        ("| backbone | READ over | batch: examples, tokens (padded) | backbone alone ms | + READ ms "
+         "| READ overhead (wall / CPU) | of which states kept / side network (CPU) | peak MiB alone "
+         "| peak MiB + READ | parameters: backbone / side network |"),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
