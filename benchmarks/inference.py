@@ -195,26 +195,31 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
         "",
         (f"One batch of the first {args.batch_size} RTE validation examples (max_length {args.max_length}); READ = "
          f"GRU r={args.rnn_dim}, one seed, states rounded to bfloat16 as the store holds them. Median of {args.reps} "
-         "rotated rounds after a warm-up; wall / process CPU time per batch. *Backbone alone*: the plain frozen "
+         "rotated rounds after a warm-up; wall / process CPU time per batch (on a busy shared machine CPU time is "
+         "the steadier figure; the overhead's range over rounds shows the noise). *Backbone alone*: the plain frozen "
          "forward (no hidden states kept). *+ READ*: `Predictor.predict_batch` (forward with every hidden state, "
          "rows as stored, side network). *States kept*: the forward with hidden states alone. Peak memory: "
          "resident memory above the level before the batch (sampled; large allocations unmapped on free)."),
         "",
         ("| backbone | READ over | batch: examples, tokens (padded) | backbone alone ms | + READ ms "
-         "| READ overhead (wall / CPU) | of which states kept / side network (CPU) | peak MiB alone "
+         "| READ overhead: CPU, median of rounds (range) / wall | of which states kept / side network (CPU) "
+         "| peak MiB alone "
          "| peak MiB + READ | parameters: backbone / side network |"),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r["median"]
         a, s, x = m["alone"], m["states"], m["read"]
-        over_wall, over_cpu = x["wall"] / a["wall"] - 1, x["cpu"] / a["cpu"] - 1
+        over_wall = x["wall"] / a["wall"] - 1
+        rounds = [rx["cpu"] / ra["cpu"] - 1 for rx, ra in zip(r["runs"]["read"], r["runs"]["alone"])]
+        over_cpu = statistics.median(rounds)
         states_part, side_part = s["cpu"] / a["cpu"] - 1, (x["cpu"] - s["cpu"]) / a["cpu"]
         over = "every token" if r["tokens"] == "all" else "pooled states"
         lines.append(
             f"| {r['label']} | {over} | {r['examples']}, {r['tokens_real']:,} ({r['padded']:,}) | "
             f"{a['wall'] * 1e3:,.0f} / {a['cpu'] * 1e3:,.0f} | {x['wall'] * 1e3:,.0f} / {x['cpu'] * 1e3:,.0f} | "
-            f"{over_wall:+.1%} / {over_cpu:+.1%} | {states_part:+.1%} / {side_part:+.1%} | {a['mib']:,.0f} | "
+            f"{over_cpu:+.1%} ({min(rounds):+.0%} to {max(rounds):+.0%}) / {over_wall:+.1%} | "
+            f"{states_part:+.1%} / {side_part:+.1%} | {a['mib']:,.0f} | "
             f"{x['mib']:,.0f} | {r['backbone_params'] / 1e6:,.1f}M / {r['side_params'] / 1e6:,.2f}M |"
         )
     return "\n".join(lines) + "\n"
