@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,7 +221,7 @@ class Predictor:
     def tokenize(self, texts: Sequence[dict[str, str]]) -> list[list[int]]:
         return self.backbone.tokenize(self.task, texts, self.extraction.max_length)
 
-    def side_batch(self, out: dict, batch_size: int) -> SideBatch:
+    def side_batch(self, out: dict[str, Any], batch_size: int) -> SideBatch:
         """A forward pass's states as the store would hold them, batched as training batches them."""
         ext, d = self.extraction, self.backbone.d_model
         states, counts = {}, {}

@@ -2,7 +2,7 @@
 
 ``network`` holds the recurrence over layers; this module wires one or two of them to a family's
 head (encoder: pooled tokens and a new head; seq2seq and decoder: the first decoder position and the
-frozen LM-head rows of the label words), and saves one seed as a PEFT-style adapter.
+frozen LM-head rows of the label words). ``adapter`` saves one seed of it as a PEFT-style adapter.
 """
 
 from __future__ import annotations
