@@ -213,5 +213,39 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
     click.echo(f"summary: {out_root}/sweep.json")
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--adapter", "adapters", multiple=True, required=True, metavar="PATH",
+              help="An adapter folder (runs/T/adapters/seed_<k>) or a run folder meaning every seed; repeat it: "
+              "every adapter shares one forward pass.")
+@click.option("--task", default=None, help="GLUE task; must be the adapters'.  [default: the adapters' task]")
+@click.option("--split", default=None, help="A GLUE split to predict, written in GLUE submission format "
+              "(index<TAB>prediction); a labeled split also prints its official metric.")
+@click.option("--glue-dir", envvar="GLUE_DIR", default=None,
+              help="Local glue_data folder for --split; unset: the Hugging Face Hub.  [env: GLUE_DIR]")
+@click.option("--input", "input_path", default=None, metavar="FILE|-",
+              help="Text to predict: a TSV whose header names the task's text columns, or JSONL objects with those "
+              "fields; - reads stdin.")
+@click.option("--out", default="-", help="Where predictions go (.tsv or .jsonl for --input; - is stdout).")
+@click.option("--ensemble", is_flag=True, help="One prediction from the mean class probabilities (STS-B: scores) of the adapters.")
+@click.option("--model", default=None,
+              help="Load the backbone from here instead of the adapters' base model (its revision must still match).")
+@click.option("--limit", default=None, type=int, help="Only the first N examples.")
+@click.option("--batch-tokens", default=16384, type=int, help="Padded tokens per forward batch (batches are built by length).")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (the backbone runs as the extraction ran it: bfloat16 on CUDA for a bfloat16 store).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@reports_errors
+def predict(input_path: str | None, quiet: bool, **options: Any) -> None:
+    """Run trained adapters on a GLUE split or new text: the backbone's live states, exactly as the store holds them."""
+    from pipeline.inference import PredictRequest, metric_lines, run_predict
+
+    request = PredictRequest(input=input_path, **options)
+    result = run_predict(request, progress=not quiet)
+    to_stderr = request.out == "-"  # stdout carries the predictions
+    for line in metric_lines(result, request.split):
+        click.echo(line, err=to_stderr)
+    if not to_stderr:
+        click.echo(f"wrote {result.examples} predictions ({result.task}) to {result.out}")
+
+
 if __name__ == "__main__":
     main()

@@ -10,9 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.common.errors import ConfigError
-from pipeline.training.model import (
+from pipeline.training.adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    AdapterConfig,
+    ExtractionSettings,
+    load_adapter,
+)
+from pipeline.training.model import (
     ReadConfig,
     ReadModel,
     clip_grad_norm_per_seed,
@@ -347,20 +352,36 @@ def test_parameter_count_independent_of_depth():
 # -------------------------------------------------------------------------------- persistence
 
 
+def adapter_config(model: ReadModel, k: int, **kw) -> AdapterConfig:
+    """A record for seed k of a test model (mnli: 3 classes like K; stsb: a score)."""
+    task = "mnli" if model.config.task_kind == "classification" else "stsb"
+    side = "encoder" if model.config.family == "encoder" else "decoder"
+    extraction = ExtractionSettings(layers={side: tuple(range(N_STATES))}, tokens="all", dtype="bfloat16",
+                                    max_length=64, template="pair" if side == "encoder" else "t5")
+    values = {"read": model.config, "seed": model.seeds[k], "task": task, "base_model_name_or_path": "t5-tiny",
+              "revision": "sha256:0123", "store_fingerprint": "abc123", "extraction": extraction}
+    return AdapterConfig(**{**values, **kw})
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = make_model("seq2seq", seeds=(4, 5, 6), h0="embedding")
     randomise(model)
-    model.save_pretrained(tmp_path / "seed5", 1, {"fingerprint": "abc123", "backbone": "t5-tiny"})
+    config = adapter_config(model, 1)
+    model.save_pretrained(tmp_path / "seed5", 1, config)
     assert (tmp_path / "seed5" / ADAPTER_WEIGHTS_NAME).is_file()
     text = (tmp_path / "seed5" / ADAPTER_CONFIG_NAME).read_text()
     payload = json.loads(text)
     assert list(payload) == sorted(payload)
     assert text.startswith('{\n  "')  # indent 2
-    assert payload["method"] == "READ" and payload["seed"] == 5 and payload["fingerprint"] == "abc123"
-    assert payload["rnn_dim"] == R and payload["h0"] == "embedding"
+    assert payload["method"] == "READ" and payload["seed"] == 5 and payload["store_fingerprint"] == "abc123"
+    assert payload["rnn_dim"] == R and payload["h0"] == "embedding" and payload["peft_type"] == "READ"
+    assert payload["extraction"] == {"layers": {"decoder": list(range(N_STATES))}, "tokens": "all",
+                                     "dtype": "bfloat16", "max_length": 64, "template": "t5"}
 
-    loaded = ReadModel.from_pretrained(tmp_path / "seed5")
+    loaded, loaded_config = load_adapter(tmp_path / "seed5")
+    assert loaded_config == config  # saved and loaded whole
     assert loaded.config == model.config and loaded.seeds == [5]
+    assert ReadModel.from_pretrained(tmp_path / "seed5").seeds == [5]
     want = model.seed_state_dict(1)
     got = loaded.seed_state_dict(0)
     assert set(got) == set(want)
@@ -373,16 +394,47 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded.eval()(batch)[0], model.eval()(batch)[1], atol=1e-6, rtol=1e-6)
 
     with pytest.raises(ConfigError, match="seed"):
-        model.save_pretrained(tmp_path / "clash", 0, {"seed": 1})
+        model.save_pretrained(tmp_path / "clash", 0, config)  # the record names seed 5, not seed 4
 
 
 def test_probe_round_trip(tmp_path):
     model = make_model("encoder", seeds=(3,), method="probe", task_kind="regression")
-    model.save_pretrained(tmp_path, 0, {})
+    model.save_pretrained(tmp_path, 0, adapter_config(model, 0))
     assert json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())["method"] == "PROBE"
     loaded = ReadModel.from_pretrained(tmp_path)
     assert loaded.config.method == "probe" and loaded.label_rows is None
     assert torch.equal(loaded.head_weight, model.head_weight)
+
+
+def test_adapter_written_before_the_extraction_record_still_loads(tmp_path):
+    """adapter_config.json as the trainer wrote it before the typed record: no `extraction`."""
+    model = make_model("decoder", seeds=(2,))
+    model.save_pretrained(tmp_path, 0, adapter_config(model, 0))
+    payload = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    del payload["extraction"]
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload))
+    loaded, config = load_adapter(tmp_path)
+    assert config.extraction is None and config.seed == 2 and config.task == "mnli"
+    assert torch.equal(loaded.seed_state_dict(0)["decoder_net.weight_ih"], model.seed_state_dict(0)["decoder_net.weight_ih"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.update(colour="red"), "unknown adapter_config.json key.*colour"),
+    (lambda p: p.pop("revision"), "lacks revision"),
+    (lambda p: p.update(task="sst2"), "sst2 has 2 label"),
+    (lambda p: p["extraction"].update(tokens="some"), "extraction.tokens"),
+])
+def test_broken_adapter_config_is_one_line(tmp_path, change, message):
+    from pipeline.common.errors import AdapterError
+
+    model = make_model("decoder", seeds=(2,))
+    model.save_pretrained(tmp_path, 0, adapter_config(model, 0))
+    payload = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+    change(payload)
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload))
+    with pytest.raises(AdapterError, match=message) as caught:
+        load_adapter(tmp_path)
+    assert "\n" not in str(caught.value) and ADAPTER_CONFIG_NAME in str(caught.value)
 
 
 # ------------------------------------------------------------------------------------ config

@@ -21,6 +21,7 @@ from pipeline.common.errors import (
 )
 from pipeline.store import ATTRS_KEY, CacheStore, checksum, to_float32
 from pipeline.training import Trainer, train
+from pipeline.training.adapter import read_adapter_config
 from pipeline.training.batches import SplitBatches
 from pipeline.training.model import ReadModel
 
@@ -49,8 +50,14 @@ def test_train_writes_every_output(request, store, tmp_path):
         assert (tmp_path / name).is_file(), name
     adapter = json.loads((tmp_path / "adapters" / "seed_1" / "adapter_config.json").read_text())
     assert adapter["method"] == "READ" and adapter["seed"] == 1
-    assert adapter["store_fingerprint"] == CacheStore(cache).fingerprint
+    store = CacheStore(cache)
+    assert adapter["store_fingerprint"] == store.fingerprint
     assert list(adapter) == sorted(adapter)
+    # The typed record: the backbone and the extraction settings predict needs, loaded whole.
+    record = read_adapter_config(tmp_path / "adapters" / "seed_1")
+    assert record.revision == store.meta.backbone.revision and record.task == store.meta.task.name
+    assert record.extraction.layers == {s: tuple(v) for s, v in store.meta.layout.layers.items()}
+    assert (record.extraction.dtype, record.extraction.max_length) == (store.dtype, 64)
     # The saved adapter reproduces the run's validation predictions.
     model = ReadModel.from_pretrained(tmp_path / "adapters" / "seed_1")
     trainer = Trainer(quick(cache, tmp_path / "again", seeds=(1,)), progress=False)

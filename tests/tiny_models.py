@@ -12,10 +12,14 @@ from pathlib import Path
 from pipeline.extraction.shapes import build_random_backbone
 
 
-def build_tiny_t5(folder: Path, glue_dir: Path, *, tie_word_embeddings: bool = True, seed: int = 0) -> Path:
-    """A 2+3-layer random T5; untied like T5 v1.1 / Flan-T5 (gated-GELU, no output scaling) on request."""
+def build_tiny_t5(folder: Path, glue_dir: Path, *, tie_word_embeddings: bool = True, seed: int = 0,
+                  **shape: int) -> Path:
+    """A 2+3-layer random T5; untied like T5 v1.1 / Flan-T5 (gated-GELU, no output scaling) on request.
+
+    ``shape`` overrides T5Config sizes.
+    """
     overrides = {} if tie_word_embeddings else {"tie_word_embeddings": False, "feed_forward_proj": "gated-gelu"}
-    return build_random_backbone("t5-tiny", folder, glue_dir=glue_dir, seed=seed, overrides=overrides)
+    return build_random_backbone("t5-tiny", folder, glue_dir=glue_dir, seed=seed, overrides={**overrides, **shape})
 
 
 def build_tiny_gpt2(folder: Path, glue_dir: Path, *, seed: int = 0) -> Path:

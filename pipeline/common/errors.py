@@ -124,3 +124,15 @@ def error_message(exc: PipelineError | OSError, *, rerun: str, out: str | None =
 def interrupted_message(rerun: str) -> str:
     """What to say on Ctrl-C: finished blocks and epochs are on disk, so rerunning resumes."""
     return f"Interrupted; rerun {rerun} to resume."
+
+
+class AdapterNotFoundError(PipelineError, FileNotFoundError):
+    """An adapter folder without its adapter_config.json or adapter_model.safetensors."""
+
+
+class AdapterError(PipelineError, ValueError):
+    """An adapter that cannot serve this request: a broken config, another backbone, task or extraction."""
+
+
+class InputFormatError(PipelineError, ValueError):
+    """Text to predict on that cannot be read: a malformed line, a missing column or field, no examples."""

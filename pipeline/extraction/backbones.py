@@ -43,6 +43,8 @@ PACKAGED_MODELS = {
 
 # Decoder-family prompt: the T5 template (it names the task and the fields) plus a cue for the label.
 DECODER_SUFFIX = "\nanswer:"
+# How each family formats an example (recorded in the store and in adapters, checked by `pipeline predict`).
+TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair"}
 
 
 def resolve_model_path(name: str) -> str:
@@ -203,6 +205,11 @@ class Backbone:
         )
 
     # ---- inputs -----------------------------------------------------------------------------
+    @property
+    def template(self) -> str:
+        """The name of ``input_text``'s formatting for this family."""
+        return TEMPLATES[self.family]
+
     def input_text(self, task: TaskSpec, example: Mapping[str, str]) -> list[str]:
         """The text(s) the model reads for one example: T5 text-to-text, or the raw field pair."""
         if self.family == "seq2seq":

@@ -56,6 +56,7 @@ from pipeline.store import (
     path_kind,
     plan_blocks,
 )
+from pipeline.store.format import keeps_every_token
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,7 @@ class Extraction:
         bb = self.backbone
         states = {"encoder": bb.n_layers_encoder, "decoder": bb.n_layers_decoder}
         self.layers = {side: select_layers(cfg.layers, n) for side, n in states.items() if n}
-        # Which sides keep every token: the encoder of encoder/seq2seq, unless pooled.
-        self.per_token = {side: side == "encoder" and cfg.tokens == "all" for side in self.layers}
+        self.per_token = {side: keeps_every_token(side, cfg.tokens) for side in self.layers}
         self.limits, self.chunk_rows = block_layout(
             {side: len(layers) for side, layers in self.layers.items()}, bb.d_model, cfg.dtype,
             per_token=self.per_token, max_length=cfg.max_length, block_tokens=cfg.block_tokens,
@@ -236,7 +236,7 @@ class Extraction:
                 name=task.name, kind=task.kind, label_names=list(task.label_names),
                 label_words=list(task.label_words) if self.label_ids else [],
                 label_token_ids=list(self.label_ids or []), text_fields=list(task.text_fields),
-                template={"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair"}[bb.family],
+                template=bb.template,
             ),
             layout=StoreLayout(layers=self.layers, per_token=self.per_token, block_rows=self.limits,
                                chunk_rows=self.chunk_rows),

@@ -193,6 +193,11 @@ def block_rows(block_starts: np.ndarray, offsets: np.ndarray, block: int) -> tup
     return int(offsets[lo, 0]), int(offsets[hi - 1, 1])
 
 
+def keeps_every_token(side: str, tokens: str) -> bool:
+    """Whether a side holds one row per token: the encoder side unless pooled (decoder sides keep one position)."""
+    return side == "encoder" and tokens == "all"
+
+
 # ---- the stored dtype: bfloat16 is kept as its uint16 bits -----------------------------------
 
 

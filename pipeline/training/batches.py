@@ -30,6 +30,13 @@ class Chunk:
     starts: dict[str, np.ndarray]  # side -> (n,) first row of each example in states[side]
     counts: dict[str, np.ndarray]  # side -> (n,) rows of each example
 
+    @classmethod
+    def from_rows(cls, examples: np.ndarray, labels: torch.Tensor, states: dict[str, torch.Tensor],
+                  counts: dict[str, np.ndarray]) -> Chunk:
+        """Rows packed densely in example order: each example's first row follows from the counts."""
+        starts = {side: np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for side, c in counts.items()}
+        return cls(examples, labels, states, starts, counts)
+
     def batch(self, picks: np.ndarray) -> SideBatch:
         """Gather examples ``picks`` (positions in this chunk) as float32, tokens flattened."""
         fields: dict[str, torch.Tensor | None] = {}
@@ -57,7 +64,7 @@ def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) 
     Every block is checked against its checksum as it is read (a damaged shard raises one line).
     """
     examples = np.concatenate([np.arange(split.block_starts[j], split.block_starts[j + 1]) for j in blocks])
-    states, starts, counts = {}, {}, {}
+    states, counts = {}, {}
     for side in split.sides:
         parts = [split.read_block(j, side) for j in blocks]
         for j, part in zip(blocks, parts):  # every value, one block at a time (bounded temporaries)
@@ -69,9 +76,8 @@ def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) 
         raw = np.concatenate(parts) if len(parts) > 1 else parts[0]
         off = split.offsets[side][examples]
         counts[side] = off[:, 1] - off[:, 0]
-        starts[side] = np.concatenate([[0], np.cumsum(counts[side])[:-1]]).astype(np.int64)
         states[side] = torch_view(raw, split.dtype)
-    return Chunk(examples, labels[examples], states, starts, counts)
+    return Chunk.from_rows(examples, labels[examples], states, counts)
 
 
 class SplitBatches:

@@ -2,18 +2,16 @@
 
 ``network`` holds the recurrence over layers; this module wires one or two of them to a family's
 head (encoder: pooled tokens and a new head; seq2seq and decoder: the first decoder position and the
-frozen LM-head rows of the label words), and saves one seed as a PEFT-style adapter.
+frozen LM-head rows of the label words). ``adapter`` saves one seed of it as a PEFT-style adapter.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +29,8 @@ from pipeline.training.network import (
     segment_mean,
 )
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-
+if TYPE_CHECKING:
+    from pipeline.training.adapter import AdapterConfig
 
 # ----------------------------------------------------------------------------------------- config
 
@@ -295,50 +292,20 @@ class ReadModel(nn.Module):
         a = self.decoder_net(x, has_embedding=cfg.has_embedding, streams=self._streams, h0=h0)  # (S, B, r)
         return x_last.unsqueeze(0) + self.decoder_net.project(a)  # (S, B, d)
 
-    # -- PEFT-style persistence
+    # -- PEFT-style persistence (pipeline.training.adapter holds the format)
 
-    def save_pretrained(self, directory: str | Path, k: int, extra: Mapping[str, Any] | None = None) -> None:
-        """Write seed k as ``adapter_model.safetensors`` + ``adapter_config.json`` (sorted keys).
+    def save_pretrained(self, directory: str | Path, k: int, config: AdapterConfig) -> None:
+        """Write seed k as ``adapter_model.safetensors`` + ``adapter_config.json`` (see ``save_adapter``)."""
+        from pipeline.training.adapter import save_adapter
 
-        The config's ``method`` is written upper-case ("READ" / "PROBE"), as PEFT names methods.
-        ``extra`` (e.g. the store fingerprint, the backbone) must not reuse config keys or "seed".
-        """
-        from safetensors.torch import save_file
-
-        extra = dict(extra or {})
-        payload: dict[str, Any] = self.config.to_dict()
-        payload["method"] = self.config.method.upper()
-        payload["seed"] = self.seeds[k]
-        clash = sorted(set(extra) & set(payload))
-        if clash:
-            raise ConfigError(f"extra adapter_config keys clash with the model's own: {', '.join(clash)}")
-        payload.update(extra)
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.cpu().contiguous() for n, t in self.seed_state_dict(k).items()}
-        if self.label_rows is not None:
-            tensors["label_rows"] = self.label_rows.detach().cpu().contiguous()
-        save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        text = json.dumps(payload, sort_keys=True, indent=2) + "\n"
-        (directory / ADAPTER_CONFIG_NAME).write_text(text, encoding="utf-8")
+        save_adapter(directory, self, k, config)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ReadModel:
-        """A 1-seed model equal to the saved seed (extra keys of adapter_config.json are ignored)."""
-        from safetensors.torch import load_file
+        """A 1-seed model equal to the saved seed; ``load_adapter`` also returns its AdapterConfig."""
+        from pipeline.training.adapter import load_adapter
 
-        directory = Path(directory)
-        payload = json.loads((directory / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-        names = {f.name for f in dataclasses.fields(ReadConfig)}
-        fields = {k: v for k, v in payload.items() if k in names}
-        if isinstance(fields.get("method"), str):
-            fields["method"] = fields["method"].lower()
-        config = ReadConfig.from_dict(fields)
-        tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
-        label_rows = tensors.pop("label_rows", None)
-        model = cls(config, [int(payload["seed"])], label_rows=label_rows)
-        model.load_seed_state_dict(0, tensors)
-        return model
+        return load_adapter(directory)[0]
 
 
 # ------------------------------------------------------------------------------------ training aids

@@ -23,6 +23,7 @@ from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore
+from pipeline.training.adapter import AdapterConfig, save_adapter
 from pipeline.training.batches import SplitBatches
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.model import (
@@ -220,15 +221,10 @@ class Trainer:
                        resources: dict[str, Any], epochs_run: int) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
-        extra = {
-            "base_model_name_or_path": self.store.meta.backbone.name,
-            "revision": self.store.meta.backbone.revision,
-            "store_fingerprint": self.store.fingerprint,
-            "task": self.task.name,
-            "peft_type": "READ",
-        }
         for k, seed in enumerate(cfg.seeds):
-            self.model.save_pretrained(out / "adapters" / f"seed_{seed}", k, extra=extra)
+            # The adapter records the backbone and extraction settings: `pipeline predict` rebuilds its inputs.
+            adapter = AdapterConfig.from_store_meta(self.store.meta, self.read_config, seed)
+            save_adapter(out / "adapters" / f"seed_{seed}", self.model, k, adapter)
         metric_names = list(best[0]["metrics"])
         seeds = {str(seed): {"best_epoch": b["epoch"], **b["metrics"]} for seed, b in zip(cfg.seeds, best)}
         values = {m: np.array([b["metrics"][m] for b in best]) for m in metric_names}

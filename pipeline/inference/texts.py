@@ -1,0 +1,120 @@
+"""Text to predict on: a TSV with a header naming the task's text columns, or JSONL objects, or stdin.
+
+Errors name the line, so a bad row in a long file is found at once. TSVs are read with quoting off,
+like the GLUE files (one record is one line), so a GLUE ``test.tsv`` can be passed as it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from pipeline.common.errors import InputFormatError
+from pipeline.common.tasks import TaskSpec
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TSV_SUFFIXES = (".tsv", ".txt")
+INDEX_COLUMNS = ("index", "idx")  # carried through to the output when the input has one
+
+
+@dataclass
+class InputTexts:
+    """Examples keyed by the task's text fields, their indices, and the format they came in."""
+
+    texts: list[dict[str, str]]
+    ids: list[str]
+    format: str  # "tsv" | "jsonl"
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def format_of(path: str, first_line: str | None = None) -> str:
+    """tsv or jsonl: from the file's suffix, else from the first non-blank line ('{' means JSONL)."""
+    suffix = Path(path).suffix.lower() if path != "-" else ""
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in TSV_SUFFIXES:
+        return "tsv"
+    return "jsonl" if (first_line or "").lstrip().startswith("{") else "tsv"
+
+
+def read_texts(path: str, task: TaskSpec, *, limit: int | None = None, stdin: TextIO | None = None) -> InputTexts:
+    """Read ``path`` (``-``: stdin) as examples of ``task``; the first ``limit`` only if given."""
+    if path == "-":
+        source, lines = "<stdin>", (stdin or sys.stdin).read().splitlines()
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise InputFormatError(f"input {path}: no such file")
+        source = str(file)
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    if lines and lines[0].startswith("\ufeff"):  # a byte-order mark on stdin
+        lines[0] = lines[0][1:]
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise InputFormatError(f"input {source} has no examples (it is empty)")
+    fmt = format_of(path, first)
+    texts, ids = (_read_jsonl if fmt == "jsonl" else _read_tsv)(lines, source, task, limit)
+    if not texts:
+        raise InputFormatError(f"input {source} has no examples (only a header or blank lines)")
+    return InputTexts(texts, ids, fmt, source)
+
+
+def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) -> tuple[list[dict[str, str]], list[str]]:
+    rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(rows)
+    missing = [f for f in task.text_fields if f not in header]
+    if missing:
+        raise InputFormatError(
+            f"{source}, line 1: the header {header} lacks column(s) {missing}; a {task.name} TSV names its text "
+            f"columns {', '.join(task.text_fields)} in its first line"
+        )
+    positions = [header.index(f) for f in task.text_fields]
+    index_at = next((header.index(c) for c in INDEX_COLUMNS if c in header), None)
+    texts: list[dict[str, str]] = []
+    ids: list[str] = []
+    for row in rows:
+        if limit is not None and len(texts) >= limit:
+            break
+        if not row or row == [""]:
+            continue
+        if len(row) != len(header):
+            raise InputFormatError(
+                f"{source}, line {rows.line_num}: {len(row)} tab-separated field(s), expected {len(header)} "
+                f"({', '.join(header)})"
+            )
+        texts.append({f: row[i] for f, i in zip(task.text_fields, positions)})
+        ids.append(row[index_at] if index_at is not None else str(len(ids)))
+    return texts, ids
+
+
+def _read_jsonl(lines: list[str], source: str, task: TaskSpec, limit: int | None) -> tuple[list[dict[str, str]], list[str]]:
+    texts: list[dict[str, str]] = []
+    ids: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if limit is not None and len(texts) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputFormatError(f"{source}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise InputFormatError(f"{source}, line {number}: expected a JSON object, found {type(record).__name__}")
+        missing = [f for f in task.text_fields if not isinstance(record.get(f), str)]
+        if missing:
+            raise InputFormatError(
+                f"{source}, line {number}: no text field(s) {missing}; a {task.name} example is an object with "
+                f"string fields {', '.join(task.text_fields)}"
+            )
+        texts.append({f: record[f] for f in task.text_fields})
+        index = next((record[c] for c in INDEX_COLUMNS if c in record), len(ids))
+        ids.append(str(index))
+    return texts, ids
