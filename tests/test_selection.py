@@ -109,7 +109,7 @@ def test_validation_labels_choose_nothing_unless_asked(synthetic_store, tmp_path
     shutil.copytree(original, permuted)
     labels = zarr.open_group(permuted, mode="r+")["validation"]["labels"]
     labels[:] = 1 - np.asarray(labels[:])  # every validation label wrong
-    settings = dict(epochs=4, seeds=(0, 1), lr=3e-2, rnn_dim=8, patience=2)
+    settings = {"epochs": 4, "seeds": (0, 1), "lr": 3e-2, "rnn_dim": 8, "patience": 2}
     a = train(quick(original, tmp_path / "a", **settings), progress=False)
     b = train(quick(permuted, tmp_path / "b", **settings), progress=False)
     assert a["select_on"] == "selection" and a["select_metric"] == "selection/accuracy"

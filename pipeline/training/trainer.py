@@ -25,7 +25,6 @@ from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore
 from pipeline.training.batches import SplitBatches
 from pipeline.training.metrics import compute_metrics, primary_metric
-from pipeline.training.selection import SELECTION, carve, describe
 from pipeline.training.model import (
     ReadConfig,
     ReadModel,
@@ -33,6 +32,7 @@ from pipeline.training.model import (
     per_seed_loss,
     trainable_parameter_count,
 )
+from pipeline.training.selection import SELECTION, carve, describe
 
 log = logging.getLogger(__name__)
 
