@@ -164,16 +164,9 @@ def verify(store: str) -> None:
 def train(quiet: bool, **options: Any) -> None:
     """Train READ side networks (several seeds in lockstep) from a store, never loading the backbone."""
     from pipeline.training import train as run
+    from pipeline.training.trainer import result_line
 
-    metrics = run(TrainConfig(**options), progress=not quiet)
-    mean, std = metrics["mean"], metrics["std"]
-    shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
-    primary = metrics["primary_metric"]
-    chosen = ("epochs chosen on the selection split" if metrics["select_on"] == "selection"
-              else "epochs chosen ON VALIDATION (optimistic)")
-    click.echo(f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}; {chosen}; "
-               f"frozen start {metrics['frozen_start']['mean'][primary]:.2f}, "
-               f"majority {metrics['majority_baseline'][primary]:.2f}")
+    click.echo(result_line(run(TrainConfig(**options), progress=not quiet)))
 
 
 @main.command(context_settings=CONTEXT)

@@ -347,6 +347,18 @@ class Trainer:
         return metrics
 
 
+def result_line(metrics: dict[str, Any]) -> str:
+    """The one line `pipeline train` and the DVC stage print: validation scores, how the epochs were chosen,
+    and what they started from."""
+    mean, std, primary = metrics["mean"], metrics["std"], metrics["primary_metric"]
+    shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
+    chosen = ("epochs chosen on the selection split" if metrics["select_on"] == SELECTION
+              else "epochs chosen ON VALIDATION (optimistic)")
+    return (f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}; {chosen}; "
+            f"frozen start {metrics['frozen_start']['mean'][primary]:.2f}, "
+            f"majority {metrics['majority_baseline'][primary]:.2f}")
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Stage two end to end; returns metrics.json's content."""
     return Trainer(cfg, progress=progress).run()
