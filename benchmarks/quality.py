@@ -178,8 +178,8 @@ def cmd_table(args: argparse.Namespace) -> None:
     tasks = [t for t in TASKS if any(k.startswith(f"{t}/") for k in read)]
     lines = [SECTION, "", (
         "all-MiniLM-L6-v2 (real weights), real GLUE (`../shared/data/glue`), **whole training splits** (SST-2: "
-        "its first 20,000), max_length 128, CPU only (2 cores shared with other jobs: load average 3-7 while "
-        "these ran, so wall times are upper bounds). Scores are validation x100, mean ± sample std over seeds "
+        "its first 20,000), max_length 128, CPU only (2 cores shared with other jobs, see below: wall times are "
+        "upper bounds). Scores are validation x100, mean ± sample std over seeds "
         "0,1,2, **at the epoch each seed chose on the selection split** (10% of the training split, at most 1,000 "
         "examples, fixed by a hash of the GLUE idx and held out of training for every method): the validation "
         "split chose nothing. Recipes were also compared on the selection split only."), ""]
@@ -219,8 +219,8 @@ def cmd_table(args: argparse.Namespace) -> None:
                        + (" ★" if _winner(read, t) == v else "") if r else "—")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append("Wall time (3 seeds in lockstep, one process, 1 torch thread; includes the per-epoch evaluation "
-                 "of the selection and validation splits) and peak RSS of that process:")
+    lines.append("Wall time (3 seeds in lockstep, one process, 1 torch thread; includes the frozen-start and "
+                 "per-epoch evaluation of the selection and validation splits) and peak RSS of that process:")
     lines.append("")
     lines += ["| variant | " + " | ".join(tasks) + " |", "|" + "---|" * (1 + len(tasks))]
     for v in variants:
