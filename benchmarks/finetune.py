@@ -10,8 +10,10 @@ first token), then a new linear head (K classes with cross-entropy, or 1 output 
 Every parameter is trained: AdamW (backbone lr 5e-5, head lr 1e-3, weight decay 0.01), linear
 warm-up over 6% of the steps then linear decay to 0, gradient norm clipped to 1, the backbone's own
 dropout. Same inputs as the stores: ``Backbone.tokenize``'s rule (the text pair, truncated
-longest-first to max_length 128), the same capped training examples (``quality.CAPS``) and the
-complete validation split, scored once after the last epoch with ``pipeline.metrics.compute_metrics``.
+longest-first to max_length 128), the same training examples as READ trains on (the task's training
+split, ``quality.LIMITS``, less the selection split of ``pipeline.training.selection``) and the complete
+validation split, scored once after the last epoch with ``pipeline.metrics.compute_metrics`` (no choice
+is made by looking at scores, so nothing needs the selection split).
 
 Results (per task, per seed) go to bench_out/quality/finetune.json, written after every seed, so a
 rerun resumes where it stopped.
@@ -23,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -42,6 +45,7 @@ from torch import nn  # noqa: E402
 from pipeline.common.tasks import get_task  # noqa: E402
 from pipeline.extraction.glue import load_split  # noqa: E402
 from pipeline.training.metrics import compute_metrics, primary_metric  # noqa: E402
+from pipeline.training.selection import carve  # noqa: E402
 from pipeline.training.trainer import lr_lambda  # noqa: E402
 
 
@@ -87,12 +91,14 @@ def pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 def run_one(task_name: str, seed: int, args: argparse.Namespace, tokenizer, path: str) -> dict:
     task = get_task(task_name)
-    train = load_split(task, "train", quality.GLUE, limit=quality.CAPS[task_name])
+    train = load_split(task, "train", quality.GLUE, limit=quality.LIMITS[task_name])
     val = load_split(task, task.validation_splits[0], quality.GLUE)
-    train_ids = encode(tokenizer, task, train, quality.MAX_LENGTH)
+    trained = np.flatnonzero(~carve(train.ids))  # what READ trains on: the selection split is held out
+    encoded = encode(tokenizer, task, train, quality.MAX_LENGTH)
+    train_ids = [encoded[i] for i in trained]
     val_ids = encode(tokenizer, task, val, quality.MAX_LENGTH)
     regression = task.kind == "regression"
-    y = torch.from_numpy(train.labels.astype(np.float32 if regression else np.int64))
+    y = torch.from_numpy(train.labels[trained].astype(np.float32 if regression else np.int64))
 
     torch.manual_seed(seed)
     model = FineTuned(path, 1 if regression else task.num_labels, args.pooling)
@@ -134,6 +140,7 @@ def run_one(task_name: str, seed: int, args: argparse.Namespace, tokenizer, path
     metrics = compute_metrics(task, preds, val.labels)
     return {"metrics": metrics, "score": metrics[primary_metric(task)], "train_s": round(train_s, 1),
             "wall_s": round(time.perf_counter() - started, 1), "train_tokens": tokens,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # process-wide
             "train_examples": len(train_ids), "val_examples": len(val_ids)}
 
 

@@ -164,11 +164,9 @@ def verify(store: str) -> None:
 def train(quiet: bool, **options: Any) -> None:
     """Train READ side networks (several seeds in lockstep) from a store, never loading the backbone."""
     from pipeline.training import train as run
+    from pipeline.training.trainer import result_line
 
-    metrics = run(TrainConfig(**options), progress=not quiet)
-    mean, std = metrics["mean"], metrics["std"]
-    shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
-    click.echo(f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}")
+    click.echo(result_line(run(TrainConfig(**options), progress=not quiet)))
 
 
 @main.command(context_settings=CONTEXT)
@@ -208,8 +206,9 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
     out_root = out or f"runs/{CacheStore(cache).meta.task.name}-sweep"
     rows = run_sweep(base, grid, out_root, scheduler=scheduler, workers=workers,
                      threads_per_worker=threads_per_worker)
+    click.echo(f"ranked by {rows[0]['ranked_by']} (mean over seeds); validation {rows[0]['primary_metric']} shown")
     for row in rows:
-        click.echo(f"{row['mean']:7.2f} ± {row['std']:5.2f}  {row['primary_metric']}  {row['run']}")
+        click.echo(f"{row['rank_score']:7.2f}  |  {row['mean']:7.2f} ± {row['std']:5.2f}  {row['run']}")
     click.echo(f"summary: {out_root}/sweep.json")
 
 

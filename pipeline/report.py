@@ -26,8 +26,16 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     if (run_dir / "history.csv").is_file():
         with open(run_dir / "history.csv", newline="") as handle:
-            history = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+            history = [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
     return {"dir": str(run_dir), "metrics": metrics, "history": history}
+
+
+def _number(text: str) -> float | str:
+    """A history cell: a number, or text such as the select_on column's split name."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def discover_tasks(runs_dir: Path) -> list[str]:
@@ -65,6 +73,10 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "std": m["std"].get(primary),
             "other": {k: v for k, v in m["mean"].items() if k != primary},
             "best_epochs": {int(s): values.get("best_epoch") for s, values in m["seeds"].items()},
+            "select_on": m.get("select_on", "validation"),  # runs from before the selection split chose on validation
+            "frozen": (m.get("frozen_start") or {}).get("mean", {}).get(primary),
+            "frozen_meaning": (m.get("frozen_start") or {}).get("meaning"),
+            "majority": (m.get("majority_baseline") or {}).get(primary),
             "epochs_run": m.get("epochs_run"),
             "trainable_parameters": m.get("trainable_parameters"),
             "wall_time_s": resources.get("wall_time_s"),
@@ -72,6 +84,9 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "cuda_max_allocated_mb": resources.get("cuda_max_allocated_mb"),
             "energy_j": _energy(resources),
         })
+    for r in rows:
+        floors = [v for v in (r["frozen"], r["majority"]) if v is not None]
+        r["above_start"] = None if r["mean"] is None or not floors else r["mean"] > max(floors)
     means = [r["mean"] for r in rows if r["mean"] is not None]
     return {
         "seeds": seeds,
@@ -97,11 +112,14 @@ def markdown(summary: dict[str, Any]) -> str:
         "# READ results",
         "",
         f"Backbone {', '.join(backbones)}; method {', '.join(methods)}; {len(seeds)} seed(s). "
-        "Best validation score of each seed (GLUE metrics x100); mean ± sample std over seeds.",
+        "Validation score of each seed (GLUE metrics x100) at the epoch chosen on the selection split (a fixed part "
+        "of the training split, never trained on), unless a row says ON VALIDATION (then the reported split chose "
+        "the epoch: optimistic); mean ± sample std over seeds. Frozen start: the score before any training "
+        "(epoch 0); majority: a constant prediction. ⚠ marks a mean not above both.",
         "",
     ]
-    header = ["task", "metric", *[f"seed {s}" for s in seeds], "mean ± std", "other metrics (mean)",
-              "best epoch per seed", "trainable params", "train time", "peak RSS"]
+    header = ["task", "metric", *[f"seed {s}" for s in seeds], "mean ± std", "frozen start", "majority",
+              "other metrics (mean)", "chosen epoch per seed", "trainable params", "train time", "peak RSS"]
     if gpu:
         header.append("CUDA peak")
     if energy:
@@ -111,10 +129,12 @@ def markdown(summary: dict[str, Any]) -> str:
                              for h in header) + "|"]
     for r in rows:
         cells = [r["task"], r["metric"], *[_fmt(r["seeds"].get(s)) for s in seeds],
-                 f"**{_fmt(r['mean'])}** ± {_fmt(r['std'])}",
+                 f"**{_fmt(r['mean'])}** ± {_fmt(r['std'])}" + (" ⚠" if r["above_start"] is False else ""),
+                 _fmt(r["frozen"]), _fmt(r["majority"]),
                  ", ".join(f"{k} {_fmt(v)}" for k, v in r["other"].items()),
                  ", ".join(str(r["best_epochs"][s]) for s in seeds if s in r["best_epochs"])
-                 + (f" (of {r['epochs_run']})" if r["epochs_run"] else ""),
+                 + (f" (of {r['epochs_run']})" if r["epochs_run"] else "")
+                 + (" ON VALIDATION" if r["select_on"] == "validation" else ""),
                  f"{r['trainable_parameters']:,}" if r["trainable_parameters"] else "",
                  _duration(r["wall_time_s"]),
                  f"{r['peak_rss_mb']:,.0f} MB" if r["peak_rss_mb"] else ""]
@@ -125,9 +145,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if len(rows) > 1 and summary["average"] is not None:
         blank = [""] * len(seeds)
-        tail = ["", "", "", _duration(summary["total_wall_time_s"]), ""] + [""] * (gpu + energy)
+        tail = ["", "", "", "", "", _duration(summary["total_wall_time_s"]), ""] + [""] * (gpu + energy)
         lines.append("| **average** | primary | " + " | ".join(blank) + (" | " if blank else "")
                      + f"**{_fmt(summary['average'])}** | " + " | ".join(tail) + " |")
+    meanings = sorted({f"{r['task']}: {r['frozen_meaning']}" for r in rows if r["frozen_meaning"]})
+    if meanings:
+        lines += ["", "Frozen start, per task: " + "; ".join(meanings) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +177,7 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
                       xytext=(0, 6), textcoords="offset points", ha="center", fontsize=9)
     left.set_xticks(x, [f"{r['task']}\n{r['metric']}" for r in rows])
     left.set_ylim(0, 105)
-    left.set_ylabel("best validation score (x100)")
+    left.set_ylabel("validation score at the chosen epoch (x100)")
     left.set_title("Score per task: mean ± std, dots = seeds")
     left.grid(axis="y", alpha=0.3)
 
@@ -172,7 +195,7 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
             right.fill_between(epochs, low, high, color=colors[i], alpha=0.15, linewidth=0)
     right.set_xlabel("epoch")
     right.set_ylabel("validation score (x100)")
-    right.set_title("Validation curves: mean over seeds, band = seed range")
+    right.set_title("Validation curves from the frozen start (epoch 0): mean over seeds, band = seed range")
     right.grid(alpha=0.3)
     if any(runs[r["task"]]["history"] for r in rows):
         right.legend(loc="best", fontsize=9)

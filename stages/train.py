@@ -30,12 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from pipeline.training import train
+        from pipeline.training.trainer import result_line
 
         cache = args.cache or f"data/{args.task}.zarr"
         cfg = train_config(read_params(args.params), cache, args.out or f"runs/{args.task}", path=args.params)
-        metrics = train(cfg, progress=not args.quiet)
-        shown = ", ".join(f"{name} {value:.2f} ± {metrics['std'][name]:.2f}" for name, value in metrics["mean"].items())
-        print(f"{metrics['task']} ({metrics['method']}, {len(cfg.seeds)} seeds): {shown}")
+        print(result_line(train(cfg, progress=not args.quiet)))
 
     return run_stage(body)
 

@@ -93,7 +93,8 @@ def test_to_dict_is_unchanged():
         "cache": "c", "out": None, "seeds": [0, 1, 2], "epochs": 10, "method": "read", "rnn": "gru", "rnn_dim": 256,
         "aggregate": "mean", "h0": "zero", "pooling": "mean", "encoder_side": True, "dropout": 0.1, "lr": 1e-3,
         "weight_decay": 0.01, "warmup_ratio": 0.06, "batch_size": 32, "patience": 5, "max_grad_norm": 1.0,
-        "device": "auto", "memory_budget": 8 * 1024**3, "train_split": "train", "eval_splits": None, "data_seed": 0,
+        "device": "auto", "memory_budget": 8 * 1024**3, "train_split": "train", "eval_splits": None,
+        "select_on": "selection", "data_seed": 0,
         "shuffle_buffer": 8, "threads": None,
     }
     cfg = ExtractConfig(model="m", task="rte", splits="train,validation", layers="0,-1")
@@ -182,7 +183,9 @@ def test_patience_off_is_none_everywhere(monkeypatch, tmp_path):
 
     def fake_train(cfg: TrainConfig, progress: bool = True) -> dict:
         seen.append(cfg)
-        return {"task": "rte", "method": "read", "num_seeds": 1, "mean": {}, "std": {}}
+        return {"task": "rte", "method": "read", "num_seeds": 1, "mean": {}, "std": {}, "primary_metric": "accuracy",
+                "select_on": "selection", "frozen_start": {"mean": {"accuracy": 50.0}},
+                "majority_baseline": {"accuracy": 52.7}}
 
     monkeypatch.setattr(pipeline.training, "train", fake_train)
     for spelling in ("none", "None", "null"):

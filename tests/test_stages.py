@@ -126,7 +126,8 @@ def test_missing_data_stops_at_once_naming_both_ways(tmp_path, capsys, monkeypat
 
 
 # ---- the report -----------------------------------------------------------------------------------
-def fake_run(runs: Path, task: str, primary: str, scores: dict[int, float], other: dict[str, float] | None = None):
+def fake_run(runs: Path, task: str, primary: str, scores: dict[int, float], other: dict[str, float] | None = None,
+             frozen: float = 10.0, select_on: str | None = "selection"):
     run = runs / task
     run.mkdir(parents=True)
     seeds = {str(s): {"best_epoch": 2, primary: v, **(other or {})} for s, v in scores.items()}
@@ -137,13 +138,18 @@ def fake_run(runs: Path, task: str, primary: str, scores: dict[int, float], othe
         "num_seeds": len(scores), "epochs_run": 3, "trainable_parameters": 12345, "fingerprint": "f",
         "mean": {primary: mean, **(other or {})}, "std": {primary: 1.0, **{k: 0.0 for k in other or {}}},
         "seeds": seeds, "resources": {"wall_time_s": 12.0, "peak_rss_mb": 500.0, "cuda_max_allocated_mb": None},
+        "frozen_start": {"epoch": 0, "meaning": "a fresh head", "mean": {primary: frozen}},
+        "majority_baseline": {primary: 0.0},
     }
+    if select_on is not None:  # None: a run from before the selection split, which chose on validation
+        metrics["select_on"] = select_on
     (run / "metrics.json").write_text(json.dumps(metrics))
     with open(run / "history.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "train_loss", primary, *[f"{primary}_seed{s}" for s in scores]])
+        writer.writerow(["epoch", "train_loss", "select_on", primary, *[f"{primary}_seed{s}" for s in scores]])
+        writer.writerow([0, "", select_on, frozen, *[frozen for _ in values]])
         for epoch in (1, 2, 3):
-            writer.writerow([epoch, 1.0 / epoch, mean - 3 + epoch, *[v - 3 + epoch for v in values]])
+            writer.writerow([epoch, 1.0 / epoch, select_on, mean - 3 + epoch, *[v - 3 + epoch for v in values]])
 
 
 def test_report_table_and_image(tmp_path):
@@ -155,12 +161,25 @@ def test_report_table_and_image(tmp_path):
     assert text == report["markdown"]
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| task | metric | seed 0 | seed 1 | seed 2 | mean ± std")
-    assert lines[2].startswith("| stsb | combined | 80.00 | 82.00 | 84.00 | **82.00** ± 1.00 | pearson 83.00")
-    assert lines[3].startswith("| rte | accuracy | 60.00 | 62.00 | 64.00 | **62.00** ± 1.00")
+    assert lines[2].startswith("| stsb | combined | 80.00 | 82.00 | 84.00 | **82.00** ± 1.00 | 10.00 | 0.00 | "
+                               "pearson 83.00")
+    assert lines[3].startswith("| rte | accuracy | 60.00 | 62.00 | 64.00 | **62.00** ± 1.00 | 10.00 | 0.00 |")
+    assert "ON VALIDATION" not in "\n".join(lines) and "⚠" not in "\n".join(lines)
     assert "| **average** |" in lines[4] and "**72.00**" in lines[4]
     assert report["average"] == pytest.approx(72.0)
     png = (tmp_path / "reports" / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_report_marks_scores_not_above_the_frozen_start_and_validation_selection(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "rte", "accuracy", {0: 52.0, 1: 53.0}, frozen=55.0)  # training did not beat epoch 0
+    fake_run(runs, "cola", "matthews_correlation", {0: 20.0, 1: 22.0}, select_on=None)  # an old run
+    text = write_report(str(runs), str(tmp_path / "reports"), tasks=["rte", "cola"])["markdown"]
+    rte, cola = (next(line for line in text.splitlines() if line.startswith(f"| {t} |")) for t in ("rte", "cola"))
+    assert "**52.50** ± 1.00 ⚠ | 55.00 |" in rte and "ON VALIDATION" not in rte
+    assert "⚠" not in cola and "ON VALIDATION" in cola
+    assert "rte: a fresh head" in text
 
 
 def test_report_finds_every_run_and_the_stage_prints_it(tmp_path, capsys):

@@ -38,3 +38,8 @@ def test_sweep_trains_every_point_on_a_local_dask_cluster(t5_store, tmp_path):
     for row in rows:
         metrics = json.loads((out / row["run"] / "metrics.json").read_text())
         assert metrics["num_seeds"] == 2 and metrics["mean"]["accuracy"] == row["mean"]
+        # The winner is ranked on the selection split, never on the validation scores it reports.
+        assert row["ranked_by"] == "selection/accuracy" == metrics["select_metric"]
+        assert row["rank_score"] == metrics["mean"]["selection/accuracy"]
+    assert [r["rank_score"] for r in rows] == sorted((r["rank_score"] for r in rows), reverse=True)
+    assert "ranked by selection/accuracy" in result.output

@@ -32,7 +32,7 @@ from pipeline.common.settings import (
 from pipeline.common.tasks import TASKS
 
 __all__ = [
-    "AGGREGATES", "CELLS", "DTYPES", "H0_OPTIONS", "METHODS", "POOLINGS", "ExtractConfig", "SideConfig",
+    "AGGREGATES", "CELLS", "DTYPES", "H0_OPTIONS", "METHODS", "POOLINGS", "SELECT_ON", "ExtractConfig", "SideConfig",
     "TrainConfig", "from_mapping", "parse_list", "parse_size", "readme_settings", "with_readme_settings",
 ]
 
@@ -42,6 +42,7 @@ CELLS = ("gru", "rnn", "lstm")
 AGGREGATES = ("mean", "last")
 H0_OPTIONS = ("zero", "embedding")
 POOLINGS = ("mean", "cls")
+SELECT_ON = ("selection", "validation")
 
 
 def device_setting() -> Any:
@@ -164,6 +165,11 @@ class TrainConfig(SideConfig):
     train_split: str = setting("train", "Split to train on.")
     eval_splits: tuple[str, ...] | None = setting(None, "Splits to evaluate on, comma-separated.",
                                                   none="the task's validation split(s)", example="validation")
+    select_on: str = setting(
+        "selection", "Split whose scores choose each seed's epoch, stop early and rank sweeps. selection: a fixed "
+        "held-out part of the training split (10%, at most 1,000 examples, by a hash of the GLUE idx), never "
+        "trained on; validation: the reported split itself (optimistic, labelled so in every output).",
+        choices=SELECT_ON)
     data_seed: int = setting(0, "Seed of the batch order (shared by all seeds).", bounds=at_least(0))
     shuffle_buffer: int = setting(8, "Streaming: blocks mixed in memory at once.", bounds=at_least(1))
     threads: int | None = setting(

@@ -7,6 +7,7 @@ widened to float32 one batch at a time.
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) 
 
 
 class SplitBatches:
-    """Yields ``SideBatch``es of a split, from memory or streamed, in a seeded order."""
+    """Yields ``SideBatch``es of a split (or of a subset of its examples), from memory or streamed, in a seeded order."""
 
     def __init__(self, split: CachedSplit, labels: torch.Tensor, *, memory_budget: int, shuffle_buffer: int = 8) -> None:
         self.split = split
@@ -91,10 +92,37 @@ class SplitBatches:
         self.shuffle_buffer = shuffle_buffer
         self.nbytes = nbytes
         self._all: Chunk | None = None
-        self.read_seconds = 0.0
+        self._reads = [0.0]  # seconds spent reading, shared with every subset of this split
+        self.examples: np.ndarray | None = None  # sorted indices into the split; None: every example
+        self._keep: np.ndarray | None = None  # (len(split),) bool mask of ``examples``
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.split) if self.examples is None else len(self.examples)
+
+    @property
+    def read_seconds(self) -> float:
+        return self._reads[0]
+
+    def subset(self, examples: np.ndarray) -> SplitBatches:
+        """The same split restricted to ``examples`` (indices into it): shares the rows held in memory."""
+        examples = np.unique(np.asarray(examples, dtype=np.int64))
+        if len(examples) == 0 or examples[0] < 0 or examples[-1] >= len(self.split):
+            raise TrainingError(f"a subset of {self.split.name} needs 1 or more indices in 0..{len(self.split) - 1}")
+        self.preload()
+        part = copy.copy(self)
+        part.examples = examples
+        part._keep = np.zeros(len(self.split), dtype=bool)
+        part._keep[examples] = True
+        return part
+
+    def positions(self, index: np.ndarray) -> np.ndarray:
+        """Positions in this (sub)set of split indices that ``epoch`` yields (identity for a whole split)."""
+        return index if self.examples is None else np.searchsorted(self.examples, index)
+
+    def example_labels(self) -> np.ndarray:
+        """The labels of this (sub)set's examples, in split order."""
+        labels = np.asarray(self.split.labels)
+        return labels if self.examples is None else labels[self.examples]
 
     def preload(self) -> None:
         """Read a split that is held in memory now rather than at its first epoch (streamed: nothing)."""
@@ -107,17 +135,20 @@ class SplitBatches:
         started = time.perf_counter()
         chunk = load_chunk(self.split, blocks, self.labels)
         with _lock:
-            self.read_seconds += time.perf_counter() - started
+            self._reads[0] += time.perf_counter() - started
         return chunk
 
     def epoch(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[tuple[np.ndarray, SideBatch]]:
-        """(example indices, batch) pairs covering the split once."""
+        """(example indices into the split, batch) pairs covering the (sub)set once."""
         rng = np.random.default_rng(seed)
         blocks = np.arange(self.split.num_blocks)
         if self.in_memory:
             self.preload()
-            yield from _chunk_batches(self._all, batch_size, rng if shuffle else None)
+            yield from _chunk_batches(self._all, batch_size, rng if shuffle else None, self._keep)
             return
+        if self._keep is not None:  # only the blocks that hold an example of the subset
+            starts = np.asarray(self.split.block_starts)
+            blocks = blocks[[self._keep[starts[j]:starts[j + 1]].any() for j in blocks]]
         # Streaming: blocks in a shuffled order, `shuffle_buffer` at a time, the next group read
         # in the background while the current one trains.
         if shuffle:
@@ -128,16 +159,16 @@ class SplitBatches:
             for g in range(len(groups)):
                 chunk = upcoming.result()
                 upcoming = pool.submit(self._timed_load, groups[g + 1]) if g + 1 < len(groups) else None
-                yield from _chunk_batches(chunk, batch_size, rng if shuffle else None)
+                yield from _chunk_batches(chunk, batch_size, rng if shuffle else None, self._keep)
 
 
 _lock = threading.Lock()
 
 
 def _chunk_batches(
-    chunk: Chunk, batch_size: int, rng: np.random.Generator | None
+    chunk: Chunk, batch_size: int, rng: np.random.Generator | None, keep: np.ndarray | None = None
 ) -> Iterator[tuple[np.ndarray, SideBatch]]:
-    order = np.arange(len(chunk.examples))
+    order = np.arange(len(chunk.examples)) if keep is None else np.flatnonzero(keep[chunk.examples])
     if rng is not None:
         rng.shuffle(order)
     for i in range(0, len(order), batch_size):

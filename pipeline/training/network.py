@@ -3,7 +3,7 @@
 READ runs a small recurrent network over the *layers* of a frozen backbone: every token has its own
 short sequence of per-layer states x_0 .. x_L. For one token:
 
-    u_i   = RMSNorm_w(x_i)                 (learned weight w = the paper's s_in, shared over layers)
+    u_i   = RMSNorm_w(x_i)                 (learned weight w, shared over layers)
     h_0   = 0                              (h0="embedding": tanh(W_0 RMSNorm_w(x_0) + b_0))
     h_i   = RNN(u_i, h_{i-1})              i = 1..L   (GRU, Elman "rnn" or LSTM; hidden size r)
     a     = mean_i h_i                     (aggregate="last": h_L; dropout, per seed, in training)

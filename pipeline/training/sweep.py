@@ -90,12 +90,16 @@ def run_sweep(
             rows.append({"run": name, "out": cfg.out, **{k: getattr(cfg, k) for k in grid},
                          "primary_metric": metrics["primary_metric"],
                          "mean": metrics["mean"][metrics["primary_metric"]],
-                         "std": metrics["std"][metrics["primary_metric"]]})
+                         "std": metrics["std"][metrics["primary_metric"]],
+                         "ranked_by": metrics["select_metric"],
+                         "rank_score": metrics["mean"][metrics["select_metric"]]})
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    rows.sort(key=lambda r: -r["mean"])
+    # The winner is chosen on the selection split (the same one that chose each run's epochs), never on
+    # the reported validation scores, unless select_on=validation says so.
+    rows.sort(key=lambda r: -r["rank_score"])
     Path(out_root).mkdir(parents=True, exist_ok=True)
     (Path(out_root) / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows

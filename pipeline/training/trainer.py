@@ -33,6 +33,7 @@ from pipeline.training.model import (
     per_seed_loss,
     trainable_parameter_count,
 )
+from pipeline.training.selection import SELECTION, carve, describe
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> Read
         raise ConfigError(
             f"--h0 embedding needs the embedding output (state 0) in the store, but {store.path} kept layers "
             f"{layout.layers}; re-extract with --layers all (or a list with 0), or use --h0 zero"
+        )
+    if family == "encoder" and cfg.pooling == "cls" and store.meta.settings.tokens == "pooled":
+        raise ConfigError(
+            f"--pooling cls needs every token's states, but {store.path} is pooled (one mean state per example, "
+            "no first token); use --pooling mean, or re-extract with --tokens all"
         )
     side_settings = cfg.side_settings()
     side_settings.update(pooling=cfg.pooling if family == "encoder" else "mean",
@@ -115,10 +121,18 @@ class Trainer:
             labels = torch.from_numpy(np.asarray(split.labels)).to(label_dtype)
             return SplitBatches(split, labels, memory_budget=cfg.memory_budget, shuffle_buffer=cfg.shuffle_buffer)
 
-        self.train_data = batches(cfg.train_split)
+        if SELECTION in self.eval_splits:
+            raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
+                              "it is always scored")
+        whole_train = batches(cfg.train_split)  # a damaged block stops the run here, before any training
+        train_ids = np.asarray(whole_train.split.ids)
+        mask = carve(train_ids)
+        self.selection = describe(cfg.train_split, train_ids, mask)
+        self.train_data = whole_train.subset(np.flatnonzero(~mask))
+        self.selection_data = whole_train.subset(np.flatnonzero(mask))
         self.eval_data = {name: batches(name) for name in self.eval_splits}
-        for data in (self.train_data, *self.eval_data.values()):
-            data.preload()  # a damaged block stops the run here, before any training
+        for data in self.eval_data.values():
+            data.preload()
         self.read_config = read_config_for(self.store, cfg, self.task)
         rows = self.store.label_rows()
         rows_t = torch.from_numpy(rows) if rows is not None and self.read_config.uses_label_rows else None
@@ -153,19 +167,63 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions (S, n) in split order, and the labels (n,)."""
+        """Predictions (S, n) in split order, and the labels (n,), of an eval split or of ``selection``."""
         self.model.eval()
-        data = self.eval_data[name]
-        n = len(data)
-        preds = np.zeros((len(self.cfg.seeds), n), dtype=np.float32 if self.task.kind == "regression" else np.int64)
+        data = self.selection_data if name == SELECTION else self.eval_data[name]
+        preds = np.zeros((len(self.cfg.seeds), len(data)),
+                         dtype=np.float32 if self.task.kind == "regression" else np.int64)
         for index, batch in data.epoch(max(self.cfg.batch_size, 256), shuffle=False):
             out = self.model(batch.to(self.device))
             values = out if self.task.kind == "regression" else out.argmax(-1)
-            preds[:, index] = values.cpu().numpy()
-        return preds, np.asarray(data.split.labels)
+            preds[:, data.positions(index)] = values.cpu().numpy()
+        return preds, data.example_labels()
+
+    def evaluate(self) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
+        """Every seed's metrics on the selection and eval splits (the first eval split unprefixed), and the
+        eval splits' predictions (S, n)."""
+        per_seed: list[dict[str, float]] = [{} for _ in self.cfg.seeds]
+        predictions = {}
+        for name in [SELECTION, *self.eval_splits]:
+            preds, labels = self.predict(name)
+            if name != SELECTION:
+                predictions[name] = preds
+            prefix = "" if name == self.eval_splits[0] else f"{name}/"
+            for k, metrics in enumerate(per_seed):
+                metrics.update({prefix + m: v for m, v in compute_metrics(self.task, preds[k], labels).items()})
+        return per_seed, predictions
+
+    @property
+    def select_key(self) -> str:
+        """The metric that chooses: the primary metric on the selection split, or on validation if asked."""
+        return f"{SELECTION}/{self.primary}" if self.cfg.select_on == SELECTION else self.primary
+
+    def frozen_start(self, per_seed: list[dict[str, float]]) -> dict[str, Any]:
+        """Epoch 0: the scores before any step, and what they mean for this family and head."""
+        cfg = self.read_config
+        if cfg.uses_label_rows:
+            meaning = ("zero-shot: the backbone's own prediction through the label words' LM-head rows "
+                       "(the side network starts at zero and changes nothing)")
+        else:
+            meaning = ("a fresh, randomly initialised head on the frozen backbone's final state: chance level, "
+                       "not a zero-shot score")
+        names = list(per_seed[0])
+        return {"epoch": 0, "meaning": meaning,
+                "mean": {m: round(float(np.mean([p[m] for p in per_seed])), 4) for m in names},
+                "seeds": {str(s): {m: round(v, 4) for m, v in p.items()} for s, p in zip(self.cfg.seeds, per_seed)}}
+
+    def majority_baseline(self) -> dict[str, float]:
+        """The first eval split scored by a constant: the training majority class, or the mean training score."""
+        train = self.train_data.example_labels()
+        labels = self.eval_data[self.eval_splits[0]].example_labels()
+        if self.task.kind == "classification":
+            constant = np.full(len(labels), np.bincount(train.astype(np.int64)).argmax())
+        else:
+            constant = np.full(len(labels), float(np.mean(train)), dtype=np.float32)
+        return {m: round(v, 4) for m, v in compute_metrics(self.task, constant, labels).items()}
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train every seed; keep each seed's epoch chosen by ``select_key`` (never the reported split by default)."""
         cfg, S = self.cfg, len(self.cfg.seeds)
         steps = cfg.epochs * math.ceil(len(self.train_data) / cfg.batch_size)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -173,22 +231,16 @@ class Trainer:
         best_score = np.full(S, -np.inf)
         best: list[dict[str, Any]] = [{} for _ in range(S)]
         waited = np.zeros(S, dtype=int)
-        history: list[dict[str, Any]] = []
-        main_split = self.eval_splits[0]
         with ResourceMeter(self.device) as meter:
+            start, _ = self.evaluate()  # epoch 0: the untrained side network leaves the backbone's prediction
+            frozen = self.frozen_start(start)
+            history: list[dict[str, Any]] = [self._history_row(0, None, start)]
+            self._say(0, None, start)
             for epoch in range(1, cfg.epochs + 1):
                 train_loss = self._train_epoch(epoch, optimizer, scheduler)
-                per_seed: list[dict[str, float]] = [{} for _ in range(S)]
-                predictions = {}
-                for name in self.eval_splits:
-                    preds, labels = self.predict(name)
-                    predictions[name] = preds
-                    for k in range(S):
-                        metrics = compute_metrics(self.task, preds[k], labels)
-                        prefix = "" if name == main_split else f"{name}/"
-                        per_seed[k].update({prefix + m: v for m, v in metrics.items()})
+                per_seed, predictions = self.evaluate()
                 for k in range(S):
-                    score = per_seed[k][self.primary]
+                    score = per_seed[k][self.select_key]
                     if score > best_score[k]:
                         best_score[k], waited[k] = score, 0
                         best[k] = {"epoch": epoch, "metrics": per_seed[k], "state": self.model.seed_state_dict(k),
@@ -196,29 +248,54 @@ class Trainer:
                     else:
                         waited[k] += 1
                 history.append(self._history_row(epoch, train_loss, per_seed))
-                log.info("epoch %d: loss %.4f, %s %s", epoch, train_loss.mean(), self.primary,
-                         " ".join(f"{m[self.primary]:.2f}" for m in per_seed))
-                if self.progress:
-                    print(f"epoch {epoch}/{cfg.epochs}  loss {train_loss.mean():.4f}  {self.primary} "
-                          + " ".join(f"{m[self.primary]:.2f}" for m in per_seed), file=sys.stderr)
+                self._say(epoch, train_loss, per_seed)
                 if cfg.patience is not None and (waited >= cfg.patience).all():
                     break
         for k in range(S):
             self.model.load_seed_state_dict(k, best[k]["state"])
-        return self._write_outputs(best, history, meter.summary(), epochs_run=epoch)
+        return self._write_outputs(best, history, meter.summary(), epochs_run=epoch,
+                                   record=self._selection_record(frozen))
 
-    def _history_row(self, epoch: int, train_loss: np.ndarray, per_seed: list[dict[str, float]]) -> dict[str, Any]:
-        # "primary": the selection metric under one name for every task, so dvc plots can chart it.
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": round(float(train_loss.mean()), 6),
+    def _say(self, epoch: int, train_loss: np.ndarray | None, per_seed: list[dict[str, float]]) -> None:
+        loss = "frozen start" if train_loss is None else f"loss {train_loss.mean():.4f}"
+        scores = (f"{self.select_key} " + " ".join(f"{m[self.select_key]:.2f}" for m in per_seed)
+                  + (f"  {self.primary} " + " ".join(f"{m[self.primary]:.2f}" for m in per_seed)
+                     if self.select_key != self.primary else ""))
+        log.info("epoch %d: %s, %s", epoch, loss, scores)
+        if self.progress:
+            print(f"epoch {epoch}/{self.cfg.epochs}  {loss}  {scores}", file=sys.stderr)
+
+    def _history_row(self, epoch: int, train_loss: np.ndarray | None,
+                     per_seed: list[dict[str, float]]) -> dict[str, Any]:
+        # "primary": the validation metric under one name for every task, so dvc plots can chart it;
+        # "select_on" says which split's scores chose the epoch (validation: optimistic).
+        row: dict[str, Any] = {"epoch": epoch,
+                               "train_loss": "" if train_loss is None else round(float(train_loss.mean()), 6),
+                               "select_on": self.cfg.select_on,
                                "primary": round(float(np.mean([m[self.primary] for m in per_seed])), 4)}
         for metric in per_seed[0]:
             row[metric] = round(float(np.mean([m[metric] for m in per_seed])), 4)
         for seed, metrics in zip(self.cfg.seeds, per_seed):
             row[f"{self.primary}_seed{seed}"] = round(metrics[self.primary], 4)
+            row[f"{SELECTION}/{self.primary}_seed{seed}"] = round(metrics[f"{SELECTION}/{self.primary}"], 4)
         return row
 
+    def _selection_record(self, frozen: dict[str, Any]) -> dict[str, Any]:
+        """metrics.json's account of how the epochs were chosen, and of the frozen start and the majority rate."""
+        honest = self.cfg.select_on == SELECTION
+        return {
+            "select_on": self.cfg.select_on,
+            "select_metric": self.select_key,
+            "selected_on": (f"the {SELECTION} split (carved from {self.cfg.train_split}; the reported validation "
+                            "scores chose nothing)" if honest else
+                            "VALIDATION: the reported split itself chose each seed's epoch (optimistic)"),
+            SELECTION: self.selection,
+            "frozen_start": frozen,
+            "majority_baseline": self.majority_baseline(),
+        }
+
     def _write_outputs(self, best: list[dict[str, Any]], history: list[dict[str, Any]],
-                       resources: dict[str, Any], epochs_run: int) -> dict[str, Any]:
+                       resources: dict[str, Any], epochs_run: int, record: dict[str, Any]) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         for k, seed in enumerate(cfg.seeds):
@@ -242,6 +319,7 @@ class Trainer:
             "seeds": seeds,
             "resources": {**resources, "train_rows_in_memory": self.train_data.in_memory,
                           "read_time_s": round(self.train_data.read_seconds, 3)},
+            **record,
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         with open(out / "history.csv", "w", newline="") as handle:
@@ -263,6 +341,18 @@ class Trainer:
             "settings": recorded["identity"]["settings"], "layout": recorded["layout"]}}
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return metrics
+
+
+def result_line(metrics: dict[str, Any]) -> str:
+    """The one line `pipeline train` and the DVC stage print: validation scores, how the epochs were chosen,
+    and what they started from."""
+    mean, std, primary = metrics["mean"], metrics["std"], metrics["primary_metric"]
+    shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
+    chosen = ("epochs chosen on the selection split" if metrics["select_on"] == SELECTION
+              else "epochs chosen ON VALIDATION (optimistic)")
+    return (f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}; {chosen}; "
+            f"frozen start {metrics['frozen_start']['mean'][primary]:.2f}, "
+            f"majority {metrics['majority_baseline'][primary]:.2f}")
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
