@@ -69,6 +69,21 @@ def measured(device: torch.device, fn: Callable[[], Any]) -> tuple[dict[str, Any
             "cpu_j": s["cpu_energy_j"]}, result
 
 
+def disk_write_mib_s(folder: Path, mib: int = 1024) -> float:
+    """Sequential write bandwidth of ``folder``'s disk (random bytes, fsync'd): what a store's writes can reach."""
+    block = np.random.default_rng(0).integers(0, 256, 64 * 2**20, dtype=np.uint8).tobytes()
+    path = folder / "disk-probe.bin"
+    started = time.perf_counter()
+    with open(path, "wb") as handle:
+        for _ in range(max(1, mib // 64)):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return max(1, mib // 64) * 64 / seconds
+
+
 def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: str) -> ExtractConfig:
     return ExtractConfig(model=str(model), task=args.task, out=str(out), glue_dir=args.glue_dir,
                          splits=("train", "validation"), max_length=args.max_length, batch_tokens=args.batch_tokens,
@@ -134,7 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_path = build_random_backbone(args.shape, work / "model", glue_dir=args.glue_dir, tokenizer=args.tokenizer)
     backbone = load_backbone(str(model_path), dtype="bfloat16", device=args.device)
     data = gather_splits(extraction_config(args, model_path, work / "x.zarr", "all"), _task(args.task))
-    result: dict[str, Any] = {"device": str(device), "examples": len(data["train"])}
+    result: dict[str, Any] = {"device": str(device), "examples": len(data["train"]),
+                              "disk_mib_s": disk_write_mib_s(work, args.disk_probe_mib)}
     extractions = {}
     for tokens in ("all", "pooled"):
         ext = Extraction(extraction_config(args, model_path, work / f"{tokens}.zarr", tokens), progress=False,
@@ -215,6 +231,11 @@ def render(args: argparse.Namespace, r: dict[str, Any], command: str) -> str:
               f"{S} seeds / 1 seed **{tS / t1:.2f}** (target <= 1.5). Pooled store: {S} seeds / plain "
               f"{r[f'train_pooled_{S}']['epoch']['wall'] / plain:.2f}, {S}/1 "
               f"{r[f'train_pooled_{S}']['epoch']['wall'] / r['train_pooled_1']['epoch']['wall']:.2f}.",
+              "",
+              f"Disk: sequential write {r['disk_mib_s']:,.0f} MiB/s (fsync'd, in the work folder). The per-token store "
+              f"took {r['disk_all'] / 2**20:,.0f} MiB on disk; written at the plain forward's pace that is "
+              f"{r['disk_all'] / 2**20 / plain:,.0f} MiB/s, so the disk alone bounds extraction/plain at "
+              f"{min(1.0, r['disk_mib_s'] * plain / (r['disk_all'] / 2**20)):.2f} here.",
               "", f"Command: `{command}`", ""]
     return "\n".join(lines)
 
@@ -234,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rnn-dim", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--finetune-batch-tokens", type=int, default=4096)
+    p.add_argument("--disk-probe-mib", type=int, default=1024, help="MiB written to measure the disk's bandwidth")
     p.add_argument("--work", default=None, help="folder for the model and stores [a new temporary folder]")
     p.add_argument("--benchmarks", default=str(REPO / "BENCHMARKS.md"), help="file whose '## GPU' section is rewritten")
     return p.parse_args(argv)
