@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N examples of each split")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-tokens", type=int, default=16384)
-    p.add_argument("--writers", type=int, default=4)
+    p.add_argument("--writers", type=int, default=min(8, os.cpu_count() or 1), help="extraction writer threads")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--rnn-dim", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
