@@ -1,7 +1,8 @@
 """Stage one's work: run a frozen backbone once over a task's splits and fill the store.
 
-Blocks are the unit of work and of resumption: a block is computed, handed to a writer thread
-(so the backbone never waits on disk), written as whole shards, and only then marked done.
+Blocks are the unit of work and of resumption: a block is computed, handed to a pool of writer
+threads (so the backbone never waits on compression or disk; blocks in flight are bounded), written
+as whole shards, and only then marked done.
 A rerun skips done blocks; batching happens inside a block, so a resumed block is computed
 exactly as it would have been in one uninterrupted run.
 """
