@@ -49,7 +49,6 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import pipeline.extraction.stage as extraction_module  # noqa: E402
 from pipeline.common.config import ExtractConfig  # noqa: E402
 from pipeline.common.settings import field_of  # noqa: E402
 from pipeline.extraction import Extraction, length_batches  # noqa: E402
@@ -119,6 +118,9 @@ def plain_forward(backbone: Backbone, batches: list[list[list[int]]]) -> None:
     """The floor: the frozen model over the same padded batches, nothing kept, no hidden states."""
     model, device = backbone.model, backbone.device
     pad_id = backbone.tokenizer.pad_token_id or 0
+    # The same precision as Backbone.forward: bf16 autocast on CUDA, float32 on CPU.
+    autocast = torch.autocast(device.type, dtype=backbone.autocast_dtype or torch.bfloat16,
+                              enabled=backbone.autocast_dtype is not None)
     for batch in batches:
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -127,13 +129,14 @@ def plain_forward(backbone: Backbone, batches: list[list[list[int]]]) -> None:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        if backbone.family == "seq2seq":
-            start = torch.full((len(batch), 1), model.config.decoder_start_token_id, device=device)
-            model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=False)
-        elif backbone.family == "decoder":
-            model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=False)
-        else:
-            model(input_ids=input_ids, attention_mask=mask, output_hidden_states=False)
+        with autocast:
+            if backbone.family == "seq2seq":
+                start = torch.full((len(batch), 1), model.config.decoder_start_token_id, device=device)
+                model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=False)
+            elif backbone.family == "decoder":
+                model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=False)
+            else:
+                model(input_ids=input_ids, attention_mask=mask, output_hidden_states=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -150,12 +153,7 @@ def make_config(args: argparse.Namespace, out: Path, **overrides: Any) -> Extrac
 
 def run_extraction(cfg: ExtractConfig, backbone: Backbone) -> tuple[Extraction, dict[str, Any]]:
     """One real extraction into cfg.out (the already-loaded backbone is reused: load time is not counted)."""
-    original = extraction_module.load_backbone
-    extraction_module.load_backbone = lambda *a, **k: backbone
-    try:
-        ext = Extraction(cfg, progress=False)
-    finally:
-        extraction_module.load_backbone = original
+    ext = Extraction(cfg, progress=False, backbone=backbone)
     clock = Clock()
     undo = instrument_model(backbone, clock)
     bb_tokenize = backbone.tokenize

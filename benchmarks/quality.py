@@ -254,9 +254,8 @@ def cmd_table(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def write_section(section: str, body: str) -> None:
-    """Replace (or append) one '## ' section of BENCHMARKS.md, leaving every other section as it is."""
-    path = REPO / "BENCHMARKS.md"
+def write_section(section: str, body: str, path: Path = REPO / "BENCHMARKS.md") -> None:
+    """Replace (or append) one '## ' section of BENCHMARKS.md (or ``path``), leaving every other section as it is."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):

@@ -6,14 +6,14 @@ Run from the repository root (the store is the RTE one that benchmarks/quality.p
 
 For each data mode -- held in memory (default budget) and streamed block by block (memory_budget=0,
 background prefetch) -- and for S = 1 and S = 5 seeds (0..S-1), a ``Trainer`` is built once and its
-real ``_train_epoch`` is timed, the two S interleaved in ABBA order over ``--reps`` rounds (the
+real ``train_epoch`` is timed, the two S interleaved in ABBA order over ``--reps`` rounds (the
 machine is shared, so the ratio is taken per round and then the median). Reported per mode: median
 epoch seconds for each S, the median per-round ratio t(5)/t(1) (target <= 2.5), and the share of
 the epoch spent reading the store (``Trainer.train_data.read_seconds``: zarr reads + decode +
 bf16 view; in memory it is paid once, before the first epoch, and shown separately; streamed it is
 paid every epoch in a prefetch thread, overlapped with compute).
 
-A breakdown of one more epoch per S (same loop as ``Trainer._train_epoch``, with timers) says where
+A breakdown of one more epoch per S (same loop as ``Trainer.train_epoch``, with timers) says where
 the time goes: batch assembly (gather + widen to float32), forward + loss, backward, clip + AdamW.
 
 Only the "## Training throughput (stage two)" section of BENCHMARKS.md is rewritten.
@@ -56,15 +56,15 @@ def make(cache: str, seeds: int, budget: str | int, args: argparse.Namespace):
 
 
 def timed_epoch(trainer, opt, sched, epoch: int) -> tuple[float, float, float]:
-    """(wall s, process CPU s over all threads, read s) of one real Trainer._train_epoch."""
+    """(wall s, process CPU s over all threads, read s) of one real Trainer.train_epoch."""
     read0 = trainer.train_data.read_seconds
     started, cpu0 = time.perf_counter(), time.process_time()
-    trainer._train_epoch(epoch, opt, sched)
+    trainer.train_epoch(epoch, opt, sched)
     return time.perf_counter() - started, time.process_time() - cpu0, trainer.train_data.read_seconds - read0
 
 
 def breakdown(trainer, opt, sched, epoch: int) -> dict[str, float]:
-    """One epoch with the loop of Trainer._train_epoch, timed per phase."""
+    """One epoch with the loop of Trainer.train_epoch, timed per phase."""
     t = {"batch": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
     clock = time.process_time  # CPU seconds: robust to other jobs on the shared cores
     trainer.model.train()

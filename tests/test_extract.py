@@ -267,7 +267,8 @@ def test_killed_extraction_resumes_to_the_same_store(minilm, tmp_path, glue_dir)
     command = [sys.executable, "-m", "pipeline.cli", "extract", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = str(tmp_path / "killed.zarr")
-    proc = subprocess.Popen([*command, "--out", killed], env=env, cwd=REPO)
+    # The killed run and its resume write with a pool of writers, the clean one with a single writer.
+    proc = subprocess.Popen([*command, "--out", killed, "--writers", "4"], env=env, cwd=REPO)
     deadline = time.time() + 240
     done = None
     while time.time() < deadline and proc.poll() is None:
@@ -283,9 +284,9 @@ def test_killed_extraction_resumes_to_the_same_store(minilm, tmp_path, glue_dir)
     proc.wait()
     interrupted = np.asarray(zarr.open_group(killed, mode="r")["train"]["blocks_done"][:])
     assert 0 < interrupted.sum() < len(interrupted)
-    assert subprocess.run([*command, "--out", killed], env=env, cwd=REPO).returncode == 0
+    assert subprocess.run([*command, "--out", killed, "--writers", "4"], env=env, cwd=REPO).returncode == 0
     clean = str(tmp_path / "clean.zarr")
-    assert subprocess.run([*command, "--out", clean], env=env, cwd=REPO).returncode == 0
+    assert subprocess.run([*command, "--out", clean, "--writers", "1"], env=env, cwd=REPO).returncode == 0
     a, b = CacheStore(killed), CacheStore(clean)
     assert a.fingerprint == b.fingerprint
     sa, sb = a.split("train"), b.split("train")
@@ -294,6 +295,7 @@ def test_killed_extraction_resumes_to_the_same_store(minilm, tmp_path, glue_dir)
     np.testing.assert_array_equal(np.asarray(sa.hidden("encoder")[:]), np.asarray(sb.hidden("encoder")[:]))
     np.testing.assert_array_equal(sa.labels, sb.labels)
     assert verify_store(killed) == []
+    assert tree_bytes(killed) == tree_bytes(clean)  # byte for byte, whatever the writers and the kill
 
 
 @pytest.mark.slow

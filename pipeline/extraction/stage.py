@@ -1,7 +1,8 @@
 """Stage one's work: run a frozen backbone once over a task's splits and fill the store.
 
-Blocks are the unit of work and of resumption: a block is computed, handed to a writer thread
-(so the backbone never waits on disk), written as whole shards, and only then marked done.
+Blocks are the unit of work and of resumption: a block is computed, handed to a pool of writer
+threads (so the backbone never waits on compression or disk; blocks in flight are bounded), written
+as whole shards, and only then marked done.
 A rerun skips done blocks; batching happens inside a block, so a resumed block is computed
 exactly as it would have been in one uninterrupted run.
 """
@@ -30,6 +31,7 @@ from pipeline.common.errors import (
 from pipeline.common.progress import progress_bar
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.extraction.backbones import (
+    Backbone,
     load_backbone,
     model_content_hash,
     model_label_logits,
@@ -55,10 +57,16 @@ from pipeline.store import (
     logical_view,
     path_kind,
     plan_blocks,
+    stored_view,
+    torch_dtype,
 )
 from pipeline.store.format import keeps_every_token
 
 log = logging.getLogger(__name__)
+
+
+# A computed block: stored rows per side, token ids per side, and the event ending their copy from the device.
+ComputedBlock = tuple[dict[str, np.ndarray], dict[str, np.ndarray], "torch.cuda.Event | None"]
 
 
 def software_versions() -> dict[str, str]:
@@ -88,7 +96,7 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
 
 
 def copy_states(
-    dest: np.ndarray,
+    dest: np.ndarray | torch.Tensor,
     dtype: str,
     states: Sequence[torch.Tensor],
     layers: Sequence[int],
@@ -108,13 +116,14 @@ def copy_states(
     on the way (numpy/ml_dtypes casts: round to nearest even, bit-identical to ``Tensor.to``): one pass,
     no temporaries, and no torch intra-op threads — thousands of small parallel torch copies stall
     on thread hand-offs, worst of all on a busy machine. On an accelerator the kept rows are gathered
-    and converted there and cross to the host in one transfer (many small device-to-host copies
-    would each synchronise).
+    and converted there; ``dest`` is then either a block buffer on the device (one scatter, no host
+    sync: the block crosses to the host once, whole) or a host array (one transfer per batch; many
+    small device-to-host copies would each synchronise).
     """
     if on_device is None:
         on_device = states[0].device.type != "cpu"
-    target = logical_view(dest, dtype)
     if not on_device:
+        target = logical_view(dest, dtype)
         for j, layer in enumerate(layers):
             h = logical_view(states[layer])
             for k, (n, start) in enumerate(zip(lengths, starts)):
@@ -125,17 +134,23 @@ def copy_states(
         return
     device = states[0].device
     batch, width = states[0].shape[:2]
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
     if pooled:
         valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         counts = valid.sum(dim=1, keepdim=True).float()
         packed = torch.stack([(states[l].float() * valid[..., None]).sum(dim=1) / counts for l in layers], dim=1)
         rows = [1] * batch  # (B, layers, d)
     else:
-        index = torch.cat([k * width + torch.arange(n) for k, n in enumerate(lengths)]).to(device)
+        index = torch.from_numpy(np.concatenate([k * width + np.arange(n) for k, n in enumerate(lengths)]))
+        index = index.to(device, non_blocking=True)
         packed = torch.stack([states[l].flatten(0, 1).index_select(0, index) for l in layers], dim=1)
         rows = list(lengths)  # (sum of lengths, layers, d)
-    host = logical_view(packed.to(torch_dtype).cpu())
+    packed = packed.to(torch_dtype(dtype))
+    if isinstance(dest, torch.Tensor):
+        places = np.concatenate([np.arange(start, start + n) for n, start in zip(rows, starts)])
+        dest.index_copy_(0, torch.from_numpy(places).to(dest.device, non_blocking=True), packed)
+        return
+    target = logical_view(dest, dtype)
+    host = logical_view(packed.cpu())
     offset = 0
     for n, start in zip(rows, starts):
         target[start : start + n] = host[offset : offset + n]
@@ -202,7 +217,9 @@ def model_identity(revision: str, name: str) -> str:
 class Extraction:
     """Holds the loaded backbone and the open store while splits are extracted."""
 
-    def __init__(self, cfg: ExtractConfig, *, progress: bool = True, data: dict[str, GlueSplit] | None = None) -> None:
+    def __init__(self, cfg: ExtractConfig, *, progress: bool = True, data: dict[str, GlueSplit] | None = None,
+                 backbone: Backbone | None = None) -> None:
+        """``backbone``: one already loaded for ``cfg`` (its model, dtype and device), e.g. reused across stores."""
         self.cfg = cfg
         self.progress = progress
         self.task = get_task(cfg.task)
@@ -210,7 +227,7 @@ class Extraction:
         for name, split in self.data.items():
             if len(split) == 0:
                 raise EmptySplitError(f"split {name!r} of {self.task.name} has no examples")
-        self.backbone = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.backbone = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.label_ids = self.backbone.label_token_ids(self.task)
         self.label_rows = self.backbone.label_rows(self.task)
         bb = self.backbone
@@ -270,14 +287,16 @@ class Extraction:
         total = int(sum(plan.block_starts[j + 1] - plan.block_starts[j] for j in todo))
         bar = progress_bar(total=total, desc=f"{self.task.name}/{name}", unit="ex", enabled=self.progress)
         started, seen_tokens = time.perf_counter(), 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool:
+        # A pool of writers: blocks compress and write in parallel (zarr and blosc release the GIL), each
+        # marked done only after its own shards and checksum; at most writers + 1 blocks in flight.
+        with ThreadPoolExecutor(max_workers=cfg.writers, thread_name_prefix="zarr-writer") as pool:
             pending: list[Future] = []
             for j in todo:
                 lo, hi = int(plan.block_starts[j]), int(plan.block_starts[j + 1])
-                hidden, ids = self._compute_block(token_ids[lo:hi], plan, j, lo)
-                while len(pending) >= 2:  # at most two blocks in flight: bounded memory
+                block = self._compute_block(token_ids[lo:hi], plan, j, lo)
+                while len(pending) > cfg.writers:
                     pending.pop(0).result()
-                pending.append(pool.submit(self.writer.write_block, name, j, hidden, ids))
+                pending.append(pool.submit(self._write, name, j, block))
                 seen_tokens += int(n_tokens[lo:hi].sum())
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.update(hi - lo)
@@ -288,13 +307,26 @@ class Extraction:
         if not self.writer.mark_complete(name):
             log.warning("%s/%s: this part is done; the split completes when every part has run", self.task.name, name)
 
-    def _compute_block(
-        self, token_ids: list[list[int]], plan: BlockPlan, block: int, first: int
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _write(self, name: str, j: int, block: ComputedBlock) -> None:
+        """Writer thread: wait for the block's device-to-host copy (if any), then write it."""
+        hidden, ids, copied = block
+        if copied is not None:
+            copied.synchronize()
+        self.writer.write_block(name, j, hidden, ids)
+
+    def _compute_block(self, token_ids: list[list[int]], plan: BlockPlan, block: int, first: int) -> ComputedBlock:
+        """One block's stored rows and token ids; on CUDA, with the event that ends their copy to the host.
+
+        On an accelerator the block is assembled in device memory and crosses to pinned host memory in
+        one asynchronous copy: the forward of the next block is queued at once.
+        """
         cfg, bb = self.cfg, self.backbone
-        hidden = {
-            side: np.zeros((plan.capacity[side], len(layers), bb.d_model), dtype=STORED_DTYPES[cfg.dtype])
-            for side, layers in self.layers.items()
+        on_device = bb.device.type == "cuda"
+        shapes = {side: (plan.capacity[side], len(layers), bb.d_model) for side, layers in self.layers.items()}
+        hidden: dict[str, Any] = {
+            side: torch.zeros(shape, dtype=torch_dtype(cfg.dtype), device=bb.device) if on_device
+            else np.zeros(shape, dtype=STORED_DTYPES[cfg.dtype])
+            for side, shape in shapes.items()
         }
         ids_out = {side: np.full(plan.capacity[side], -1, dtype=np.int32) for side in self.layers if self.per_token[side]}
         base = {side: block * plan.capacity[side] for side in self.layers}
@@ -312,7 +344,14 @@ class Extraction:
                     for start, ids in zip(starts, batch_ids):
                         ids_out[side][start : start + len(ids)] = ids
             del out
-        return hidden, ids_out
+        if not on_device:
+            return hidden, ids_out, None
+        host = {side: torch.empty(shapes[side], dtype=torch_dtype(cfg.dtype), pin_memory=True) for side in hidden}
+        for side, rows in hidden.items():
+            host[side].copy_(rows, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return {side: stored_view(rows, cfg.dtype) for side, rows in host.items()}, ids_out, copied
 
     def _check_label_rows(self, out: dict[str, Any], batch: list[list[int]]) -> None:
         """Once per run: the stored label rows must reproduce the model's own label logits."""

@@ -19,7 +19,9 @@ from pipeline.store.format import (
     fingerprint,
     logical_view,
     plan_blocks,
+    stored_view,
     to_float32,
+    torch_dtype,
     torch_view,
 )
 from pipeline.store.meta import (
@@ -47,5 +49,5 @@ __all__ = [
     "CachedSplit", "ExtractionSettings", "SplitData", "SplitInfo", "StoreIdentity", "StoreLayout", "StoreMeta",
     "StoreWriter", "TaskInfo", "block_layout", "block_rows", "check_target", "checksum", "compressor", "examples_hash",
     "exclusive_extraction", "fingerprint", "logical_view", "path_kind", "plan_blocks", "remove_store",
-    "summarize_store", "to_float32", "torch_view", "verify_store",
+    "summarize_store", "stored_view", "to_float32", "torch_dtype", "torch_view", "verify_store",
 ]

@@ -234,3 +234,19 @@ def torch_view(raw: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(raw)
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a stored dtype's logical values."""
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def stored_view(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """A CPU tensor in the logical dtype -> the stored rows (bf16 as uint16 bits), sharing memory."""
+    import torch
+
+    if dtype == "bfloat16":
+        return values.view(torch.int16).numpy().view(np.uint16)
+    return values.numpy()

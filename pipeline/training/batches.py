@@ -1,13 +1,17 @@
-"""Batches of cached states for stage two: held in memory when they fit, else streamed by block.
+"""Batches of cached states for stage two: held on the training device when they fit, else streamed by block.
 
 Either way the unit is a ``Chunk``: the rows of some blocks packed densely (no shard padding),
 kept in the stored dtype (bfloat16 bits are viewed as ``torch.bfloat16`` without a copy) and
-widened to float32 one batch at a time.
+widened to float32 one batch at a time, on the device that holds the chunk. On CPU that device is
+the host (the rows are the store's own buffers); on CUDA a split that fits the budget is copied there
+once, and a streamed chunk crosses from pinned host memory with a non-blocking copy on a side stream,
+overlapping the previous chunk's compute. One gather path serves both.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +23,8 @@ import torch
 from pipeline.common.errors import TrainingError
 from pipeline.store import CachedSplit, torch_view
 from pipeline.training.network import SideBatch
+
+READ_THREADS = 8  # blocks decompressed at once when a chunk of several is read
 
 
 @dataclass
@@ -38,25 +44,55 @@ class Chunk:
         starts = {side: np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) for side, c in counts.items()}
         return cls(examples, labels, states, starts, counts)
 
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    def to(self, device: torch.device, *, non_blocking: bool = False) -> Chunk:
+        """The same rows on ``device`` (itself when already there); index arrays stay on the host."""
+        if self.device == torch.device(device):
+            return self
+        return Chunk(self.examples, self.labels.to(device, non_blocking=non_blocking),
+                     {side: t.to(device, non_blocking=non_blocking) for side, t in self.states.items()},
+                     self.starts, self.counts)
+
+    def pin_memory(self) -> Chunk:
+        """Host rows in page-locked memory, so a copy to CUDA can run asynchronously."""
+        return Chunk(self.examples, self.labels.pin_memory(),
+                     {side: t.pin_memory() for side, t in self.states.items()}, self.starts, self.counts)
+
     def batch(self, picks: np.ndarray) -> SideBatch:
-        """Gather examples ``picks`` (positions in this chunk) as float32, tokens flattened."""
+        """Gather examples ``picks`` (positions in this chunk) as float32 on the chunk's device, tokens flattened.
+
+        Index arrays are built on the host (numpy) and sent with non-blocking copies: no step waits
+        for the device.
+        """
+        device = self.device
+
+        def tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(values).to(device, non_blocking=True)
+
         fields: dict[str, torch.Tensor | None] = {}
         for side, states in self.states.items():
             counts = self.counts[side][picks]
             starts = self.starts[side][picks]
             if side == "decoder" or counts.max() == 1 and counts.min() == 1:
-                rows = torch.from_numpy(starts)
-                gathered = states.index_select(0, rows).float()
-                if side == "decoder":
-                    fields["decoder"] = gathered
-                else:
-                    fields["encoder"] = gathered
+                fields[side] = states.index_select(0, tensor(starts)).float()
                 continue
             index = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
-            fields["encoder"] = states.index_select(0, torch.from_numpy(index)).float()
-            fields["encoder_segment"] = torch.from_numpy(np.repeat(np.arange(len(picks)), counts))
-            fields["encoder_first"] = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
-        return SideBatch(labels=self.labels[picks], **fields)
+            fields["encoder"] = states.index_select(0, tensor(index)).float()
+            fields["encoder_segment"] = tensor(np.repeat(np.arange(len(picks)), counts))
+            fields["encoder_first"] = tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        return SideBatch(labels=self.labels[tensor(picks)], **fields)
+
+
+def read_blocks(split: CachedSplit, blocks: Sequence[int], side: str) -> list[np.ndarray]:
+    """Blocks read (and checked) by a few threads at once: decompression releases the GIL and dominates."""
+    workers = min(READ_THREADS, len(blocks), os.cpu_count() or 1)
+    if workers <= 1:
+        return [split.read_block(j, side) for j in blocks]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        return list(pool.map(lambda j: split.read_block(j, side), blocks))
 
 
 def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) -> Chunk:
@@ -67,7 +103,7 @@ def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) 
     examples = np.concatenate([np.arange(split.block_starts[j], split.block_starts[j + 1]) for j in blocks])
     states, counts = {}, {}
     for side in split.sides:
-        parts = [split.read_block(j, side) for j in blocks]
+        parts = read_blocks(split, blocks, side)
         for j, part in zip(blocks, parts):  # every value, one block at a time (bounded temporaries)
             if not torch.isfinite(torch_view(part, split.dtype)).all():
                 raise TrainingError(
@@ -82,19 +118,27 @@ def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) 
 
 
 class SplitBatches:
-    """Yields ``SideBatch``es of a split (or of a subset of its examples), from memory or streamed, in a seeded order."""
+    """Yields ``SideBatch``es of a split (or of a subset of its examples) on ``device``, from memory or streamed,
+    in a seeded order.
 
-    def __init__(self, split: CachedSplit, labels: torch.Tensor, *, memory_budget: int, shuffle_buffer: int = 8) -> None:
+    ``memory_budget`` bounds the rows held at once on ``device`` (the host when it is the CPU): a split
+    that fits stays there in the stored dtype for the whole run; a larger one is streamed.
+    """
+
+    def __init__(self, split: CachedSplit, labels: torch.Tensor, *, memory_budget: int, shuffle_buffer: int = 8,
+                 device: torch.device | str = "cpu") -> None:
         self.split = split
         self.labels = labels
         nbytes = sum(split.nbytes(side) for side in split.sides)
         self.in_memory = nbytes <= memory_budget
         self.shuffle_buffer = shuffle_buffer
         self.nbytes = nbytes
+        self.device = torch.device(device)
         self._all: Chunk | None = None
         self._reads = [0.0]  # seconds spent reading, shared with every subset of this split
         self.examples: np.ndarray | None = None  # sorted indices into the split; None: every example
         self._keep: np.ndarray | None = None  # (len(split),) bool mask of ``examples``
+        self._copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.split) if self.examples is None else len(self.examples)
@@ -127,7 +171,7 @@ class SplitBatches:
     def preload(self) -> None:
         """Read a split that is held in memory now rather than at its first epoch (streamed: nothing)."""
         if self.in_memory and self._all is None:
-            self._all = self._timed_load(list(range(self.split.num_blocks)))
+            self._all = self._timed_load(list(range(self.split.num_blocks))).to(self.device)
 
     def _timed_load(self, blocks: Sequence[int]) -> Chunk:
         import time
@@ -136,6 +180,27 @@ class SplitBatches:
         chunk = load_chunk(self.split, blocks, self.labels)
         with _lock:
             self._reads[0] += time.perf_counter() - started
+        return chunk
+
+    def _streamed(self, blocks: Sequence[int]) -> tuple[Chunk, torch.cuda.Event | None]:
+        """A group of blocks read on the prefetch thread; for CUDA, pinned and sent on the copy stream."""
+        chunk = self._timed_load(blocks)
+        if self._copies is None:
+            return chunk, None
+        with torch.cuda.stream(self._copies):
+            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copies)
+        return chunk, done
+
+    def _arrived(self, streamed: tuple[Chunk, torch.cuda.Event | None]) -> Chunk:
+        """Make the compute stream wait for a streamed chunk's copy (no host sync) and own its memory."""
+        chunk, done = streamed
+        if done is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)
+            for t in (chunk.labels, *chunk.states.values()):
+                t.record_stream(compute)
         return chunk
 
     def epoch(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[tuple[np.ndarray, SideBatch]]:
@@ -155,10 +220,10 @@ class SplitBatches:
             rng.shuffle(blocks)
         groups = [list(blocks[i : i + self.shuffle_buffer]) for i in range(0, len(blocks), self.shuffle_buffer)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            upcoming: Future | None = pool.submit(self._timed_load, groups[0]) if groups else None
+            upcoming: Future | None = pool.submit(self._streamed, groups[0]) if groups else None
             for g in range(len(groups)):
-                chunk = upcoming.result()
-                upcoming = pool.submit(self._timed_load, groups[g + 1]) if g + 1 < len(groups) else None
+                chunk = self._arrived(upcoming.result())
+                upcoming = pool.submit(self._streamed, groups[g + 1]) if g + 1 < len(groups) else None
                 yield from _chunk_batches(chunk, batch_size, rng if shuffle else None, self._keep)
 
 

@@ -26,6 +26,7 @@ from pipeline.training.network import (
     SideBatch,
     SideNet,
     _DropoutStreams,
+    segment_counts,
     segment_mean,
 )
 
@@ -239,7 +240,7 @@ class ReadModel(nn.Module):
             if num_tokens != B:
                 raise ValueError(f"encoder has {num_tokens} tokens for {B} examples but no encoder_segment")
             return None, None, B
-        counts = torch.bincount(batch.encoder_segment, minlength=B)  # (B,)
+        counts = segment_counts(batch.encoder_segment, B)  # (B,)
         return batch.encoder_segment, counts, B
 
     def _first_tokens(self, batch: SideBatch, counts: Tensor | None) -> Tensor | None:

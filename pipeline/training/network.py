@@ -78,6 +78,11 @@ class SideBatch:
         return SideBatch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
 
+def segment_counts(segment: Tensor, num_segments: int) -> Tensor:
+    """Rows per segment (num_segments,) int64; unlike ``torch.bincount`` it never waits for the device."""
+    return segment.new_zeros(num_segments).index_add_(0, segment, torch.ones_like(segment))
+
+
 def segment_mean(
     values: Tensor, segment: Tensor | None, num_segments: int, counts: Tensor | None = None
 ) -> Tensor:
@@ -88,7 +93,7 @@ def segment_mean(
     if segment is None:
         return values
     if counts is None:
-        counts = torch.bincount(segment, minlength=num_segments)
+        counts = segment_counts(segment, num_segments)
     dim = values.dim() - 2
     shape = (*values.shape[:-2], num_segments, values.shape[-1])
     sums = values.new_zeros(shape).index_add(dim, segment, values)  # (..., B, F)

@@ -36,6 +36,8 @@ from pipeline.training.model import (
 from pipeline.training.selection import SELECTION, carve, describe
 
 log = logging.getLogger(__name__)
+FINITE_CHECK_EVERY = 64  # steps between loss checks: each is a host sync on an accelerator
+NEVER = 2**62  # "no non-finite loss yet" in the per-seed first-bad-step record
 
 
 def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> ReadConfig:
@@ -119,7 +121,8 @@ class Trainer:
         def batches(name: str) -> SplitBatches:
             split = self.store.split(name)
             labels = torch.from_numpy(np.asarray(split.labels)).to(label_dtype)
-            return SplitBatches(split, labels, memory_budget=cfg.memory_budget, shuffle_buffer=cfg.shuffle_buffer)
+            return SplitBatches(split, labels, memory_budget=cfg.memory_budget, shuffle_buffer=cfg.shuffle_buffer,
+                                device=self.device)
 
         if SELECTION in self.eval_splits:
             raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
@@ -141,29 +144,49 @@ class Trainer:
         self.out = Path(cfg.out_dir(self.task.name))
 
     # ---- one epoch -----------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> np.ndarray:
+    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> np.ndarray:
+        """One pass over the training split; the mean loss per seed (S,).
+
+        Losses are summed on the device and checked for finiteness every ``FINITE_CHECK_EVERY`` steps
+        and at the end (a host sync each time, not every step); a non-finite loss names the seed(s)
+        whose loss first went non-finite, as a check every step would.
+        """
         self.model.train()
-        totals, count = np.zeros(len(self.cfg.seeds)), 0
+        S = len(self.cfg.seeds)
+        totals = torch.zeros(S, dtype=torch.float64, device=self.device)
+        first_bad = torch.full((S,), NEVER, dtype=torch.long, device=self.device)
+        count = 0
         batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self.cfg.data_seed * 100_003 + epoch)
         steps = math.ceil(len(self.train_data) / self.cfg.batch_size)
-        for _, batch in progress_bar(batches, total=steps, desc=f"epoch {epoch}", unit="batch",
-                                     enabled=self.progress, leave=False):
+        for step, (_, batch) in enumerate(progress_bar(batches, total=steps, desc=f"epoch {epoch}", unit="batch",
+                                                       enabled=self.progress, leave=False)):
             batch = batch.to(self.device, non_blocking=True)
             losses = per_seed_loss(self.model(batch), batch.labels, self.task.kind)  # (S,)
-            if not torch.isfinite(losses).all():
-                bad = [s for s, ok in zip(self.cfg.seeds, torch.isfinite(losses).tolist()) if not ok]
-                raise TrainingError(
-                    f"non-finite training loss at epoch {epoch} for seed(s) {bad}; lower --lr or check the store "
-                    "with `pipeline verify`"
-                )
+            first_bad = torch.where(~torch.isfinite(losses) & (first_bad == NEVER), step, first_bad)
+            if (step + 1) % FINITE_CHECK_EVERY == 0:
+                self._check_finite(first_bad, epoch)
             losses.sum().backward()  # seeds share no parameters: each gets its own gradient
             clip_grad_norm_per_seed(self.model, self.cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            totals += losses.detach().cpu().numpy() * batch.num_examples
+            totals += losses.detach().double() * batch.num_examples
             count += batch.num_examples
-        return totals / max(count, 1)
+        self._check_finite(first_bad, epoch)
+        return totals.cpu().numpy() / max(count, 1)
+
+    _train_epoch = train_epoch  # run()'s name for it
+
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
+        """Raise if a seed's loss went non-finite: the seeds of the earliest such step."""
+        steps = first_bad.tolist()
+        earliest = min(steps)
+        if earliest != NEVER:
+            bad = [s for s, at in zip(self.cfg.seeds, steps) if at == earliest]
+            raise TrainingError(
+                f"non-finite training loss at epoch {epoch} for seed(s) {bad}; lower --lr or check the store "
+                "with `pipeline verify`"
+            )
 
     @torch.no_grad()
     def predict(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -172,10 +195,13 @@ class Trainer:
         data = self.selection_data if name == SELECTION else self.eval_data[name]
         preds = np.zeros((len(self.cfg.seeds), len(data)),
                          dtype=np.float32 if self.task.kind == "regression" else np.int64)
+        indices, values = [], []  # kept on the device until the end: one transfer, no sync per batch
         for index, batch in data.epoch(max(self.cfg.batch_size, 256), shuffle=False):
-            out = self.model(batch.to(self.device))
-            values = out if self.task.kind == "regression" else out.argmax(-1)
-            preds[:, data.positions(index)] = values.cpu().numpy()
+            out = self.model(batch.to(self.device, non_blocking=True))
+            indices.append(index)
+            values.append(out if self.task.kind == "regression" else out.argmax(-1))
+        if values:
+            preds[:, data.positions(np.concatenate(indices))] = torch.cat(values, dim=1).cpu().numpy()
         return preds, data.example_labels()
 
     def evaluate(self) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:

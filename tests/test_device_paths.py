@@ -1,0 +1,103 @@
+"""The paths that make both stages fast on an accelerator, checked on CPU against the plain ones.
+
+Stage two: rows held on the device vs streamed give the same batches and the same trained weights; a
+non-finite loss, checked only every few steps, still names the seeds a per-step check would. Stage
+one: the device-side block buffer holds what the host path writes; a pool of writers writes the same
+bytes as one writer (the kill -9 resume with a pool is in tests/test_extract.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic import tree_bytes
+
+from pipeline.common.config import ExtractConfig, TrainConfig
+from pipeline.common.errors import TrainingError
+from pipeline.extraction.stage import copy_states, extract
+from pipeline.store import STORED_DTYPES, CacheStore, stored_view, torch_dtype
+from pipeline.training import Trainer
+from pipeline.training.trainer import NEVER
+
+
+def trainer(cache: str, out: Path, **kw) -> Trainer:
+    cfg = TrainConfig(cache=cache, out=str(out), epochs=1, rnn_dim=16, batch_size=8, device="cpu",
+                      seeds=kw.pop("seeds", (0, 1)), patience=None, **kw)
+    return Trainer(cfg, progress=False)
+
+
+def one_epoch(t: Trainer) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    optimizer = torch.optim.AdamW(t.model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = t.train_epoch(1, optimizer, scheduler)
+    return loss, {name: p.detach().clone() for name, p in t.model.named_parameters()}
+
+
+def test_held_and_streamed_rows_train_the_same_weights(synthetic_store, tmp_path):
+    # One block: the streamed order is the held order, so batches and weights must agree bit for bit.
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, block_tokens=10_000).path
+    held = trainer(cache, tmp_path / "a", memory_budget=2**40)
+    streamed = trainer(cache, tmp_path / "b", memory_budget=0)
+    assert held.train_data.in_memory and not streamed.train_data.in_memory
+    assert held.train_data.split.num_blocks == 1 and held.train_data.device == torch.device("cpu")
+    untrained = dict(held.model.named_parameters())
+    untrained = {n: p.detach().clone() for n, p in untrained.items()}
+    loss_a, weights_a = one_epoch(held)
+    loss_b, weights_b = one_epoch(streamed)
+    np.testing.assert_array_equal(loss_a, loss_b)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    assert any(not torch.equal(weights_a[n], p) for n, p in untrained.items())  # it did train
+    np.testing.assert_array_equal(held.predict("validation")[0], streamed.predict("validation")[0])
+
+
+def test_a_non_finite_loss_names_the_seed_that_went_bad(t5_store, tmp_path):
+    t = trainer(t5_store, tmp_path, seeds=(0, 1, 2))
+    t.model.load_seed_state_dict(1, {n: torch.full_like(v, float("nan")) for n, v in t.model.seed_state_dict(1).items()})
+    with pytest.raises(TrainingError, match=r"non-finite training loss at epoch 1 for seed\(s\) \[1\];"):
+        one_epoch(t)
+
+
+def test_the_deferred_check_names_the_earliest_step_only(t5_store, tmp_path):
+    t = trainer(t5_store, tmp_path, seeds=(0, 7, 9))
+    t._check_finite(torch.full((3,), NEVER), 2)  # nothing went bad: no error
+    with pytest.raises(TrainingError, match=r"at epoch 2 for seed\(s\) \[7, 9\];"):
+        t._check_finite(torch.tensor([5, 3, 3]), 2)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_device_block_buffer_holds_what_the_host_path_writes(pooled):
+    """The accelerator's gather/convert/scatter, run on CPU tensors, against the per-slice host path."""
+    gen = torch.Generator().manual_seed(0)
+    states = [torch.randn(3, 7, 16, generator=gen) for _ in range(4)]
+    lengths, layers, dtype = [7, 2, 5], [0, 2, 3], "bfloat16"
+    rows = [1, 1, 1] if pooled else lengths
+    starts = [int(s) for s in np.cumsum([0, *rows[:-1]]) + 3]  # not from row 0: the scatter must place them
+    shape = (sum(rows) + 5, len(layers), 16)
+    host = np.zeros(shape, dtype=STORED_DTYPES[dtype])
+    copy_states(host, dtype, states, layers, lengths, starts, pooled=pooled, on_device=False)
+    block = torch.zeros(shape, dtype=torch_dtype(dtype))
+    copy_states(block, dtype, states, layers, lengths, starts, pooled=pooled, on_device=True)
+    device_rows = stored_view(block, dtype)
+    if pooled:  # float32 means summed in another order: equal up to one bf16 rounding step
+        np.testing.assert_allclose(torch.from_numpy(device_rows.view(np.int16)).view(torch.bfloat16).float(),
+                                   torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).float(), rtol=1e-2)
+    else:
+        np.testing.assert_array_equal(device_rows, host)
+    assert not device_rows[: starts[0]].any()
+
+
+def test_a_pool_of_writers_writes_the_same_bytes_as_one(tiny_t5, tmp_path, glue_dir):
+    stores = {}
+    for writers in (1, 4):
+        cfg = ExtractConfig(model=str(tiny_t5), task="rte", out=str(tmp_path / f"w{writers}.zarr"),
+                            glue_dir=str(glue_dir), splits="validation", limit=40, max_length=64, batch_tokens=256,
+                            block_tokens=128, writers=writers)
+        extract(cfg, progress=False)
+        stores[writers] = cfg.out_path
+    assert CacheStore(stores[4]).split("validation").num_blocks >= 6
+    assert tree_bytes(stores[1]) == tree_bytes(stores[4])

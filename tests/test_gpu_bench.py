@@ -1,0 +1,28 @@
+"""benchmarks/gpu.py runs end to end on CPU with a tiny shape and writes only the file it is given."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real = (REPO / "BENCHMARKS.md").read_bytes()
+    copy = tmp_path / "BENCHMARKS.md"
+    copy.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    assert module.main(["--shape", "t5-tiny", "--device", "cpu", "--limit", "24", "--task", "rte",
+                        "--glue-dir", str(glue_dir), "--tokenizer", str(tiny_t5), "--max-length", "64",
+                        "--seeds", "2", "--rnn-dim", "8", "--writers", "2", "--disk-probe-mib", "64",
+                        "--work", str(tmp_path / "work"), "--benchmarks", str(copy)]) == 0
+    text = copy.read_text()
+    assert "## Other\n\nkept" in text and "## GPU" in text and "no GPU (CPU run)" in text
+    for phase in ("plain forward epoch", "extraction, per-token store", "extraction, pooled store",
+                  "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 1 seed(s)",
+                  "full fine-tuning, one epoch", "Disk: sequential write", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
+        assert phase in text, phase
+    assert (REPO / "BENCHMARKS.md").read_bytes() == real
