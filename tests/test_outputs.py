@@ -97,7 +97,7 @@ def test_kill_9_during_training_then_rerun_gives_the_uninterrupted_run(store, tm
     subprocess.run(_train_command(store, killed)[:-2] + ["--epochs", "1"], env=env, check=True, capture_output=True)
     process = subprocess.Popen(_train_command(store, killed), env=env, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
-        if line.startswith("epoch 3/"):
+        if "epoch 3/" in line:
             break
     time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
