@@ -108,6 +108,11 @@ def tree(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def stamps(path: Path) -> dict[str, tuple[str, int]]:
+    """Relative path -> (sha256, mtime): a file rewritten with the same bytes still shows."""
+    return {name: (digest, (path / name).stat().st_mtime_ns) for name, digest in tree(path).items()}
+
+
 def blocks_done(store: Path) -> int:
     """Blocks flagged done (a flag's chunk exists only once set: its fill value is 0)."""
     return len(list(store.glob("*/blocks_done/c/*")))
@@ -167,16 +172,18 @@ def damaged_shards(setup: Setup) -> Iterator[Row]:
         named = len(fails) == 1 and f"{split}/{side} block {block}" in fails[0]
         refused, refusal = one_line_error(run(["train", "--cache", str(store), "--epochs", "1", "--device", "cpu",
                                                "--out", str(setup.work / "runs-damaged"), "--quiet"]))
-        before = tree(store)
+        before = stamps(store)
         repaired = run(setup.extract_args(store))
-        after = tree(store)
+        after = stamps(store)
         rewritten = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
-        outside = [p for p in rewritten if not re.match(rf"{split}/[^/]+(/[^/]+)?/c/{block}(/|$)", p)]
+        # Metadata (zarr.json) may be rewritten; data of any other block may not.
+        outside = [p for p in rewritten if not re.match(rf"{split}/[^/]+(/[^/]+)?/c/{block}(/|$)", p)
+                   and not p.endswith("zarr.json")]
         ok, text = same_as_clean(setup, store)
         yield Row(f"damaged shard: {how}", f"`{split}/{side}/hidden` shard of block {block}",
                   f"verify exit {verified.returncode}: `{fails[0] if fails else verified.stderr.strip()}`; "
-                  f"train: `{refusal}`; rerun extract changed {len(rewritten)} files, "
-                  f"{'all' if not outside else 'NOT only'} of block {block} of {split}"
+                  f"train: `{refusal}`; rerun extract rewrote {len(rewritten)} files, "
+                  f"{'the metadata and' if not outside else 'NOT only'} those of block {block} of {split}"
                   + (f" (also {', '.join(outside[:3])})" if outside else "") + f"; {text}",
                   verified.returncode == 1 and named and refused and repaired.returncode == 0 and not outside and ok,
                   "`pipeline verify S`; `pipeline train --cache S`; rerun the extract command")
@@ -298,7 +305,7 @@ def training_kills(setup: Setup) -> Iterator[Row]:
         shutil.rmtree(out, ignore_errors=True)
         run(train_args(setup, out, seeds="0,1,2", epochs=1))  # an earlier complete run in the same --out
         first = out / "adapters" / "seed_0" / "adapter_model.safetensors"
-        stamp = first.stat().st_mtime_ns
+        stamp, earlier = first.stat().st_mtime_ns, stamps(out)
         match = when(out)
         proc = start(train_args(setup, out), stderr=subprocess.DEVNULL if match is None else subprocess.PIPE)
         if match is None:  # watch the write phase: kill the moment the first output is replaced
@@ -311,7 +318,10 @@ def training_kills(setup: Setup) -> Iterator[Row]:
                     killed = True
                     break
             proc.wait()
+        now = stamps(out)
+        replaced = sum(now.get(name) != value for name, value in earlier.items())
         whole, state = whole_files(out)
+        state = f"{replaced} of the earlier run's {len(earlier)} files replaced at the kill; {state}"
         rerun = run(train_args(setup, out))
         same = rerun.returncode == 0 and run_outputs(out) == expected
         yield Row("kill -9 during `train`", f"over an earlier run (seeds 0,1,2); SIGKILL {label}",
