@@ -115,7 +115,7 @@ def stamps(path: Path) -> dict[str, tuple[str, int]]:
 
 def blocks_done(store: Path) -> int:
     """Blocks flagged done (a flag's chunk exists only once set: its fill value is 0)."""
-    return len(list(store.glob("*/blocks_done/c/*")))
+    return sum("." not in p.name for p in store.glob("*/blocks_done/c/*"))  # not zarr's temporary files
 
 
 def verify(store: Path) -> tuple[bool, list[str]]:
