@@ -405,6 +405,11 @@ def markdown(rows: list[Row], seconds: float) -> str:
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {cell(r.fault)} | {cell(r.inputs)} | {cell(r.outcome)} | "
                      f"{'pass' if r.passed else '**FAIL**'} | {cell(r.command)} |")
+    lines += ["", "A **FAIL** row is a finding, recorded as it happened. Found and fixed by the first runs of this "
+              "script: a `kill -9` while zarr was writing a block's flag left its temporary "
+              "`<file>.<uuid>.partial` in the store, so the resumed store held one file more than an "
+              "uninterrupted one; a whole extraction now deletes such leftovers under its lock "
+              "(`remove_orphaned_writes` in `pipeline/store/writer.py`)."]
     return "\n".join(lines) + "\n"
 
 
