@@ -9,10 +9,13 @@ scores around their mean, and the validation curves per epoch), so nobody has to
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from pipeline.common.files import atomic_write_bytes, atomic_write_text
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -204,7 +207,9 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
     backbones = ", ".join(sorted({str(r["backbone"]) for r in rows}))
     fig.suptitle(f"READ side networks on {backbones}: {len(summary['seeds'])} seed(s) per task")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
+    atomic_write_bytes(path, image.getvalue())
 
 
 def write_report(runs_dir: str = "runs", out_dir: str = "reports", tasks: list[str] | None = None) -> dict[str, Any]:
@@ -224,6 +229,6 @@ def write_report(runs_dir: str = "runs", out_dir: str = "reports", tasks: list[s
     text = markdown(summary)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(text)
+    atomic_write_text(out / "summary.md", text)
     plot(summary, runs, out / "summary.png")
     return {**summary, "markdown": text, "paths": {"markdown": str(out / "summary.md"), "image": str(out / "summary.png")}}

@@ -103,14 +103,13 @@ def test_permission_denied_names_the_path(monkeypatch, minilm, glue_dir, tmp_pat
 
 def test_disk_full_during_training_is_one_line(monkeypatch, t5_store, tmp_path):
     out = tmp_path / "run"
-    original = Path.write_text
 
-    def write_text_or_fail(self: Path, *args, **kwargs):
-        if out in self.parents:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return original(self, *args, **kwargs)
+    def open_or_fail(file: Path, *args, **kwargs):  # every run output is opened by pipeline.common.files
+        if out in Path(file).parents:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", write_text_or_fail)
+    monkeypatch.setattr("pipeline.common.files.open", open_or_fail, raising=False)
     result = CliRunner().invoke(main, ["train", "--cache", t5_store, "--out", str(out), "--epochs", "1",
                                        "--rnn-dim", "8", "--seeds", "0", "--device", "cpu", "--quiet"])
     assert_one_line(result, f"no space left on device writing {out}", "rerun the same command to resume")

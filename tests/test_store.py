@@ -324,3 +324,19 @@ def test_a_second_whole_extraction_on_the_same_store_refuses(tmp_path, tiny_glue
         holder.kill()
         holder.wait()
     assert not out.exists()
+
+
+def test_a_whole_extraction_removes_writes_a_killed_process_left(synthetic_store):
+    """kill -9 in the middle of zarr's write leaves <file>.<uuid>.partial; the next whole extraction deletes it."""
+    from pipeline.store.writer import exclusive_extraction
+
+    made = synthetic_store()
+    flags = Path(made.path) / "train" / "blocks_done" / "c"
+    orphan = flags / "1.0123456789abcdef0123456789abcdef.partial"
+    orphan.write_bytes(b"\x01")
+    mine = flags / "notes.partial"  # not zarr's pattern: not ours to delete
+    mine.write_bytes(b"")
+    before = tree_bytes(made.path)
+    with exclusive_extraction(made.path):
+        assert not orphan.exists() and mine.exists()
+    assert tree_bytes(made.path) == {k: v for k, v in before.items() if not k.endswith("cdef.partial")}

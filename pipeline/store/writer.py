@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -300,6 +301,27 @@ def exclusive_extraction(path: str) -> Iterator[None]:
             "or split the work between processes with --part I/N"
         ) from None
     try:
+        remove_orphaned_writes(path)
         yield
     finally:
         lock.release()
+
+
+# zarr's local store writes every file as ``<name>.<uuid4 hex>.partial`` and then renames it.
+_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_orphaned_writes(path: str) -> int:
+    """Delete the temporary files a killed process left mid-write (``kill -9``: no cleanup ran).
+
+    Called only under the whole-extraction lock, when nobody else writes the store, so every such
+    file is an orphan; without this a resumed store would equal an uninterrupted one except for
+    them. Returns how many were removed.
+    """
+    root = Path(path)
+    if "://" in path or not root.is_dir():
+        return 0
+    orphans = [p for p in root.rglob("*.partial") if _ORPHAN.search(p.name) and p.is_file()]
+    for orphan in orphans:
+        orphan.unlink()
+    return len(orphans)

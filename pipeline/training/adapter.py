@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.common.config import DTYPES
 from pipeline.common.errors import AdapterError, AdapterNotFoundError, ConfigError
+from pipeline.common.files import atomic_write_bytes, atomic_write_text, partial_path
 from pipeline.common.tasks import get_task
 from pipeline.store import SIDES, StoreMeta
 from pipeline.store.format import keeps_every_token
@@ -153,7 +155,7 @@ def _build(cls: type, data: Mapping[str, Any], what: str) -> Any:
 
 def save_adapter(directory: str | Path, model: ReadModel, k: int, config: AdapterConfig) -> None:
     """Write seed k of ``model`` as ``adapter_model.safetensors`` + ``adapter_config.json``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if config.read != model.config or config.seed != model.seeds[k]:
         raise ConfigError(f"adapter config (seed {config.seed}) does not describe seed {model.seeds[k]} of this model")
@@ -162,9 +164,31 @@ def save_adapter(directory: str | Path, model: ReadModel, k: int, config: Adapte
     tensors = {n: t.cpu().contiguous() for n, t in model.seed_state_dict(k).items()}
     if model.label_rows is not None:
         tensors["label_rows"] = model.label_rows.detach().cpu().contiguous()
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    text = json.dumps(config.to_dict(), sort_keys=True, indent=2) + "\n"
-    (directory / ADAPTER_CONFIG_NAME).write_text(text, encoding="utf-8")
+    atomic_write_bytes(directory / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(directory / ADAPTER_CONFIG_NAME, json.dumps(config.to_dict(), sort_keys=True, indent=2) + "\n")
+
+
+def remove_stale_adapters(root: str | Path, seeds: Iterable[int]) -> list[Path]:
+    """Remove ``root/seed_<k>/`` of every seed not in ``seeds``, so a rerun with other seeds leaves only its own.
+
+    Only folders named ``seed_<int>`` holding nothing but adapter files (and their partial writes)
+    are removed; anything else a user put there is left alone. Returns the folders removed.
+    """
+    root, keep = Path(root), {int(s) for s in seeds}
+    ours = {name for base in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME) for name in (base, partial_path(base).name)}
+    removed = []
+    for folder in sorted(root.glob("seed_*")) if root.is_dir() else []:
+        named = re.fullmatch(r"seed_(0|[1-9][0-9]*)", folder.name)
+        if not named or int(named[1]) in keep or not folder.is_dir() or folder.is_symlink():
+            continue
+        entries = list(folder.iterdir())
+        if any(e.name not in ours or not e.is_file() or e.is_symlink() for e in entries):
+            continue
+        for entry in entries:
+            entry.unlink()
+        folder.rmdir()
+        removed.append(folder)
+    return removed
 
 
 def _require(directory: Path, name: str) -> Path:

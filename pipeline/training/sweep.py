@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError
+from pipeline.common.files import atomic_write_text
 from pipeline.common.settings import parse_text
 
 SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
@@ -101,5 +102,5 @@ def run_sweep(
     # the reported validation scores, unless select_on=validation says so.
     rows.sort(key=lambda r: -r["rank_score"])
     Path(out_root).mkdir(parents=True, exist_ok=True)
-    (Path(out_root) / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(Path(out_root) / "sweep.json", json.dumps(rows, indent=2) + "\n")
     return rows

@@ -6,11 +6,11 @@ arrays and attributes (label rows, family, layer layout).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,12 @@ import torch
 
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError
+from pipeline.common.files import atomic_write_csv, atomic_write_text
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore
-from pipeline.training.adapter import AdapterConfig, save_adapter
+from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter
 from pipeline.training.batches import SplitBatches
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.model import (
@@ -89,6 +90,16 @@ def check_store(store: CacheStore, cfg: TrainConfig, task: TaskSpec, splits: lis
                 f"the {family} head needs {task.num_labels} LM-head label rows in the store, found "
                 f"{None if rows is None else rows.shape[0]}; re-extract with this version"
             )
+
+
+def remove_stale_outputs(out: Path, seeds: Iterable[int], splits: Iterable[str]) -> None:
+    """Drop what an earlier run into ``out`` left that this run did not write: other seeds' adapters and
+    other splits' predictions, so the folder describes this run alone (nothing but those is touched)."""
+    remove_stale_adapters(out / "adapters", seeds)
+    current = {f"{name}.csv" for name in splits}
+    for path in (out / "predictions").glob("*.csv"):
+        if path.name not in current and path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -347,25 +358,21 @@ class Trainer:
                           "read_time_s": round(self.train_data.read_seconds, 3)},
             **record,
         }
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        with open(out / "history.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        columns = list(history[0])
+        atomic_write_csv(out / "history.csv", columns, ([row.get(c, "") for c in columns] for row in history))
         (out / "predictions").mkdir(exist_ok=True)
         for name in self.eval_splits:
-            split = self.store.split(name)
-            with open(out / "predictions" / f"{name}.csv", "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["idx", "label", *[f"seed_{s}" for s in cfg.seeds]])
-                columns = [b["predictions"][name] for b in best]
-                for i in range(len(split)):
-                    writer.writerow([int(split.ids[i]), split.labels[i].item(), *[c[i].item() for c in columns]])
+            split, columns = self.store.split(name), [b["predictions"][name] for b in best]
+            atomic_write_csv(out / "predictions" / f"{name}.csv", ["idx", "label", *[f"seed_{s}" for s in cfg.seeds]],
+                             ([int(split.ids[i]), split.labels[i].item(), *[c[i].item() for c in columns]]
+                              for i in range(len(split))))
         recorded = self.store.meta.to_attrs()
         config = {"train": cfg.to_dict(), "read": self.read_config.to_dict(), "store": {
             "path": self.store.path, "fingerprint": self.store.fingerprint, "backbone": recorded["backbone"],
             "settings": recorded["identity"]["settings"], "layout": recorded["layout"]}}
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        remove_stale_outputs(out, cfg.seeds, self.eval_splits)
         return metrics
 
 
