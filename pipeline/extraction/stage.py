@@ -181,7 +181,7 @@ def gather_splits(cfg: ExtractConfig, task: TaskSpec) -> dict[str, GlueSplit]:
         except DataNotFoundError:
             if explicit or name in ("train",) or name in task.validation_splits:
                 raise
-            log.warning("skipping %s/%s: not in the data source (unlabeled test split)", task.name, name)
+            log.info("skipping %s/%s: not in the data source (unlabeled test split)", task.name, name)
     return data
 
 
