@@ -219,6 +219,11 @@ def cmd_table(args: argparse.Namespace) -> None:
                        + (" ★" if _winner(read, t) == v else "") if r else "—")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines.append("Shared recipe (every variant, unless its settings say otherwise): "
+                 + ", ".join(f"{k}={v}" for k, v in READ_DEFAULTS.items())
+                 + "; the CLI defaults for the rest (GRU, mean aggregation, mean pooling, dropout 0.1, patience 5, "
+                 "AdamW weight decay 0.01, 6% warm-up then linear decay).")
+    lines.append("")
     lines.append("Wall time (3 seeds in lockstep, one process, 1 torch thread; includes the frozen-start and "
                  "per-epoch evaluation of the selection and validation splits) and peak RSS of that process:")
     lines.append("")
