@@ -186,7 +186,7 @@ def cmd_table(args: argparse.Namespace) -> None:
     header = ["task", "majority", "frozen start", "probe", "READ pooled", "READ per-token",
               "READ, recipe chosen on selection", "full FT (here)", "external ref. probe / full FT"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    above_probe: dict[str, bool] = {}
+    above_probe: dict[str, tuple[float, float, float]] = {}  # READ, probe, majority
     for t in tasks:
         def cell(name: str) -> str:
             r = read.get(f"{t}/{name}")
@@ -201,8 +201,8 @@ def cmd_table(args: argparse.Namespace) -> None:
                "{} / {}".format(*EXTERNAL[t])]
         lines.append("| " + " | ".join(row) + " |")
         if win and f"{t}/probe" in read:
-            above_probe[t] = statistics.mean(read[f"{t}/{win}"]["validation"]) > statistics.mean(
-                read[f"{t}/probe"]["validation"])
+            above_probe[t] = (statistics.mean(read[f"{t}/{win}"]["validation"]),
+                              statistics.mean(read[f"{t}/probe"]["validation"]), any_run["majority"])
     lines.append("")
     lines.append("Every variant on every task, validation at the chosen epoch [selection-split score that chose "
                  "it] {chosen epochs}; the recipe marked ★ has the best mean selection score on its task:")
@@ -218,6 +218,11 @@ def cmd_table(args: argparse.Namespace) -> None:
             row.append(f"{fmt(r['validation'])} [{fmt(r['selection'])}] {{{','.join(map(str, r['chosen_epochs']))}}}"
                        + (" ★" if _winner(read, t) == v else "") if r else "—")
         lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Shared recipe (every variant, unless its settings say otherwise): "
+                 + ", ".join(f"{k}={v}" for k, v in READ_DEFAULTS.items())
+                 + "; the CLI defaults for the rest (GRU, mean aggregation, mean pooling, dropout 0.1, patience 5, "
+                 "AdamW weight decay 0.01, 6% warm-up then linear decay).")
     lines.append("")
     lines.append("Wall time (3 seeds in lockstep, one process, 1 torch thread; includes the frozen-start and "
                  "per-epoch evaluation of the selection and validation splits) and peak RSS of that process:")
@@ -237,7 +242,8 @@ def cmd_table(args: argparse.Namespace) -> None:
         lines.append("")
     lines.append("**Goals.** " + (
         "READ (recipe chosen on the selection split) above the frozen probe: "
-        + ", ".join(f"{t} {'yes' if ok else 'NO'}" for t, ok in above_probe.items()) + ". " if above_probe else "")
+        + ", ".join(f"{t} {'yes' if r > p else 'NO'} ({r:.1f} vs {p:.1f}; majority {m:.1f})"
+                    for t, (r, p, m) in above_probe.items()) + ". " if above_probe else "")
         + ("READ within 2 points of full fine-tuning on average: "
            + ("measured, see the table." if ft else "**not measured here** (full fine-tuning was not run on whole "
               "tasks within this CPU budget); against the external reference figures READ is "
