@@ -186,8 +186,6 @@ class Trainer:
         self._check_finite(first_bad, epoch)
         return totals.cpu().numpy() / max(count, 1)
 
-    _train_epoch = train_epoch  # run()'s name for it
-
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
         """Raise if a seed's loss went non-finite: the seeds of the earliest such step."""
         steps = first_bad.tolist()
@@ -274,7 +272,7 @@ class Trainer:
             history: list[dict[str, Any]] = [self._history_row(0, None, start)]
             self._say(0, None, start)
             for epoch in range(1, cfg.epochs + 1):
-                train_loss = self._train_epoch(epoch, optimizer, scheduler)
+                train_loss = self.train_epoch(epoch, optimizer, scheduler)
                 per_seed, predictions = self.evaluate()
                 for k in range(S):
                     score = per_seed[k][self.select_key]
