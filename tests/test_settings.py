@@ -75,7 +75,8 @@ def test_readconfig_embeds_the_side_settings():
     from pipeline.training.model import ReadConfig
 
     side = [f.name for f in dataclasses.fields(SideConfig)]
-    assert side == ["method", "rnn", "rnn_dim", "aggregate", "h0", "pooling", "dropout", "encoder_side"]
+    assert side == ["method", "rnn", "rnn_dim", "aggregate", "h0", "pooling", "dropout", "encoder_side", "out_init",
+                    "out_scale"]
     assert issubclass(ReadConfig, SideConfig) and issubclass(TrainConfig, SideConfig)
     for name in side:  # one declaration: the very same field, default, checks and help
         assert ReadConfig.__dataclass_fields__[name] is SideConfig.__dataclass_fields__[name]
@@ -83,7 +84,8 @@ def test_readconfig_embeds_the_side_settings():
     # adapter_config.json keeps its keys
     cfg = ReadConfig(family="encoder", d_model=8, num_labels=2, task_kind="classification")
     assert set(cfg.to_dict()) == {"family", "d_model", "num_labels", "task_kind", "method", "rnn", "rnn_dim",
-                                  "aggregate", "h0", "pooling", "dropout", "has_embedding", "encoder_side"}
+                                  "aggregate", "h0", "pooling", "dropout", "has_embedding", "encoder_side",
+                                  "out_init", "out_scale"}
     with pytest.raises(ConfigError, match="rnn_dim 0 must be an integer >= 1"):
         ReadConfig(family="encoder", d_model=8, num_labels=2, task_kind="classification", rnn_dim=0)
 
@@ -91,7 +93,8 @@ def test_readconfig_embeds_the_side_settings():
 def test_to_dict_is_unchanged():
     assert TrainConfig(cache="c").to_dict() == {
         "cache": "c", "out": None, "seeds": [0, 1, 2], "epochs": 10, "method": "read", "rnn": "gru", "rnn_dim": 256,
-        "aggregate": "mean", "h0": "zero", "pooling": "mean", "encoder_side": True, "dropout": 0.1, "lr": 1e-3,
+        "aggregate": "mean", "h0": "zero", "pooling": "mean", "encoder_side": True, "out_init": "zeros",
+        "out_scale": 1.0, "dropout": 0.1, "lr": 1e-3,
         "weight_decay": 0.01, "warmup_ratio": 0.06, "batch_size": 32, "patience": 5, "max_grad_norm": 1.0,
         "device": "auto", "memory_budget": 8 * 1024**3, "train_split": "train", "eval_splits": None,
         "select_on": "selection", "data_seed": 0,

@@ -258,6 +258,31 @@ def test_zero_init_encoder_is_head_on_pooled_final_state(method):
             torch.testing.assert_close(got[s], want, atol=1e-6, rtol=1e-6)
 
 
+def test_linear_out_init_and_scale_are_the_authors_output_layer():
+    """out_init=linear draws W_out, b_out like nn.Linear(r, d); out_scale multiplies the whole correction."""
+    base = make_model("decoder", seeds=(3,), out_init="linear")
+    scaled = make_model("decoder", seeds=(3,), out_init="linear", out_scale=0.8551)
+    net = base.decoder_net
+    bound = 1.0 / R**0.5
+    for name in ("out_weight", "out_bias"):
+        value = getattr(net, name)[0]
+        assert value.abs().max() <= bound and value.abs().max() > 0.5 * bound, name  # U(-1/sqrt(r), 1/sqrt(r))
+        assert torch.equal(value, getattr(scaled.decoder_net, name)[0]), name  # the scale is not an init change
+    a = torch.randn(1, 5, R)
+    torch.testing.assert_close(net.project(a)[0], ref_delta(net, a[0]))
+    torch.testing.assert_close(scaled.decoder_net.project(a), 0.8551 * net.project(a))
+    batch = make_batch("decoder")
+    with torch.no_grad():
+        assert not torch.equal(base.eval()(batch)[0], batch.decoder[:, -1] @ base.label_rows.T)  # starts off zero-shot
+
+
+@torch.no_grad()
+def test_zero_init_with_a_scale_still_changes_nothing():
+    model = make_model("decoder", seeds=(0,), out_scale=0.5)
+    batch = make_batch("decoder")
+    assert torch.equal(model.eval()(batch)[0], batch.decoder[:, -1] @ model.label_rows.T)
+
+
 # -------------------------------------------------------------------------------------- lockstep
 
 

@@ -42,6 +42,7 @@ CELLS = ("gru", "rnn", "lstm")
 AGGREGATES = ("mean", "last")
 H0_OPTIONS = ("zero", "embedding")
 POOLINGS = ("mean", "cls")
+OUT_INITS = ("zeros", "linear")
 SELECT_ON = ("selection", "validation")
 
 
@@ -138,6 +139,10 @@ class SideConfig(Settings):
     dropout: float = setting(0.1, "Dropout on the side network's summary, per seed.", bounds=FRACTION)
     encoder_side: bool = setting(True, "Seq2seq: join the encoder side through its pooled summary (off: the decoder "
                                  "side alone).")
+    out_init: str = setting("zeros", "Output projection W_out at the start: zeros (the untrained network changes "
+                            "nothing) or linear (nn.Linear's random init, as in the authors' code).", choices=OUT_INITS)
+    out_scale: float = setting(1.0, "Factor on the correction, delta = out_scale * (W_out a + b_out) (the authors' code "
+                               "tunes it with out_init=linear, e.g. 0.8551).", bounds=above(0))
 
     def side_settings(self) -> dict[str, Any]:
         """Just the SideConfig fields, to build a ReadConfig from a TrainConfig."""

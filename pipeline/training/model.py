@@ -131,6 +131,8 @@ class ReadModel(nn.Module):
                 dropout=config.dropout,
                 h0_from_embedding=h0_from_embedding,
                 with_output=with_output,
+                out_init=config.out_init,
+                out_scale=config.out_scale,
             )  # fmt: skip
 
         embedding_h0 = config.h0 == "embedding"

@@ -7,7 +7,8 @@ short sequence of per-layer states x_0 .. x_L. For one token:
     h_0   = 0                              (h0="embedding": tanh(W_0 RMSNorm_w(x_0) + b_0))
     h_i   = RNN(u_i, h_{i-1})              i = 1..L   (GRU, Elman "rnn" or LSTM; hidden size r)
     a     = mean_i h_i                     (aggregate="last": h_L; dropout, per seed, in training)
-    delta = W_out a + b_out                (zero-initialised: an untrained network changes nothing)
+    delta = s (W_out a + b_out)            (W_out zero-initialised by default: an untrained network
+                                            changes nothing; s = out_scale, 1 by default)
     final = x_L + delta                    -> the family's head
 
 Lockstep: S independent parameter sets live stacked on a leading seed axis and run in one batched
@@ -165,11 +166,14 @@ class SideNet(nn.Module):
         dropout: float,
         h0_from_embedding: bool,
         with_output: bool,
+        out_init: str = "zeros",
+        out_scale: float = 1.0,
     ) -> None:
         super().__init__()
         S, d, r, G = num_seeds, d_model, rnn_dim, _GATES[cell]
         self.cell, self.aggregate, self.dropout = cell, aggregate, float(dropout)
         self.rnn_dim = r
+        self.out_scale = float(out_scale)
         self.norm_weight = nn.Parameter(torch.ones(S, d))
         self.weight_ih = nn.Parameter(torch.empty(S, G * r, d))
         self.weight_hh = nn.Parameter(torch.empty(S, G * r, r))
@@ -180,7 +184,8 @@ class SideNet(nn.Module):
         self.out_weight = nn.Parameter(torch.zeros(S, d, r)) if with_output else None
         self.out_bias = nn.Parameter(torch.zeros(S, d)) if with_output else None
         rnn_bound, d_bound = 1.0 / math.sqrt(r), 1.0 / math.sqrt(d)
-        # Init rules: torch's RNN init for the cell, nn.Linear's for h0, zeros for the output.
+        # Init rules: torch's RNN init for the cell, nn.Linear's for h0; the output zeros, or nn.Linear's init.
+        out_rule = ("zeros", 0.0) if out_init == "zeros" else ("uniform", rnn_bound)
         self.init_rules: dict[str, tuple[str, float]] = {
             "norm_weight": ("ones", 0.0),
             "weight_ih": ("uniform", rnn_bound),
@@ -189,8 +194,8 @@ class SideNet(nn.Module):
             "bias_hh": ("uniform", rnn_bound),
             "h0_weight": ("uniform", d_bound),
             "h0_bias": ("uniform", d_bound),
-            "out_weight": ("zeros", 0.0),
-            "out_bias": ("zeros", 0.0),
+            "out_weight": out_rule,
+            "out_bias": out_rule,
         }
 
     @property
@@ -264,9 +269,10 @@ class SideNet(nn.Module):
         return a
 
     def project(self, a: Tensor) -> Tensor:
-        """delta = W_out a + b_out: (S, M, r) -> (S, M, d)."""
+        """delta = out_scale (W_out a + b_out): (S, M, r) -> (S, M, d)."""
         if self.out_weight is None or self.out_bias is None:
             raise RuntimeError("this side network has no output projection")
-        return torch.baddbmm(self.out_bias.unsqueeze(1), a, self.out_weight.transpose(1, 2))
+        delta = torch.baddbmm(self.out_bias.unsqueeze(1), a, self.out_weight.transpose(1, 2))
+        return delta if self.out_scale == 1.0 else delta * self.out_scale
 
 

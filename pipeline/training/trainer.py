@@ -235,9 +235,12 @@ class Trainer:
     def frozen_start(self, per_seed: list[dict[str, float]]) -> dict[str, Any]:
         """Epoch 0: the scores before any step, and what they mean for this family and head."""
         cfg = self.read_config
-        if cfg.uses_label_rows:
+        if cfg.uses_label_rows and (cfg.method == "probe" or cfg.out_init == "zeros"):
             meaning = ("zero-shot: the backbone's own prediction through the label words' LM-head rows "
                        "(the side network starts at zero and changes nothing)")
+        elif cfg.uses_label_rows:
+            meaning = ("the backbone's prediction through the label words' LM-head rows plus an untrained, randomly "
+                       "initialised correction (out_init=linear): not the zero-shot score")
         else:
             meaning = ("a fresh, randomly initialised head on the frozen backbone's final state: chance level, "
                        "not a zero-shot score")
