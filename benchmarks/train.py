@@ -13,7 +13,7 @@ the epoch spent reading the store (``Trainer.train_data.read_seconds``: zarr rea
 bf16 view; in memory it is paid once, before the first epoch, and shown separately; streamed it is
 paid every epoch in a prefetch thread, overlapped with compute).
 
-A breakdown of one more epoch per S (same loop as ``Trainer.train_epoch``, with timers) says where
+A breakdown of one more epoch per S (``Trainer.train_epoch`` itself, timed through its ``phase`` hook) says where
 the time goes: batch assembly (gather + widen to float32), forward + loss, backward, clip + AdamW.
 
 Only the "## Training throughput (stage two)" section of BENCHMARKS.md is rewritten.
@@ -38,7 +38,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 
 from pipeline.common.config import TrainConfig  # noqa: E402
-from pipeline.training.model import clip_grad_norm_per_seed, per_seed_loss  # noqa: E402
 from pipeline.training.trainer import Trainer, lr_lambda  # noqa: E402
 
 SECTION = "## Training throughput (stage two)"
@@ -64,31 +63,18 @@ def timed_epoch(trainer, opt, sched, epoch: int) -> tuple[float, float, float]:
 
 
 def breakdown(trainer, opt, sched, epoch: int) -> dict[str, float]:
-    """One epoch with the loop of Trainer.train_epoch, timed per phase."""
+    """One real Trainer.train_epoch, its CPU seconds split by the phase each step was in."""
     t = {"batch": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
     clock = time.process_time  # CPU seconds: robust to other jobs on the shared cores
-    trainer.model.train()
-    it = iter(trainer.train_data.epoch(trainer.cfg.batch_size, shuffle=True, seed=epoch))
-    while True:
-        a = clock()
-        try:
-            _, batch = next(it)
-        except StopIteration:
-            break
-        b = clock()
-        losses = per_seed_loss(trainer.model(batch), batch.labels, trainer.task.kind)
-        c = clock()
-        losses.sum().backward()
-        d = clock()
-        clip_grad_norm_per_seed(trainer.model, trainer.cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        e = clock()
-        t["batch"] += b - a
-        t["forward"] += c - b
-        t["backward"] += d - c
-        t["step"] += e - d
+    last = clock()
+
+    def phase(name: str) -> None:
+        nonlocal last
+        now = clock()
+        t[name] += now - last
+        last = now
+
+    trainer.train_epoch(epoch, opt, sched, phase=phase)
     return t
 
 

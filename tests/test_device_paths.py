@@ -55,6 +55,20 @@ def test_held_and_streamed_rows_train_the_same_weights(synthetic_store, tmp_path
     np.testing.assert_array_equal(held.predict("validation")[0], streamed.predict("validation")[0])
 
 
+def test_the_phase_hook_times_the_real_loop_and_changes_nothing(synthetic_store, tmp_path):
+    cache = synthetic_store(splits={"train": 30, "validation": 10}, block_tokens=10_000).path
+    plain, hooked = trainer(cache, tmp_path / "a"), trainer(cache, tmp_path / "b")
+    calls: list[str] = []
+    optimizer = torch.optim.AdamW(hooked.model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss_b = hooked.train_epoch(1, optimizer, scheduler, phase=calls.append)
+    loss_a, weights_a = one_epoch(plain)
+    np.testing.assert_array_equal(loss_a, loss_b)
+    for name, p in hooked.model.named_parameters():
+        assert torch.equal(weights_a[name], p), name
+    assert calls == ["batch", "forward", "backward", "step"] * 4  # 30 examples in batches of 8
+
+
 def test_a_non_finite_loss_names_the_seed_that_went_bad(t5_store, tmp_path):
     t = trainer(t5_store, tmp_path, seeds=(0, 1, 2))
     t.model.load_seed_state_dict(1, {n: torch.full_like(v, float("nan")) for n, v in t.model.seed_state_dict(1).items()})

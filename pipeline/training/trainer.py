@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -155,13 +155,17 @@ class Trainer:
         self.out = Path(cfg.out_dir(self.task.name))
 
     # ---- one epoch -----------------------------------------------------------------------------
-    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> np.ndarray:
+    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    phase: Callable[[str], None] | None = None) -> np.ndarray:
         """One pass over the training split; the mean loss per seed (S,).
 
         Losses are summed on the device and checked for finiteness every ``FINITE_CHECK_EVERY`` steps
         and at the end (a host sync each time, not every step); a non-finite loss names the seed(s)
-        whose loss first went non-finite, as a check every step would.
+        whose loss first went non-finite, as a check every step would. ``phase``, when given, is called
+        as each part of a step ends ("batch", "forward", "backward", "step"), so a benchmark can time the
+        parts of this very loop.
         """
+        mark = phase or (lambda _: None)
         self.model.train()
         S = len(self.cfg.seeds)
         totals = torch.zeros(S, dtype=torch.float64, device=self.device)
@@ -172,15 +176,19 @@ class Trainer:
         for step, (_, batch) in enumerate(progress_bar(batches, total=steps, desc=f"epoch {epoch}", unit="batch",
                                                        enabled=self.progress, leave=False)):
             batch = batch.to(self.device, non_blocking=True)
+            mark("batch")
             losses = per_seed_loss(self.model(batch), batch.labels, self.task.kind)  # (S,)
             first_bad = torch.where(~torch.isfinite(losses) & (first_bad == NEVER), step, first_bad)
             if (step + 1) % FINITE_CHECK_EVERY == 0:
                 self._check_finite(first_bad, epoch)
+            mark("forward")
             losses.sum().backward()  # seeds share no parameters: each gets its own gradient
+            mark("backward")
             clip_grad_norm_per_seed(self.model, self.cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            mark("step")
             totals += losses.detach().double() * batch.num_examples
             count += batch.num_examples
         self._check_finite(first_bad, epoch)
