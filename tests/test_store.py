@@ -221,6 +221,27 @@ def test_recheck_clears_exactly_the_damaged_blocks_and_rewriting_them_restores_t
     assert tree_bytes(made.path) == tree_bytes(clean)  # byte for byte the undamaged store
 
 
+def test_rewriting_a_block_removes_what_a_killed_write_of_it_left(synthetic_store, tmp_path):
+    """A --part killed mid-write of block 2 leaves zarr's <chunk>.<uuid>.partial files; its rerun removes them."""
+    made = synthetic_store()
+    clean = tree_bytes(made.path)
+    uuid = "0123456789abcdef0123456789abcdef"
+    split = Path(made.path, "train")
+    orphans = [split / "encoder" / "hidden" / "c" / "2" / "0" / f"0.{uuid}.partial",
+               split / "checksums" / "c" / "2" / f"0.{uuid}.partial",
+               split / "blocks_done" / "c" / f"2.{uuid}.partial"]
+    others = [split / "blocks_done" / "c" / f"1.{uuid}.partial",  # block 1's: another part's, left alone
+              split / "blocks_done" / "c" / "2.notes.partial"]  # not zarr's pattern
+    for path in orphans + others:
+        assert path.parent.is_dir(), path
+        path.write_bytes(b"\x01")
+    made.writer().write_block("train", 2, *made.block_buffers("train", 2))
+    assert not any(p.exists() for p in orphans) and all(p.exists() for p in others)
+    for path in others:
+        path.unlink()
+    assert tree_bytes(made.path) == clean
+
+
 def test_training_refuses_a_damaged_store_before_it_starts(synthetic_store, tmp_path):
     made = synthetic_store()
     args = ["train", "--cache", made.path, "--epochs", "1", "--rnn-dim", "8", "--seeds", "0", "--batch-size", "4",

@@ -189,6 +189,8 @@ class StoreWriter:
                 clear_shard(g[side][name], block)
                 g[side][name][block * cap : (block + 1) * cap] = values
                 sums[columns.index(f"{side}/{name}")] = checksum(values[:used])
+        for name in ("checksums", "blocks_done"):
+            remove_orphans_of(g[name], block)
         g["checksums"][block] = sums
         g["blocks_done"][block] = 1
 
@@ -211,6 +213,24 @@ def clear_shard(array: Any, block: int) -> None:
 
     key = array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))
     sync((array.store_path / key).delete())
+    remove_orphans_of(array, block)
+
+
+def remove_orphans_of(array: Any, block: int) -> None:
+    """Delete what a killed write of block's chunk left (``<chunk>.<uuid>.partial``), in a local store.
+
+    Every per-block file of a split is chunked by block, and a block has one writer (its --part, or
+    the one whole extraction), so these files are that writer's own orphans: a resumed ``--part``
+    leaves none behind, as a resumed whole extraction does (``remove_orphaned_writes``).
+    """
+    root = getattr(array.store_path.store, "root", None)
+    if root is None:  # remote stores write objects whole: nothing to leave behind
+        return
+    chunk = Path(root) / array.store_path.path / array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))
+    if chunk.parent.is_dir():
+        for orphan in chunk.parent.glob(f"{chunk.name}.*.partial"):
+            if _ORPHAN.search(orphan.name):
+                orphan.unlink(missing_ok=True)
 
 
 def zarr_reopen(path: str) -> Any:
