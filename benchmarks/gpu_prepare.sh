@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Makes this checkout ready for benchmarks/gpu.py on a lent GPU machine, which has torch and
+# transformers but neither ../shared, nor zarr and its helpers, nor a network. Run here, once:
+#
+#     bash benchmarks/gpu_prepare.sh          # SHARED=../shared, DEVICE_PYTHON=3.12 by default
+#
+# It copies the T5-base shape (config + tokenizer, no weights) and RTE into ./shared (git-ignored; the
+# device tool carries a checkout's shared/ folder), downloads the store's dependencies as wheels for the
+# device's Python into ./.whl (git-ignored; name it in `carry`), and prints the one command to run there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}
+PY=${PY:-.venv/bin/python}
+
+mkdir -p shared/models shared/data/glue
+cp -r "$SHARED/models/t5-base-shape" shared/models/
+cp -r "$SHARED/data/glue/RTE" shared/data/glue/
+
+# The same versions as this environment's, so the device writes the stores the tests here checked.
+mapfile -t wheels < <("$PY" - <<'PY'
+from importlib.metadata import version
+for name in ("zarr", "numcodecs", "donfig", "google-crc32c", "crc32c", "xxhash", "ml_dtypes", "typing_extensions"):
+    try:
+        print(f"{name}=={version(name)}")
+    except Exception:
+        pass  # not installed here: not needed
+print("nvidia-ml-py")  # NVML energy (pynvml); optional for the benchmark, pure Python
+PY
+)
+rm -rf .whl
+platforms=()
+for n in 28 27 17 5; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$DEVICE_PYTHON" --implementation cp \
+    "${platforms[@]}" -d .whl "${wheels[@]}"
+du -sh shared .whl
+
+cat <<'CMD'
+Ready. On the device (carry: [".whl"]; about 6 minutes on one H100):
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 && python3 benchmarks/gpu.py --task rte --glue-dir shared/data/glue --tokenizer shared/models/t5-base-shape
+CMD
