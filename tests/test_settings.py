@@ -92,7 +92,7 @@ def test_readconfig_embeds_the_side_settings():
 
 def test_to_dict_is_unchanged():
     assert TrainConfig(cache="c").to_dict() == {
-        "cache": "c", "out": None, "seeds": [0, 1, 2], "epochs": 10, "method": "read", "rnn": "gru", "rnn_dim": 256,
+        "cache": "c", "out": None, "seeds": [0, 1, 2], "epochs": 10, "method": "read", "rnn": "gru", "rnn_dim": 128,
         "aggregate": "mean", "h0": "zero", "pooling": "mean", "encoder_side": True, "out_init": "zeros",
         "out_scale": 1.0, "dropout": 0.1, "lr": 1e-3,
         "weight_decay": 0.01, "warmup_ratio": 0.06, "batch_size": 32, "patience": 5, "max_grad_norm": 1.0,
@@ -109,7 +109,7 @@ def test_to_dict_is_unchanged():
 @pytest.mark.parametrize("key, value, needles", [
     ("epochs", "ten", ["epochs 'ten'", "an integer", "not a string", "e.g. epochs: 10"]),
     ("lr", "fast", ["lr 'fast'", "a number", "e.g. lr: 0.001"]),
-    ("rnn_dim", None, ["rnn_dim null", "an integer >= 1", "e.g. rnn_dim: 256"]),
+    ("rnn_dim", None, ["rnn_dim null", "an integer >= 1", "e.g. rnn_dim: 128"]),
     ("epochs", 2.5, ["epochs 2.5", "an integer"]),
     ("dropout", "0.1", ["dropout '0.1'", "a number in [0, 1)"]),
     ("encoder_side", "yes", ["encoder_side 'yes'", "true or false"]),

@@ -130,7 +130,7 @@ class SideConfig(Settings):
     method: str = setting("read", "read: the recurrent side network; probe: a linear head on the frozen final state "
                           "(baseline).", choices=METHODS)
     rnn: str = setting("gru", "Recurrent cell over the layers.", choices=CELLS)
-    rnn_dim: int = setting(256, "Hidden size r of the side network.", bounds=at_least(1))
+    rnn_dim: int = setting(128, "Hidden size r of the side network.", bounds=at_least(1))
     aggregate: str = setting("mean", "Summary of the layer recurrence: the mean of its states or the last one.",
                              choices=AGGREGATES)
     h0: str = setting("zero", "Initial RNN state: zero, or a projection of the embedding output (state 0).",
