@@ -272,11 +272,13 @@ def cmd_table(args: argparse.Namespace) -> None:
                     for t, (r, p, m) in above_probe.items()) + ". " if above_probe else "")
         + _gap_to_finetuning(read, ft, tasks))
     lines.append("")
+    by_settings: dict[str, list[str]] = {}
     for t in tasks:
         if t in ft:
-            lines.append(f"Full fine-tuning of {t} (benchmarks/finetune.py, seeds "
-                         f"{','.join(ft[t]['per_seed'])}): {ft[t]['settings']}; scored once after the last epoch "
-                         "(nothing chosen, so no selection split needed).")
+            by_settings.setdefault(f"seeds {','.join(ft[t]['per_seed'])}, {ft[t]['settings']}", []).append(t)
+    for settings, names in by_settings.items():
+        lines.append(f"Full fine-tuning of {', '.join(names)} (benchmarks/finetune.py): {settings}; scored once "
+                     "after the last epoch (nothing chosen, so no selection split needed).")
     lines.append("")
     if args.notes and Path(args.notes).exists():
         lines.append(Path(args.notes).read_text().strip())
