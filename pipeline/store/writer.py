@@ -211,9 +211,13 @@ def clear_shard(array: Any, block: int) -> None:
     """
     from zarr.core.sync import sync
 
-    key = array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))
-    sync((array.store_path / key).delete())
+    sync((array.store_path / block_key(array, block)).delete())
     remove_orphans_of(array, block)
+
+
+def block_key(array: Any, block: int) -> str:
+    """The key of block's chunk (or shard) of an array chunked by block along its first axis."""
+    return array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))
 
 
 def remove_orphans_of(array: Any, block: int) -> None:
@@ -226,7 +230,7 @@ def remove_orphans_of(array: Any, block: int) -> None:
     root = getattr(array.store_path.store, "root", None)
     if root is None:  # remote stores write objects whole: nothing to leave behind
         return
-    chunk = Path(root) / array.store_path.path / array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))
+    chunk = Path(root) / array.store_path.path / block_key(array, block)
     if chunk.parent.is_dir():
         for orphan in chunk.parent.glob(f"{chunk.name}.*.partial"):
             if _ORPHAN.search(orphan.name):
