@@ -180,13 +180,13 @@ def _winner(read: dict[str, Any], task: str) -> str | None:
 
 def _gap_to_finetuning(read: dict[str, Any], ft: dict[str, Any], tasks: list[str]) -> str:
     """The goal line: READ (recipe chosen on selection) minus full fine-tuning measured here, per task and mean."""
-    gaps = {t: statistics.mean(read[f"{t}/{_winner(read, t)}"]["validation"]) - statistics.mean(ft[t]["scores"])
-            for t in tasks if _winner(read, t) and t in ft}
+    chosen = {t: statistics.mean(read[f"{t}/{w}"]["validation"]) for t in tasks if (w := _winner(read, t))}
+    gaps = {t: score - statistics.mean(ft[t]["scores"]) for t, score in chosen.items() if t in ft}
     if not gaps:
         return ("READ within 2 points of full fine-tuning on average: **not measured** (no full fine-tuning "
-                "results); against the external reference READ is " + ", ".join(
-                    f"{t} {statistics.mean(read[f'{t}/{_winner(read, t)}']['validation']) - EXTERNAL[t][1]:+.1f}"
-                    for t in tasks if _winner(read, t)) + " points from full fine-tuning.")
+                "results); against the external reference READ is "
+                + ", ".join(f"{t} {score - EXTERNAL[t][1]:+.1f}" for t, score in chosen.items())
+                + " points from full fine-tuning.")
     mean = statistics.mean(gaps.values())
     return (f"READ within 2 points of full fine-tuning (measured here) on average over {', '.join(gaps)}: "
             f"**{'yes' if mean >= -2 else 'NO'}** (mean {mean:+.1f} points; "
