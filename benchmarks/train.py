@@ -1,17 +1,23 @@
 """Stage two's cost: one training epoch from the store for 1 seed against 5 seeds in lockstep.
 
-Run from the repository root (the store is the RTE one that benchmarks/quality.py extracts):
+Run from the repository root, on a per-token store of RTE's first 300 training examples:
 
+    GLUE_DIR=../shared/data/glue .venv/bin/pipeline extract --model all-MiniLM-L6-v2 --task rte --limit 300 \
+        --tokens all --splits train,validation --out bench_out/stores/rte-train300-all.zarr
     .venv/bin/python benchmarks/train.py [--cache bench_out/stores/rte-train300-all.zarr] [--reps 3]
 
 For each data mode -- held in memory (default budget) and streamed block by block (memory_budget=0,
 background prefetch) -- and for S = 1 and S = 5 seeds (0..S-1), a ``Trainer`` is built once and its
 real ``train_epoch`` is timed, the two S interleaved in ABBA order over ``--reps`` rounds (the
-machine is shared, so the ratio is taken per round and then the median). Reported per mode: median
-epoch seconds for each S, the median per-round ratio t(5)/t(1) (target <= 2.5), and the share of
-the epoch spent reading the store (``Trainer.train_data.read_seconds``: zarr reads + decode +
-bf16 view; in memory it is paid once, before the first epoch, and shown separately; streamed it is
-paid every epoch in a prefetch thread, overlapped with compute).
+machine is shared, so the ratio is taken per round and then the median).
+Reported per mode: median epoch seconds for each S, the median per-round ratio t(5)/t(1) (target
+<= 2.5), and the share of the epoch spent reading the store (``Trainer.train_data.read_seconds``:
+zarr reads + decode + bf16 view; in memory it is paid once, before the first epoch, and shown
+separately; streamed it is paid every epoch in a prefetch thread, overlapped with compute).
+
+Then, per S, an eager ``Trainer`` against one with ``--compile`` (torch.compile of the training step),
+interleaved the same way over ``--compile-reps`` rounds; the compiled warm-up epoch pays the whole
+compile (the compile cache starts empty) and is reported apart.
 
 A breakdown of one more epoch per S (``Trainer.train_epoch`` itself, timed through its ``phase`` hook) says where
 the time goes: batch assembly (gather + widen to float32), forward + loss, backward, clip + AdamW.
@@ -27,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,19 +45,18 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 
 from pipeline.common.config import TrainConfig  # noqa: E402
-from pipeline.training.trainer import Trainer, lr_lambda  # noqa: E402
+from pipeline.training.trainer import Trainer  # noqa: E402
 
 SECTION = "## Training throughput (stage two)"
+MODES = {"memory": "8GB", "streamed": 0}  # data mode -> memory_budget
 
 
-def make(cache: str, seeds: int, budget: str | int, args: argparse.Namespace):
+def make(cache: str, seeds: int, budget: str | int, args: argparse.Namespace, compiled: bool = False):
     cfg = TrainConfig(cache=cache, out=str(REPO / "runs" / "bench_train"), seeds=tuple(range(seeds)), epochs=1,
                       rnn_dim=args.rnn_dim, batch_size=args.batch_size, device="cpu", memory_budget=budget,
-                      patience=None)
+                      patience=None, compile=compiled)
     trainer = Trainer(cfg, progress=False)
-    steps = 100 * math.ceil(len(trainer.train_data) / cfg.batch_size)
-    opt = torch.optim.AdamW(trainer.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_ratio))
+    opt, sched = trainer.optimizer(epochs=100)  # a schedule long enough that the lr stays near its peak
     return trainer, opt, sched
 
 
@@ -81,10 +87,11 @@ def breakdown(trainer, opt, sched, epoch: int) -> dict[str, float]:
 def run_mode(cache: str, budget, args, with_breakdown: bool = True) -> dict:
     made = {s: make(cache, s, budget, args) for s in (1, args.seeds)}
     first_read = {}
-    # Warm-up epoch (in memory: loads the split once; both: first-touch allocations).
+    # Warm-up epoch (first-touch allocations).
     for s, (tr, opt, sched) in made.items():
+        loaded = tr.train_data.read_seconds  # in memory: read while the Trainer was built
         wall, cpu, read = timed_epoch(tr, opt, sched, 0)
-        first_read[s] = (wall, read)
+        first_read[s] = (wall, loaded + read)
     times = {1: [], args.seeds: []}
     cpus = {1: [], args.seeds: []}
     reads = {1: [], args.seeds: []}
@@ -111,6 +118,28 @@ def run_mode(cache: str, budget, args, with_breakdown: bool = True) -> dict:
             "nbytes": tr1.train_data.nbytes, "blocks": tr1.train_data.split.num_blocks}
 
 
+def compile_comparison(args: argparse.Namespace) -> list[str]:
+    """Eager against --compile (rows in memory), interleaved in ABBA rounds per S, from a cold compile cache."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # the compile is paid in full
+    rows = []
+    for seeds in (1, args.seeds):
+        arms = {compiled: make(args.cache, seeds, "8GB", args, compiled) for compiled in (False, True)}
+        warm_up = {compiled: timed_epoch(*arm, 0)[0] for compiled, arm in arms.items()}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        ratios = []
+        for rep in range(args.compile_reps):
+            for compiled in ((False, True) if rep % 2 == 0 else (True, False)):
+                cpu[compiled].append(timed_epoch(*arms[compiled], rep + 1)[1])
+            ratios.append(cpu[True][-1] / cpu[False][-1])
+            print(f"  {seeds} seed(s), rep {rep}: cpu eager {cpu[False][-1]:.2f}s compiled {cpu[True][-1]:.2f}s", flush=True)
+        rows.append(f"| {seeds} | {statistics.median(cpu[False]):.2f} | {statistics.median(cpu[True]):.2f} | "
+                    f"{statistics.median(ratios):.2f} | {warm_up[True]:.1f} (eager: {warm_up[False]:.1f}) |")
+    return [f"Eager against `--compile` (in memory; {args.compile_reps} interleaved ABBA rounds per S after a warm-up "
+            "epoch; the compiled warm-up epoch pays the whole compile, from an empty compile cache):", "",
+            "| seeds | eager CPU s per epoch | --compile CPU s per epoch | ratio compiled/eager (median per round) "
+            "| warm-up epoch wall s, compile included |", "|---|---|---|---|---|", *rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default="bench_out/stores/rte-train300-all.zarr")
@@ -119,7 +148,9 @@ def main() -> None:
     parser.add_argument("--rnn-dim", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=["memory", "streamed"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="memory: rows held in memory; streamed: memory_budget=0")
+    parser.add_argument("--compile-reps", type=int, default=3, help="rounds of eager against --compile (0: skip)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
@@ -128,8 +159,7 @@ def main() -> None:
     results = {}
     for mode in args.modes:
         print(f"{mode}:", flush=True)
-        results[mode] = run_mode(args.cache, "8GB" if mode == "memory" else 0, args,
-                                 with_breakdown=mode == args.modes[0])  # CPU budget: breakdown once
+        results[mode] = run_mode(args.cache, MODES[mode], args, with_breakdown=mode == args.modes[0])  # once
     lines = [SECTION, ""]
     r0 = next(iter(results.values()))
     lines.append(f"Store `{args.cache}`: all-MiniLM-L6-v2 on RTE train (first 300 examples, {r0['tokens']} tokens, "
@@ -157,6 +187,9 @@ def main() -> None:
         lines.append(f"| {mode} ({'in memory' if r['in_memory'] else 'memory_budget=0'}) | {c1:.2f} / {t1:.2f} | "
                      f"{cS:.2f} / {tS:.2f} | {statistics.median(r['cpu_ratios']):.2f} | "
                      f"{statistics.median(r['ratios']):.2f} | {read_cell} | {share} |")
+    if args.compile_reps:
+        print("eager against --compile:", flush=True)
+        lines += ["", *compile_comparison(args)]
     lines.append("")
     lines.append(f"Where one epoch's time goes ({args.modes[0]} mode, one extra instrumented epoch; process CPU seconds):")
     lines.append("")

@@ -115,3 +115,34 @@ def test_a_pool_of_writers_writes_the_same_bytes_as_one(tiny_t5, tmp_path, glue_
         stores[writers] = cfg.out_path
     assert CacheStore(stores[4]).split("validation").num_blocks >= 6
     assert tree_bytes(stores[1]) == tree_bytes(stores[4])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["seq2seq", "encoder"])
+def test_a_compiled_step_trains_the_eager_weights(synthetic_store, tmp_path, family):
+    # --compile changes how the step runs, not what it computes: same dropout masks, same batches, so the
+    # weights after an epoch agree with the eager ones up to float rounding (fused kernels sum differently).
+    cache = synthetic_store(family=family, splits={"train": 60, "validation": 20}).path
+    eager, compiled = trainer(cache, tmp_path / "a"), trainer(cache, tmp_path / "b", compile=True)
+    assert compiled.step_model is not compiled.model and eager.step_model is eager.model
+    loss_a, weights_a = one_epoch(eager)
+    loss_b, weights_b = one_epoch(compiled)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert eager.model.config.dropout > 0  # the masks came from the per-seed streams in both runs
+
+
+@pytest.mark.slow
+def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()  # no graph compiled by another test may serve this one
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler",))
+    cache = synthetic_store(splits={"train": 30, "validation": 10}).path
+    with pytest.raises(TrainingError, match=r"^--compile failed: .*; train without --compile") as caught:
+        one_epoch(trainer(cache, tmp_path, compile=True))
+    assert "\n" not in str(caught.value)
+    torch._dynamo.reset()

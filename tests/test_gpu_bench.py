@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,11 +19,28 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     assert module.main(["--shape", "t5-tiny", "--device", "cpu", "--limit", "24", "--task", "rte",
                         "--glue-dir", str(glue_dir), "--tokenizer", str(tiny_t5), "--max-length", "64",
                         "--seeds", "2", "--rnn-dim", "8", "--writers", "2", "--disk-probe-mib", "64",
-                        "--work", str(tmp_path / "work"), "--benchmarks", str(copy)]) == 0
+                        "--work", str(tmp_path / "work"), "--benchmarks", str(copy), "--no-compiled",
+                        "--results", str(tmp_path / "gpu.json")]) == 0
     text = copy.read_text()
     assert "## Other\n\nkept" in text and "## GPU" in text and "no GPU (CPU run)" in text
     for phase in ("plain forward epoch", "extraction, per-token store", "extraction, pooled store",
                   "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 1 seed(s)",
                   "full fine-tuning, one epoch", "Disk: sequential write", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
         assert phase in text, phase
+    assert (REPO / "BENCHMARKS.md").read_bytes() == real
+    # --render rebuilds the section from the saved figures alone; a compile that failed is said in its row.
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert results["args"]["seeds"] == 2 and results["finetune"]["wall"] > 0
+    results["args"]["compiled"] = True
+    results["compiled_all_1"] = results["train_all_1"]
+    results["compiled_all_2"] = {"error": "BackendCompilerFailed: no compiler"}
+    (tmp_path / "edited.json").write_text(json.dumps(results))
+    assert module.main(["--render", str(tmp_path / "edited.json"), "--benchmarks", str(copy)]) == 0
+    rendered = copy.read_text()
+    assert rendered.count("## GPU") == 1 and "## Other\n\nkept" in rendered
+    assert "stage two --compile, per-token store: one epoch, 1 seed(s)" in rendered
+    assert "stage two --compile, per-token store, 2 seed(s) | failed: BackendCompilerFailed: no compiler" in rendered
+    t, ft = results["train_all_2"], results["finetune"]["wall"]
+    read = results["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"] + 9 * t["epoch"]["wall"]
+    assert f"**{2 * 10 * ft / read:.1f}x** less wall time" in rendered
     assert (REPO / "BENCHMARKS.md").read_bytes() == real

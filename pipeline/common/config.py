@@ -166,6 +166,10 @@ class TrainConfig(SideConfig):
                                    "none): never stop early.", bounds=at_least(1), none="never stop early")
     max_grad_norm: float = setting(1.0, "Gradient clipping, per seed.", bounds=above(0))
     device: str = device_setting()
+    compile: bool = setting(
+        False, "torch.compile the side network's training step (forward and backward): the gates of each layer "
+        "step fuse into a few kernels. A one-off compile (about a minute) per run; for GPUs, where the eager step "
+        "is bound by kernel launches, not arithmetic. Evaluation stays eager.")
     memory_budget: str | int = setting("8GB", "Splits larger than this are streamed from the store by block.",
                                        parse=parse_size, allowed="a size such as 8GB or 512MiB, or a number of bytes",
                                        metavar="SIZE")

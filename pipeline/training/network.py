@@ -134,6 +134,7 @@ class _DropoutStreams:
             ]
         return self._generators[key]
 
+    @torch.compiler.disable  # per-seed generators stay eager: a compiled step draws exactly the same masks
     def mask(self, shape: Sequence[int], p: float, device: torch.device) -> Tensor:
         """Inverted-dropout mask (S, *shape): 0 or 1/(1-p)."""
         masks = [

@@ -34,6 +34,7 @@ from pipeline.training.model import (
     per_seed_loss,
     trainable_parameter_count,
 )
+from pipeline.training.network import SideBatch
 from pipeline.training.selection import SELECTION, carve, describe
 
 log = logging.getLogger(__name__)
@@ -151,8 +152,22 @@ class Trainer:
         rows = self.store.label_rows()
         rows_t = torch.from_numpy(rows) if rows is not None and self.read_config.uses_label_rows else None
         self.model = ReadModel(self.read_config, list(cfg.seeds), label_rows=rows_t).to(self.device)
+        # The same parameters behind a compiled forward; dynamic shapes: one compile serves every batch size.
+        self.step_model = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
         self.primary = primary_metric(self.task)
         self.out = Path(cfg.out_dir(self.task.name))
+
+    def optimizer(self, epochs: int | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW and its schedule: warm-up, then linear decay to zero over ``epochs`` (default: the run's).
+
+        On CUDA the fused AdamW updates every parameter in one kernel, not a few kernels per tensor (the
+        step is launch-bound there); elsewhere torch's default implementation, so CPU runs are unchanged.
+        """
+        cfg = self.cfg
+        steps = (epochs or cfg.epochs) * math.ceil(len(self.train_data) / cfg.batch_size)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=True if self.device.type == "cuda" else None)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, cfg.warmup_ratio))
 
     # ---- one epoch -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -177,7 +192,7 @@ class Trainer:
                                                        enabled=self.progress, leave=False)):
             batch = batch.to(self.device, non_blocking=True)
             mark("batch")
-            losses = per_seed_loss(self.model(batch), batch.labels, self.task.kind)  # (S,)
+            losses = per_seed_loss(self._forward(batch), batch.labels, self.task.kind)  # (S,)
             first_bad = torch.where(~torch.isfinite(losses) & (first_bad == NEVER), step, first_bad)
             if (step + 1) % FINITE_CHECK_EVERY == 0:
                 self._check_finite(first_bad, epoch)
@@ -193,6 +208,15 @@ class Trainer:
             count += batch.num_examples
         self._check_finite(first_bad, epoch)
         return totals.cpu().numpy() / max(count, 1)
+
+    def _forward(self, batch: SideBatch) -> torch.Tensor:
+        """The training forward, through the compiled model under --compile; a compiler failure in one line."""
+        try:
+            return self.step_model(batch)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            reason = (str(error.__cause__ or error).strip().splitlines() or ["no reason given"])[0]
+            raise TrainingError(f"--compile failed: torch.compile could not build the step ({reason}); train without "
+                                "--compile (same results, eager speed)") from error
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
         """Raise if a seed's loss went non-finite: the seeds of the earliest such step."""
@@ -271,9 +295,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train every seed; keep each seed's epoch chosen by ``select_key`` (never the reported split by default)."""
         cfg, S = self.cfg, len(self.cfg.seeds)
-        steps = cfg.epochs * math.ceil(len(self.train_data) / cfg.batch_size)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, cfg.warmup_ratio))
+        optimizer, scheduler = self.optimizer()
         best_score = np.full(S, -np.inf)
         best: list[dict[str, Any]] = [{} for _ in range(S)]
         waited = np.zeros(S, dtype=int)

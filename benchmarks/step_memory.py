@@ -1,0 +1,88 @@
+"""Activation memory of one stage-two training step at the paper's shape: eager against ``--compile``.
+
+Run from the repository root (a few minutes on a CPU, most of it the compile):
+
+    .venv/bin/python benchmarks/step_memory.py [--seeds 1 5] [--tokens 2560]
+
+A batch like RTE's under a T5-base backbone (32 examples, ``--tokens`` encoder tokens, 13 stored
+states per side of width 768; random values: memory does not depend on them) goes through the READ
+model (seq2seq, GRU r=256, dropout 0.1) the way ``Trainer.train_epoch`` runs it. What is measured is
+the bytes autograd keeps for the backward pass (``torch.autograd.graph.saved_tensors_hooks``), which
+with the parameters, their gradients, the optimiser state and the batch is what a step's peak memory
+is made of. It does not depend on the device: torch.compile decides what to keep and what to
+recompute on its joint forward-backward graph, before generating code for a CPU or a GPU.
+Appends nothing to BENCHMARKS.md; prints a table to paste.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from pipeline.training.model import ReadConfig, ReadModel, per_seed_loss  # noqa: E402
+from pipeline.training.network import SideBatch  # noqa: E402
+
+
+def t5_base_batch(tokens: int, examples: int = 32, states: int = 13, d: int = 768) -> SideBatch:
+    g = torch.Generator().manual_seed(0)
+    per_example = torch.full((examples,), tokens // examples)
+    per_example[: tokens - int(per_example.sum())] += 1
+    return SideBatch(labels=torch.randint(0, 2, (examples,), generator=g),
+                     encoder=torch.randn(tokens, states, d, generator=g).to(torch.bfloat16),
+                     encoder_segment=torch.repeat_interleave(torch.arange(examples), per_example),
+                     decoder=torch.randn(examples, states, d, generator=g).to(torch.bfloat16))
+
+
+def saved_bytes(model: torch.nn.Module, batch: SideBatch) -> int:
+    """Bytes of every tensor autograd saves during the forward (each storage once)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = per_seed_loss(model(batch), batch.labels, "classification").sum()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--tokens", type=int, default=2560, help="encoder tokens in the batch (RTE: about 80 x 32)")
+    parser.add_argument("--rnn-dim", type=int, default=256)
+    args = parser.parse_args()
+    batch = t5_base_batch(args.tokens)
+    print("| seeds | parameters (all seeds) MiB | saved for backward, eager MiB | with --compile MiB | compile s |")
+    print("|---|---|---|---|---|")
+    for seeds in args.seeds:
+        config = ReadConfig(family="seq2seq", d_model=768, num_labels=2, task_kind="classification",
+                            rnn_dim=args.rnn_dim)
+        model = ReadModel(config, list(range(seeds)), label_rows=torch.randn(2, 768)).train()
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        eager = saved_bytes(model, batch)
+        compiled = torch.compile(model, dynamic=True)
+        started = time.perf_counter()
+        saved_bytes(compiled, batch)  # the compile
+        compile_s = time.perf_counter() - started
+        fused = saved_bytes(compiled, batch)
+        print(f"| {seeds} | {params / 2**20:.1f} | {eager / 2**20:,.0f} | {fused / 2**20:,.0f} | {compile_s:.0f} |",
+              flush=True)
+    print(f"\n{args.tokens} encoder tokens, 32 examples, 13 states x 768 per side, GRU r={args.rnn_dim}; torch "
+          f"{torch.__version__}, {platform.machine()}. Command: `.venv/bin/python benchmarks/step_memory.py "
+          f"{' '.join(sys.argv[1:])}`".rstrip())
+
+
+if __name__ == "__main__":
+    main()
