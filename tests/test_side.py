@@ -24,7 +24,7 @@ from pipeline.training.model import (
     per_seed_loss,
     trainable_parameter_count,
 )
-from pipeline.training.network import SideBatch, SideNet, segment_mean
+from pipeline.training.network import SideBatch, SideNet, _DropoutStreams, _GruBlend, segment_mean
 
 D, R, K, B, N_STATES = 8, 6, 3, 4, 5
 
@@ -500,3 +500,45 @@ def test_model_argument_errors():
     assert ReadConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="bogus"):
         ReadConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+# ---- activation memory: what a GRU layer step keeps for the backward ---------------------------------
+
+
+def test_the_gru_blend_is_autograds_own_arithmetic_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    n, h, grad = (torch.randn(3, 7, 5, generator=g) for _ in range(3))
+    z = torch.rand(3, 7, 5, generator=g)
+    ours = [t.clone().requires_grad_() for t in (n, z, h)]
+    plain = [t.clone().requires_grad_() for t in (n, z, h)]
+    out = _GruBlend.apply(*ours)
+    ref = plain[0] + plain[1] * (plain[2] - plain[0])
+    assert torch.equal(out, ref)
+    out.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(ours, plain):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_a_gru_layer_step_keeps_five_r_wide_tensors_for_the_backward():
+    # Per seed and token, each layer step keeps h_(i-1), the sigmoid's r and z, n and the r columns of W_hn h:
+    # 5 r-wide tensors (it was 8: h - n and all 3 r columns of W_hh h). Plus the normalised states (shared by the
+    # seeds) and the aggregate a; parameters are not activations and are left out.
+    S, N, L, d, r = 2, 11, 4, 16, 8
+    net = SideNet(S, d, r, "gru", aggregate="mean", dropout=0.0, h0_from_embedding=False, with_output=True)
+    torch.nn.init.uniform_(net.out_weight, -0.1, 0.1)
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(N, L + 1, d)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        a = net(x, has_embedding=True, streams=_DropoutStreams(range(S)))
+        net.project(a).sum().backward()
+    floats = sum(kept.values()) // 4
+    assert floats == L * N * d + (5 * L + 1) * S * N * r

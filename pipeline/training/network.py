@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,24 @@ class _DropoutStreams:
 # -------------------------------------------------------------------------------------- side net
 
 
+class _GruBlend(torch.autograd.Function):
+    """h' = n + z (h - n), the GRU's last step, keeping for the backward only tensors that the layer step keeps
+    anyway (n for tanh, z inside the sigmoid's output, h for the W_hh product), not h - n: a sixth less
+    activation memory per step. Forward and gradients are autograd's own, operation for operation."""
+
+    @staticmethod
+    def forward(ctx: Any, n: Tensor, z: Tensor, h: Tensor) -> Tensor:
+        ctx.save_for_backward(n, z, h)
+        return n + z * (h - n)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, z, h = ctx.saved_tensors
+        grad_h = grad * z
+        return grad - grad_h, grad * (h - n), grad_h
+
+
+
 class SideNet(nn.Module):
     """The recurrent side network over layers, S parameter sets stacked on dim 0.
 
@@ -251,8 +270,11 @@ class SideNet(nn.Module):
             if self.cell == "gru":
                 rz = torch.sigmoid(gx[..., : 2 * r] + gh[..., : 2 * r])
                 reset, update = rz[..., :r], rz[..., r:]
-                n = torch.tanh(gx[..., 2 * r :] + reset * gh[..., 2 * r :])  # reset gates (W_hn h + b_hn)
-                h = n + update * (h - n)  # (1 - z) n + z h
+                # A copy, so that the product keeps r columns for the backward and not all of gh (3 r): the same
+                # values, a quarter less activation memory per step.
+                gh_n = gh[..., 2 * r :].contiguous()
+                n = torch.tanh(gx[..., 2 * r :] + reset * gh_n)  # reset gates (W_hn h + b_hn)
+                h = _GruBlend.apply(n, update, h)  # (1 - z) n + z h
             elif self.cell == "rnn":
                 h = torch.tanh(gx + gh)
             else:
