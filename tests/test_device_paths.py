@@ -137,12 +137,17 @@ def test_a_compiled_step_trains_the_eager_weights(synthetic_store, tmp_path, fam
 def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, tmp_path, monkeypatch):
     import torch._dynamo
     import torch._inductor.config as inductor
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
 
     torch._dynamo.reset()  # no graph compiled by another test may serve this one
     monkeypatch.setattr(inductor, "fx_graph_cache", False)
     monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler",))
     cache = synthetic_store(splits={"train": 30, "validation": 10}).path
-    with pytest.raises(TrainingError, match=r"^--compile failed: .*; train without --compile") as caught:
-        one_epoch(trainer(cache, tmp_path, compile=True))
-    assert "\n" not in str(caught.value)
+    result = CliRunner().invoke(main, ["train", "--cache", cache, "--out", str(tmp_path / "run"), "--compile",
+                                       "--epochs", "1", "--rnn-dim", "8", "--device", "cpu", "--quiet"])
     torch._dynamo.reset()
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.output.startswith("Error: --compile failed: ") and result.output.count("\n") == 1, result.output
+    assert "train without --compile" in result.output and "Traceback" not in result.output

@@ -304,6 +304,11 @@ class Trainer:
             frozen = self.frozen_start(start)
             history: list[dict[str, Any]] = [self._history_row(0, None, start)]
             self._say(0, None, start)
+            if cfg.compile:  # the first step is silent for a while: say why
+                note = "--compile: the first steps build the compiled step (about a minute, once per run)"
+                log.info(note)
+                if self.progress:
+                    print(note, file=sys.stderr)
             for epoch in range(1, cfg.epochs + 1):
                 train_loss = self.train_epoch(epoch, optimizer, scheduler)
                 per_seed, predictions = self.evaluate()
