@@ -25,6 +25,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     assert "## Other\n\nkept" in text and "## GPU" in text and "no GPU (CPU run)" in text
     for phase in ("plain forward epoch", "extraction, per-token store", "extraction, pooled store",
                   "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 1 seed(s)",
+                  "per-token store streamed (memory_budget=0): one epoch, 2 seed(s) |",
                   "full fine-tuning, one epoch", "Disk: sequential write", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
         assert phase in text, phase
     assert (REPO / "BENCHMARKS.md").read_bytes() == real
