@@ -28,8 +28,8 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -163,7 +163,6 @@ class _GruBlend(torch.autograd.Function):
         n, z, h = ctx.saved_tensors
         grad_h = grad * z
         return grad - grad_h, grad * (h - n), grad_h
-
 
 
 class SideNet(nn.Module):
