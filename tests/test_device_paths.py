@@ -151,3 +151,26 @@ def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, 
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.output.startswith("Error: --compile failed: ") and result.output.count("\n") == 1, result.output
     assert "train without --compile" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "encoder", "decoder"])
+def test_the_compiled_forward_is_one_graph(family):
+    # Graph breaks split a compiled step into pieces, each with its own launches and Python glue: the dropout
+    # masks are drawn before the forward (their per-seed generators cannot be traced), so nothing breaks it.
+    import torch._dynamo
+
+    from pipeline.training.model import ReadConfig, ReadModel
+    from pipeline.training.network import SideBatch
+
+    d, B, N = 16, 4, 13
+    config = ReadConfig(family=family, d_model=d, num_labels=2, task_kind="classification", rnn_dim=8, dropout=0.1)
+    model = ReadModel(config, [0, 1], label_rows=None if family == "encoder" else torch.randn(2, d)).train()
+    segment = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3])
+    batch = SideBatch(labels=torch.tensor([0, 1, 1, 0]), decoder=None if family == "encoder" else torch.randn(B, 3, d),
+                      encoder=None if family == "decoder" else torch.randn(N, 3, d),
+                      encoder_segment=None if family == "decoder" else segment)
+    masks = model.dropout_masks(batch)
+    assert set(masks) == {"seq2seq": {"encoder_net", "decoder_net"}, "encoder": {"encoder_net"},
+                          "decoder": {"decoder_net"}}[family]
+    explained = torch._dynamo.explain(model)(batch, masks)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

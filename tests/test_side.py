@@ -24,7 +24,7 @@ from pipeline.training.model import (
     per_seed_loss,
     trainable_parameter_count,
 )
-from pipeline.training.network import SideBatch, SideNet, _DropoutStreams, _GruBlend, segment_mean
+from pipeline.training.network import SideBatch, SideNet, _GruBlend, segment_mean
 
 D, R, K, B, N_STATES = 8, 6, 3, 4, 5
 
@@ -538,7 +538,7 @@ def test_a_gru_layer_step_keeps_five_r_wide_tensors_for_the_backward():
 
     x = torch.randn(N, L + 1, d)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        a = net(x, has_embedding=True, streams=_DropoutStreams(range(S)))
+        a = net(x, has_embedding=True)
         net.project(a).sum().backward()
     floats = sum(kept.values()) // 4
     assert floats == L * N * d + (5 * L + 1) * S * N * r

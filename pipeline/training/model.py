@@ -220,13 +220,34 @@ class ReadModel(nn.Module):
 
     # -- forward
 
-    def forward(self, batch: SideBatch) -> Tensor:
-        """Logits (S, B, K), or predictions (S, B) for regression."""
+    def dropout_masks(self, batch: SideBatch) -> dict[str, Tensor]:
+        """Each side network's dropout mask for ``batch`` (S, rows, r), from the per-seed streams, encoder side
+        first; none when not training or without dropout.
+
+        Drawn apart from the forward, so that a compiled forward is one graph (per-seed generators cannot be
+        traced); ``forward`` draws them itself when not given, in the same order, so the masks are the same.
+        """
+        if not (self.training and self.config.dropout > 0.0):
+            return {}
+        rows: dict[str, int] = {}
+        if self.encoder_net is not None and batch.encoder is not None:
+            cls = self.config.family == "encoder" and self.config.pooling == "cls"  # only first tokens run
+            rows["encoder_net"] = batch.num_examples if cls else int(batch.encoder.shape[0])
+        if self.decoder_net is not None and batch.decoder is not None:
+            rows["decoder_net"] = int(batch.decoder.shape[0])
+        states = batch.encoder if batch.encoder is not None else batch.decoder
+        return {name: self._streams.mask((n, self.config.rnn_dim), self.config.dropout, states.device)
+                for name, n in rows.items()} if states is not None else {}
+
+    def forward(self, batch: SideBatch, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Logits (S, B, K), or predictions (S, B) for regression. ``masks``: ``dropout_masks(batch)``, drawn
+        here when not given."""
         cfg = self.config
+        masks = self.dropout_masks(batch) if masks is None else masks
         if cfg.family == "encoder":
-            final = self._encoder_family(batch)  # (S, B, d)
+            final = self._encoder_family(batch, masks)  # (S, B, d)
         else:
-            final = self._decoder_side(batch)  # (S, B, d)
+            final = self._decoder_side(batch, masks)  # (S, B, d)
         if self.head_weight is not None:
             assert self.head_bias is not None
             out = torch.baddbmm(self.head_bias.unsqueeze(1), final, self.head_weight.transpose(1, 2))
@@ -252,7 +273,7 @@ class ReadModel(nn.Module):
             return None
         return torch.cumsum(counts, 0) - counts  # tokens are contiguous and in example order
 
-    def _encoder_family(self, batch: SideBatch) -> Tensor:
+    def _encoder_family(self, batch: SideBatch, masks: Mapping[str, Tensor]) -> Tensor:
         cfg = self.config
         x = batch.encoder
         if x is None:
@@ -267,13 +288,13 @@ class ReadModel(nn.Module):
         pooled = segment_mean(x_last, segment, B, counts)  # (B, d)
         if self.encoder_net is None:  # probe
             return pooled.unsqueeze(0).expand(self.num_seeds, -1, -1)
-        a = self.encoder_net(x, has_embedding=cfg.has_embedding, streams=self._streams)  # (S, N, r)
+        a = self.encoder_net(x, has_embedding=cfg.has_embedding, mask=masks.get("encoder_net"))  # (S, N, r)
         # W_out is affine, so mean_t(x_L + W_out a_t + b) = mean_t x_L + W_out mean_t a_t + b:
         # pool a (r wide) instead of materialising (S, N, d) corrected token states.
         a_pooled = segment_mean(a, segment, B, counts)  # (S, B, r)
         return pooled.unsqueeze(0) + self.encoder_net.project(a_pooled)  # (S, B, d)
 
-    def _decoder_side(self, batch: SideBatch) -> Tensor:
+    def _decoder_side(self, batch: SideBatch, masks: Mapping[str, Tensor]) -> Tensor:
         cfg = self.config
         x = batch.decoder
         if x is None:
@@ -289,10 +310,10 @@ class ReadModel(nn.Module):
             if enc is None:
                 raise ValueError("family='seq2seq' with encoder_side=True needs batch.encoder")
             segment, counts, _ = self._segments(batch, int(enc.shape[0]))
-            a_enc = self.encoder_net(enc, has_embedding=cfg.has_embedding, streams=self._streams)  # (S, N, r)
+            a_enc = self.encoder_net(enc, has_embedding=cfg.has_embedding, mask=masks.get("encoder_net"))  # (S, N, r)
             e = segment_mean(a_enc, segment, B, counts)  # (S, B, r)
             h0 = torch.tanh(torch.baddbmm(self.join_bias.unsqueeze(1), e, self.join_weight.transpose(1, 2)))
-        a = self.decoder_net(x, has_embedding=cfg.has_embedding, streams=self._streams, h0=h0)  # (S, B, r)
+        a = self.decoder_net(x, has_embedding=cfg.has_embedding, mask=masks.get("decoder_net"), h0=h0)  # (S, B, r)
         return x_last.unsqueeze(0) + self.decoder_net.project(a)  # (S, B, d)
 
     # -- PEFT-style persistence (pipeline.training.adapter holds the format)

@@ -226,13 +226,14 @@ class SideNet(nn.Module):
         x: Tensor,
         *,
         has_embedding: bool,
-        streams: _DropoutStreams,
+        mask: Tensor | None = None,
         h0: Tensor | None = None,
     ) -> Tensor:
-        """Run over the layers of every token; return the (dropped-out) aggregate a: (S, N, r).
+        """Run over the layers of every token; return the aggregate a: (S, N, r), times ``mask`` when given.
 
-        x: (N, n_states, d). h0: (S, N, r) from the caller (seq2seq join), else zero or the embedding
-        projection, per the module's configuration.
+        x: (N, n_states, d). mask: (S, N, r), the seeds' inverted-dropout mask (drawn by the caller from
+        ``_DropoutStreams``, outside any compiled graph). h0: (S, N, r) from the caller (seq2seq join), else
+        zero or the embedding projection, per the module's configuration.
         """
         x = x.to(torch.float32)
         S, r = self.num_seeds, self.rnn_dim
@@ -241,7 +242,6 @@ class SideNet(nn.Module):
         N, L, d = layers.shape
         if L < 1:
             raise ValueError(f"the side network needs at least one layer state, got n_states={x.shape[1]}")
-        drop = self.training and self.dropout > 0.0
         xn = _rms_norm(layers.transpose(0, 1).reshape(L * N, d))  # (L N, d), layer-major, shared by all seeds
         # The norm weight is folded into W_ih, so the input projection of every seed is one GEMM over the
         # shared normalised states: no (S, L N, d) tensor, and no gradient w.r.t. the states (frozen data).
@@ -286,9 +286,7 @@ class SideNet(nn.Module):
             if self.aggregate == "mean":
                 total = h if total is None else total + h
         a = total / L if self.aggregate == "mean" else h  # (S, N, r)
-        if drop:
-            a = a * streams.mask((N, r), self.dropout, x.device)
-        return a
+        return a if mask is None else a * mask
 
     def project(self, a: Tensor) -> Tensor:
         """delta = out_scale (W_out a + b_out): (S, M, r) -> (S, M, d)."""

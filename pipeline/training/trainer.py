@@ -211,8 +211,9 @@ class Trainer:
 
     def _forward(self, batch: SideBatch) -> torch.Tensor:
         """The training forward, through the compiled model under --compile; a compiler failure in one line."""
+        masks = self.model.dropout_masks(batch)  # eagerly, so that a compiled forward is one graph
         try:
-            return self.step_model(batch)
+            return self.step_model(batch, masks)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             reason = (str(error.__cause__ or error).strip().splitlines() or ["no reason given"])[0]
             raise TrainingError(f"--compile failed: torch.compile could not build the step ({reason}); train without "
