@@ -525,7 +525,7 @@ def test_a_gru_layer_step_keeps_five_r_wide_tensors_for_the_backward():
     # 5 r-wide tensors (it was 8: h - n and all 3 r columns of W_hh h). Plus the normalised states (shared by the
     # seeds) and the aggregate a; parameters are not activations and are left out.
     S, N, L, d, r = 2, 11, 4, 16, 8
-    net = SideNet(S, d, r, "gru", aggregate="mean", dropout=0.0, h0_from_embedding=False, with_output=True)
+    net = SideNet(S, d, r, "gru", aggregate="mean", h0_from_embedding=False, with_output=True)
     torch.nn.init.uniform_(net.out_weight, -0.1, 0.1)
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     kept: dict[int, int] = {}

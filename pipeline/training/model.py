@@ -128,7 +128,6 @@ class ReadModel(nn.Module):
             return SideNet(
                 S, d, r, config.rnn,
                 aggregate=config.aggregate,
-                dropout=config.dropout,
                 h0_from_embedding=h0_from_embedding,
                 with_output=with_output,
                 out_init=config.out_init,

@@ -182,7 +182,6 @@ class SideNet(nn.Module):
         cell: str,
         *,
         aggregate: str,
-        dropout: float,
         h0_from_embedding: bool,
         with_output: bool,
         out_init: str = "zeros",
@@ -190,7 +189,7 @@ class SideNet(nn.Module):
     ) -> None:
         super().__init__()
         S, d, r, G = num_seeds, d_model, rnn_dim, _GATES[cell]
-        self.cell, self.aggregate, self.dropout = cell, aggregate, float(dropout)
+        self.cell, self.aggregate = cell, aggregate  # dropout: the caller's mask (ReadModel.dropout_masks)
         self.rnn_dim = r
         self.out_scale = float(out_scale)
         self.norm_weight = nn.Parameter(torch.ones(S, d))
