@@ -234,9 +234,11 @@ class ReadModel(nn.Module):
             rows["encoder_net"] = batch.num_examples if cls else int(batch.encoder.shape[0])
         if self.decoder_net is not None and batch.decoder is not None:
             rows["decoder_net"] = int(batch.decoder.shape[0])
-        states = batch.encoder if batch.encoder is not None else batch.decoder
-        return {name: self._streams.mask((n, self.config.rnn_dim), self.config.dropout, states.device)
-                for name, n in rows.items()} if states is not None else {}
+        if not rows:
+            return {}
+        device = (batch.encoder if batch.encoder is not None else batch.decoder).device
+        return {name: self._streams.mask((n, self.config.rnn_dim), self.config.dropout, device)
+                for name, n in rows.items()}
 
     def forward(self, batch: SideBatch, masks: Mapping[str, Tensor] | None = None) -> Tensor:
         """Logits (S, B, K), or predictions (S, B) for regression. ``masks``: ``dropout_masks(batch)``, drawn
