@@ -15,9 +15,9 @@ and measures on the task's train split (``--limit`` examples, default all):
    and one epoch (``Trainer.train_epoch``, timed after one warm-up epoch);
 4. one epoch of full fine-tuning of the same model (every weight trained, AdamW, bf16 autocast on CUDA);
 5. last, the paths that first run here: stage two streamed from pinned host memory (``memory_budget=0``,
-   ``--seeds`` seeds), and (unless ``--no-compiled``) stage two with ``--compile`` for 1 and ``--seeds``
-   seeds, whose warm-up epoch pays the compile. A failure there is reported in its row and leaves the
-   figures above standing.
+   ``--seeds`` seeds), and (unless ``--no-compiled``) stage two with ``--cuda-graphs``, then with
+   ``--compile``, for ``--seeds`` and 1 seeds, whose warm-up epoch pays the compile (and records the
+   graphs). A failure there is reported in its row and leaves the figures above standing.
 
 For each: wall seconds, peak CUDA memory and energy (NVML when ``pynvml`` is installed; RAPL for the
 CPU when readable) via ``pipeline.common.resources.ResourceMeter``. The "## GPU" section of
@@ -97,12 +97,13 @@ def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: 
                          writers=args.writers)
 
 
-def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device,
-              compiled: bool = False, memory_budget: str | int = "8GB") -> dict[str, Any]:
-    """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile)."""
+def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device, compiled: bool = False,
+              cuda_graphs: bool = False, memory_budget: str | int = "8GB") -> dict[str, Any]:
+    """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile, the
+    recording of the graphs)."""
     cfg = TrainConfig(cache=str(cache), out=str(cache.parent / f"run-{cache.stem}-{seeds}"), seeds=tuple(range(seeds)),
                       epochs=2, device=args.device, patience=None, rnn_dim=args.rnn_dim, batch_size=args.batch_size,
-                      compile=compiled, memory_budget=memory_budget)
+                      compile=compiled, cuda_graphs=cuda_graphs, memory_budget=memory_budget)
     read, trainer = measured(device, lambda: Trainer(cfg, progress=False))
     optimizer, scheduler = trainer.optimizer()
     warm_up, _ = measured(device, lambda: trainer.train_epoch(1, optimizer, scheduler))
@@ -204,8 +205,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keep("finetune", measured(device, lambda: finetune_epoch(backbone, model_path, ft_batches, ft_labels, device))[0])
     # Then the paths that may fail where they first run; their failure is written into their row.
     optional = {f"streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0)}  # pinned copies, side stream
-    if args.compiled:
-        optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (1, args.seeds)})
+    if args.compiled:  # the most promising first: a run cut short keeps them
+        optional.update({f"graphs_all_{seeds}": dict(seeds=seeds, cuda_graphs=True) for seeds in (args.seeds, 1)})
+        optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
     for key, options in optional.items():
         try:
             keep(key, stage_two(args, extractions["all"], device=device, **options))
@@ -241,7 +243,8 @@ def render(r: dict[str, Any], command: str) -> str:
         where = f"rows on {t['on_device']}" if t["in_memory"] else "streamed"
         return [row(f"{name}: reading it, {seeds} seed(s)", t["read"]),
                 row(f"{name}: warm-up epoch, {seeds} seed(s)", t["warm_up"], "first epoch: allocator, kernels"
-                    + (", the compile" if key.startswith("compiled") else "")),
+                    + (", the compile" if key.startswith(("compiled", "graphs")) else "")
+                    + (", a graph per token bucket" if key.startswith("graphs") else "")),
                 row(f"{name}: one epoch, {seeds} seed(s)", t["epoch"], where)]
 
     lines = [SECTION, "",
@@ -261,21 +264,22 @@ def render(r: dict[str, Any], command: str) -> str:
             lines += stage_two_rows(f"train_{tokens}_{seeds}", f"stage two, {name} store", seeds)
     lines += stage_two_rows(f"streamed_all_{S}", "stage two, per-token store streamed (memory_budget=0)", S)
     if a.compiled:
-        for seeds in (1, S):
-            lines += stage_two_rows(f"compiled_all_{seeds}", "stage two --compile, per-token store", seeds)
+        for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs")):
+            for seeds in (1, S):
+                lines += stage_two_rows(f"{prefix}_{seeds}", f"stage two {name}, per-token store", seeds)
     if "finetune" in r:
         lines.append(row("full fine-tuning, one epoch", r["finetune"],
                          f"batches of <= {a.finetune_batch_tokens} padded tokens"))
     lines += ["", f"Ratios: extraction throughput / plain forward **{plain / r['extract_all']['wall']:.2f}** "
                   "(per-token store; target >= 0.85)."]
     for prefix, how in (("train_all", "eager"), ("train_pooled", "eager, pooled store"),
-                        ("compiled_all", "--compile")):
+                        ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs")):
         one, many = r.get(f"{prefix}_1", {}).get("epoch"), r.get(f"{prefix}_{S}", {}).get("epoch")
         if one and many:
             lines.append(f"Stage two ({how}): a {S}-seed epoch / a plain forward epoch **{many['wall'] / plain:.2f}** "
                          f"(target <= 0.25); {S} seeds / 1 seed **{many['wall'] / one['wall']:.2f}** (target <= 1.5).")
     ft = r.get("finetune")
-    for prefix, how in (("train_all", "eager"), ("compiled_all", "--compile")):
+    for prefix, how in (("train_all", "eager"), ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs")):
         t = r.get(f"{prefix}_{S}", {})
         if ft and "epoch" in t:
             read = (r["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]
@@ -315,7 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="folder for the model and stores [a new temporary folder]")
     p.add_argument("--benchmarks", default=str(REPO / "BENCHMARKS.md"), help="file whose '## GPU' section is rewritten")
     p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time stage two with --compile (per-token store, 1 and --seeds seeds), last")
+                   help="also time stage two with --cuda-graphs and --compile (per-token store, 1 and --seeds seeds), "
+                        "last")
     p.add_argument("--results", default=None, help="JSON file rewritten after every phase (a cut run keeps its figures)")
     p.add_argument("--render", default=None, metavar="RESULTS_JSON",
                    help="run nothing: rewrite the section from a --results file of an earlier run")

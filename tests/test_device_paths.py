@@ -118,13 +118,17 @@ def test_a_pool_of_writers_writes_the_same_bytes_as_one(tiny_t5, tmp_path, glue_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["seq2seq", "encoder"])
-def test_a_compiled_step_trains_the_eager_weights(synthetic_store, tmp_path, family):
+@pytest.mark.parametrize("family, padded", [("seq2seq", False), ("encoder", False), ("seq2seq", True)])
+def test_a_compiled_step_trains_the_eager_weights(synthetic_store, tmp_path, family, padded):
     # --compile changes how the step runs, not what it computes: same dropout masks, same batches, so the
     # weights after an epoch agree with the eager ones up to float rounding (fused kernels sum differently).
+    # padded: --cuda-graphs on this CPU (compiled, no graphs), its batches padded as they are on CUDA.
     cache = synthetic_store(family=family, splits={"train": 60, "validation": 20}).path
-    eager, compiled = trainer(cache, tmp_path / "a"), trainer(cache, tmp_path / "b", compile=True)
-    assert compiled.step_model is not compiled.model and eager.step_model is eager.model
+    eager = trainer(cache, tmp_path / "a")
+    compiled = trainer(cache, tmp_path / "b", **({"cuda_graphs": True} if padded else {"compile": True}))
+    assert compiled.step_loss is not eager.step_loss and compiled.compiled and not eager.compiled
+    assert not compiled.cuda_graphs and not compiled.pad_tokens  # no CUDA here
+    compiled.pad_tokens = padded
     loss_a, weights_a = one_epoch(eager)
     loss_b, weights_b = one_epoch(compiled)
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
@@ -154,12 +158,12 @@ def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, 
 
 
 @pytest.mark.parametrize("family", ["seq2seq", "encoder", "decoder"])
-def test_the_compiled_forward_is_one_graph(family):
+def test_the_compiled_step_is_one_graph(family):
     # Graph breaks split a compiled step into pieces, each with its own launches and Python glue: the dropout
     # masks are drawn before the forward (their per-seed generators cannot be traced), so nothing breaks it.
     import torch._dynamo
 
-    from pipeline.training.model import ReadConfig, ReadModel
+    from pipeline.training.model import ReadConfig, ReadModel, StepLoss
     from pipeline.training.network import SideBatch
 
     d, B, N = 16, 4, 13
@@ -172,5 +176,5 @@ def test_the_compiled_forward_is_one_graph(family):
     masks = model.dropout_masks(batch)
     assert set(masks) == {"seq2seq": {"encoder_net", "decoder_net"}, "encoder": {"encoder_net"},
                           "decoder": {"decoder_net"}}[family]
-    explained = torch._dynamo.explain(model)(batch, masks)
+    explained = torch._dynamo.explain(StepLoss(model, "classification"))(batch, masks)  # what the Trainer compiles
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

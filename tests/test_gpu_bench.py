@@ -35,12 +35,15 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     results["args"]["compiled"] = True
     results["compiled_all_1"] = results["train_all_1"]
     results["compiled_all_2"] = {"error": "BackendCompilerFailed: no compiler"}
+    results["graphs_all_1"], results["graphs_all_2"] = results["train_all_1"], results["train_all_2"]
     (tmp_path / "edited.json").write_text(json.dumps(results))
     assert module.main(["--render", str(tmp_path / "edited.json"), "--benchmarks", str(copy)]) == 0
     rendered = copy.read_text()
     assert rendered.count("## GPU") == 1 and "## Other\n\nkept" in rendered
     assert "stage two --compile, per-token store: one epoch, 1 seed(s)" in rendered
     assert "stage two --compile, per-token store, 2 seed(s) | failed: BackendCompilerFailed: no compiler" in rendered
+    assert "stage two --cuda-graphs, per-token store: warm-up epoch, 2 seed(s)" in rendered
+    assert "Stage two (--cuda-graphs): a 2-seed epoch" in rendered and "READ from the cache (--cuda-graphs)" in rendered
     t, ft = results["train_all_2"], results["finetune"]["wall"]
     read = results["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"] + 9 * t["epoch"]["wall"]
     assert f"**{2 * 10 * ft / read:.1f}x** less wall time" in rendered

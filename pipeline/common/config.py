@@ -170,6 +170,11 @@ class TrainConfig(SideConfig):
         False, "torch.compile the side network's training step (forward and backward): the gates of each layer "
         "step fuse into a few kernels. A one-off compile (about a minute) per run; for GPUs, where the eager step "
         "is bound by kernel launches, not arithmetic. Evaluation stays eager.")
+    cuda_graphs: bool = setting(
+        False, "On a CUDA device, also replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead; "
+        "implies --compile): one launch per step instead of one per kernel. Each batch's tokens are padded with "
+        "dropped rows up to one of a few sizes (at most 1/8 more), so that a few recorded graphs serve every batch. "
+        "Ignored, with a note, without CUDA.")
     memory_budget: str | int = setting("8GB", "Splits larger than this are streamed from the store by block.",
                                        parse=parse_size, allowed="a size such as 8GB or 512MiB, or a number of bytes",
                                        metavar="SIZE")

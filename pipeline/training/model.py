@@ -350,6 +350,18 @@ def per_seed_loss(outputs: Tensor, labels: Tensor, task_kind: str) -> Tensor:
     raise ConfigError(f"task_kind={task_kind!r}: expected one of {', '.join(TASK_KINDS)}")
 
 
+class StepLoss(nn.Module):
+    """The training step's forward, from batch to per-seed losses (S,): what a compiled step compiles, so the loss
+    fuses with the rest rather than running as eager kernels of its own."""
+
+    def __init__(self, model: ReadModel, task_kind: str) -> None:
+        super().__init__()
+        self.model, self.task_kind = model, task_kind
+
+    def forward(self, batch: SideBatch, masks: Mapping[str, Tensor]) -> Tensor:
+        return per_seed_loss(self.model(batch, masks), batch.labels, self.task_kind)
+
+
 def trainable_parameter_count(model: nn.Module) -> int:
     """Trainable parameters of one seed (every parameter carries the seed axis first)."""
     return sum(p[0].numel() for p in model.parameters() if p.requires_grad)

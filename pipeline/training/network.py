@@ -81,8 +81,11 @@ class SideBatch:
 
 
 def segment_counts(segment: Tensor, num_segments: int) -> Tensor:
-    """Rows per segment (num_segments,) int64; unlike ``torch.bincount`` it never waits for the device."""
-    return segment.new_zeros(num_segments).index_add_(0, segment, torch.ones_like(segment))
+    """Rows per segment (num_segments,) int64; unlike ``torch.bincount`` it never waits for the device.
+
+    Rows of segment ``num_segments`` are padding (``pipeline.training.buckets``): counted apart and dropped.
+    """
+    return segment.new_zeros(num_segments + 1).index_add_(0, segment, torch.ones_like(segment))[:num_segments]
 
 
 def segment_mean(
@@ -90,15 +93,16 @@ def segment_mean(
 ) -> Tensor:
     """Mean of ``values`` (..., N, F) over each segment along dim -2 -> (..., B, F).
 
-    ``segment=None`` means one row per segment (identity). Differentiable (out-of-place index_add).
+    ``segment=None`` means one row per segment (identity). Rows of segment ``num_segments`` are padding and
+    dropped (they get no gradient). Differentiable (out-of-place index_add).
     """
     if segment is None:
         return values
     if counts is None:
         counts = segment_counts(segment, num_segments)
     dim = values.dim() - 2
-    shape = (*values.shape[:-2], num_segments, values.shape[-1])
-    sums = values.new_zeros(shape).index_add(dim, segment, values)  # (..., B, F)
+    shape = (*values.shape[:-2], num_segments + 1, values.shape[-1])
+    sums = values.new_zeros(shape).index_add(dim, segment, values).narrow(dim, 0, num_segments)  # (..., B, F)
     return sums / counts.to(values.dtype).unsqueeze(-1)
 
 

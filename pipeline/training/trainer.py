@@ -26,12 +26,13 @@ from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore
 from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter
 from pipeline.training.batches import SplitBatches
+from pipeline.training.buckets import pad_tokens
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.model import (
     ReadConfig,
     ReadModel,
+    StepLoss,
     clip_grad_norm_per_seed,
-    per_seed_loss,
     trainable_parameter_count,
 )
 from pipeline.training.network import SideBatch
@@ -152,8 +153,15 @@ class Trainer:
         rows = self.store.label_rows()
         rows_t = torch.from_numpy(rows) if rows is not None and self.read_config.uses_label_rows else None
         self.model = ReadModel(self.read_config, list(cfg.seeds), label_rows=rows_t).to(self.device)
-        # The same parameters behind a compiled forward; dynamic shapes: one compile serves every batch size.
-        self.step_model = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
+        # CUDA graphs replay fixed shapes: batches are padded to a few token counts (pipeline.training.buckets).
+        self.cuda_graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self.pad_tokens = self.cuda_graphs
+        # The training forward and loss over the model's parameters, compiled or not. Dynamic shapes: one compile
+        # serves every batch size (and under CUDA graphs, one recording per token bucket).
+        step = StepLoss(self.model, self.task.kind)
+        self.compiled = cfg.compile or cfg.cuda_graphs
+        self.step_loss = (torch.compile(step, dynamic=True, mode="reduce-overhead" if self.cuda_graphs else None)
+                          if self.compiled else step)
         self.primary = primary_metric(self.task)
         self.out = Path(cfg.out_dir(self.task.name))
 
@@ -192,7 +200,7 @@ class Trainer:
                                                        enabled=self.progress, leave=False)):
             batch = batch.to(self.device, non_blocking=True)
             mark("batch")
-            losses = per_seed_loss(self._forward(batch), batch.labels, self.task.kind)  # (S,)
+            losses = self._losses(batch)  # (S,)
             first_bad = torch.where(~torch.isfinite(losses) & (first_bad == NEVER), step, first_bad)
             if (step + 1) % FINITE_CHECK_EVERY == 0:
                 self._check_finite(first_bad, epoch)
@@ -209,11 +217,15 @@ class Trainer:
         self._check_finite(first_bad, epoch)
         return totals.cpu().numpy() / max(count, 1)
 
-    def _forward(self, batch: SideBatch) -> torch.Tensor:
-        """The training forward, through the compiled model under --compile; a compiler failure in one line."""
+    def _losses(self, batch: SideBatch) -> torch.Tensor:
+        """The training forward and per-seed losses, compiled under --compile; a compiler failure in one line."""
         masks = self.model.dropout_masks(batch)  # eagerly, so that a compiled forward is one graph
+        if self.pad_tokens:  # after the masks: the seeds draw what they draw unpadded
+            batch, masks = pad_tokens(batch, masks)
+        if self.cuda_graphs:  # a new step: the previous step's graph outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         try:
-            return self.step_model(batch, masks)
+            return self.step_loss(batch, masks)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             reason = (str(error.__cause__ or error).strip().splitlines() or ["no reason given"])[0]
             raise TrainingError(f"--compile failed: torch.compile could not build the step ({reason}); train without "
@@ -305,11 +317,10 @@ class Trainer:
             frozen = self.frozen_start(start)
             history: list[dict[str, Any]] = [self._history_row(0, None, start)]
             self._say(0, None, start)
-            if cfg.compile:  # the first step is silent for a while: say why
-                note = "--compile: the first steps build the compiled step (about a minute, once per run)"
-                log.info(note)
-                if self.progress:
-                    print(note, file=sys.stderr)
+            if cfg.cuda_graphs and not self.cuda_graphs:
+                self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs; the step is compiled")
+            if self.compiled:  # the first step is silent for a while: say why
+                self._note("--compile: the first steps build the compiled step (about a minute, once per run)")
             for epoch in range(1, cfg.epochs + 1):
                 train_loss = self.train_epoch(epoch, optimizer, scheduler)
                 per_seed, predictions = self.evaluate()
@@ -329,6 +340,11 @@ class Trainer:
             self.model.load_seed_state_dict(k, best[k]["state"])
         return self._write_outputs(best, history, meter.summary(), epochs_run=epoch,
                                    record=self._selection_record(frozen))
+
+    def _note(self, note: str) -> None:
+        log.info(note)
+        if self.progress:
+            print(note, file=sys.stderr)
 
     def _say(self, epoch: int, train_loss: np.ndarray | None, per_seed: list[dict[str, float]]) -> None:
         loss = "frozen start" if train_loss is None else f"loss {train_loss.mean():.4f}"
