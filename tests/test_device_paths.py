@@ -129,8 +129,12 @@ def test_a_compiled_step_trains_the_eager_weights(synthetic_store, tmp_path, fam
     assert compiled.step_loss is not eager.step_loss and compiled.compiled and not eager.compiled
     assert not compiled.cuda_graphs and not compiled.pad_tokens  # no CUDA here
     compiled.pad_tokens = padded
+    assert len(compiled.train_data) % 8  # a last, smaller batch: run eagerly, not compiled a second time
     loss_a, weights_a = one_epoch(eager)
+    torch._dynamo.reset()  # compiled afresh here, not served by another test's graph
+    torch._dynamo.utils.counters.clear()
     loss_b, weights_b = one_epoch(compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
     for name in weights_a:
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -157,11 +157,12 @@ class Trainer:
         self.cuda_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.pad_tokens = self.cuda_graphs
         # The training forward and loss over the model's parameters, compiled or not. Dynamic shapes: one compile
-        # serves every batch size (and under CUDA graphs, one recording per token bucket).
-        step = StepLoss(self.model, self.task.kind)
+        # serves every token count (and under CUDA graphs, one recording per token bucket).
+        self.eager_loss = StepLoss(self.model, self.task.kind)
         self.compiled = cfg.compile or cfg.cuda_graphs
-        self.step_loss = (torch.compile(step, dynamic=True, mode="reduce-overhead" if self.cuda_graphs else None)
-                          if self.compiled else step)
+        self.step_loss = (torch.compile(self.eager_loss, dynamic=True,
+                                        mode="reduce-overhead" if self.cuda_graphs else None)
+                          if self.compiled else self.eager_loss)
         self.primary = primary_metric(self.task)
         self.out = Path(cfg.out_dir(self.task.name))
 
@@ -218,8 +219,14 @@ class Trainer:
         return totals.cpu().numpy() / max(count, 1)
 
     def _losses(self, batch: SideBatch) -> torch.Tensor:
-        """The training forward and per-seed losses, compiled under --compile; a compiler failure in one line."""
+        """The training forward and per-seed losses, compiled under --compile; a compiler failure in one line.
+
+        The last, smaller batch of an epoch runs eagerly: its example count would cost a second compile (a batch
+        of one example always does) and, under CUDA graphs, recordings of its own, for one step an epoch.
+        """
         masks = self.model.dropout_masks(batch)  # eagerly, so that a compiled forward is one graph
+        if batch.num_examples != self.cfg.batch_size:
+            return self.eager_loss(batch, masks)
         if self.pad_tokens:  # after the masks: the seeds draw what they draw unpadded
             batch, masks = pad_tokens(batch, masks)
         if self.cuda_graphs:  # a new step: the previous step's graph outputs are no longer read
