@@ -15,9 +15,10 @@ and measures on the task's train split (``--limit`` examples, default all):
    and one epoch (``Trainer.train_epoch``, timed after one warm-up epoch);
 4. one epoch of full fine-tuning of the same model (every weight trained, AdamW, bf16 autocast on CUDA);
 5. last, the paths that first run here: stage two streamed from pinned host memory (``memory_budget=0``,
-   ``--seeds`` seeds), and (unless ``--no-compiled``) stage two with ``--cuda-graphs``, then with
-   ``--compile``, for ``--seeds`` and 1 seeds, whose warm-up epoch pays the compile (and records the
-   graphs). A failure there is reported in its row and leaves the figures above standing.
+   ``--seeds`` seeds), and (unless ``--no-compiled``) stage two with ``--cuda-graphs --tf32``, then with
+   ``--compile`` (full float32, as the eager rows), for ``--seeds`` and 1 seeds, whose warm-up epoch
+   pays the compile (and records the graphs). A failure there is reported in its row and leaves the
+   figures above standing.
 
 For each: wall seconds, peak CUDA memory and energy (NVML when ``pynvml`` is installed; RAPL for the
 CPU when readable) via ``pipeline.common.resources.ResourceMeter``. The "## GPU" section of
@@ -98,12 +99,12 @@ def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: 
 
 
 def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device, compiled: bool = False,
-              cuda_graphs: bool = False, memory_budget: str | int = "8GB") -> dict[str, Any]:
+              cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB") -> dict[str, Any]:
     """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile, the
     recording of the graphs)."""
     cfg = TrainConfig(cache=str(cache), out=str(cache.parent / f"run-{cache.stem}-{seeds}"), seeds=tuple(range(seeds)),
                       epochs=2, device=args.device, patience=None, rnn_dim=args.rnn_dim, batch_size=args.batch_size,
-                      compile=compiled, cuda_graphs=cuda_graphs, memory_budget=memory_budget)
+                      compile=compiled, cuda_graphs=cuda_graphs, tf32=tf32, memory_budget=memory_budget)
     read, trainer = measured(device, lambda: Trainer(cfg, progress=False))
     optimizer, scheduler = trainer.optimizer()
     warm_up, _ = measured(device, lambda: trainer.train_epoch(1, optimizer, scheduler))
@@ -206,7 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Then the paths that may fail where they first run; their failure is written into their row.
     optional = {f"streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0)}  # pinned copies, side stream
     if args.compiled:  # the most promising first: a run cut short keeps them
-        optional.update({f"graphs_all_{seeds}": dict(seeds=seeds, cuda_graphs=True) for seeds in (args.seeds, 1)})
+        optional.update({f"graphs_all_{seeds}": dict(seeds=seeds, cuda_graphs=True, tf32=True)
+                         for seeds in (args.seeds, 1)})
         optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
     for key, options in optional.items():
         try:
@@ -252,7 +254,7 @@ def render(r: dict[str, Any], command: str) -> str:
              f"(speed does not depend on the weights' values; bf16 autocast on CUDA), task {a.task} train: "
              f"{r['examples']:,} examples, {r['tokens']:,} tokens, {r['blocks']} block(s); max_length {a.max_length}, "
              f"batch_tokens {a.batch_tokens}, {a.writers} writer threads. Stage two: GRU r={a.rnn_dim}, batch "
-             f"{a.batch_size}, one epoch timed after a warm-up epoch. Energy: NVML (GPU) and RAPL (CPU) where "
+             f"{a.batch_size}, one epoch timed after a warm-up epoch, float32 unless a row says --tf32. Energy: NVML (GPU) and RAPL (CPU) where "
              f"readable, else n/a. Whole run {r['total_s']:.0f} s.", "",
              "| phase (same tokens) | wall s | x plain forward | peak CUDA MiB | GPU J | CPU J | notes |",
              "|---|---|---|---|---|---|---|",
@@ -264,7 +266,7 @@ def render(r: dict[str, Any], command: str) -> str:
             lines += stage_two_rows(f"train_{tokens}_{seeds}", f"stage two, {name} store", seeds)
     lines += stage_two_rows(f"streamed_all_{S}", "stage two, per-token store streamed (memory_budget=0)", S)
     if a.compiled:
-        for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs")):
+        for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
             for seeds in (1, S):
                 lines += stage_two_rows(f"{prefix}_{seeds}", f"stage two {name}, per-token store", seeds)
     if "finetune" in r:
@@ -273,13 +275,13 @@ def render(r: dict[str, Any], command: str) -> str:
     lines += ["", f"Ratios: extraction throughput / plain forward **{plain / r['extract_all']['wall']:.2f}** "
                   "(per-token store; target >= 0.85)."]
     for prefix, how in (("train_all", "eager"), ("train_pooled", "eager, pooled store"),
-                        ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs")):
+                        ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
         one, many = r.get(f"{prefix}_1", {}).get("epoch"), r.get(f"{prefix}_{S}", {}).get("epoch")
         if one and many:
             lines.append(f"Stage two ({how}): a {S}-seed epoch / a plain forward epoch **{many['wall'] / plain:.2f}** "
                          f"(target <= 0.25); {S} seeds / 1 seed **{many['wall'] / one['wall']:.2f}** (target <= 1.5).")
     ft = r.get("finetune")
-    for prefix, how in (("train_all", "eager"), ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs")):
+    for prefix, how in (("train_all", "eager"), ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
         t = r.get(f"{prefix}_{S}", {})
         if ft and "epoch" in t:
             read = (r["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]

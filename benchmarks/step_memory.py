@@ -1,4 +1,4 @@
-"""Activation memory of one stage-two training step at the paper's shape: eager against ``--compile``.
+"""Activation memory and arithmetic of one stage-two training step at the paper's shape: eager against ``--compile``.
 
 Run from the repository root (a few minutes on a CPU, most of it the compile):
 
@@ -11,7 +11,10 @@ the bytes autograd keeps for the backward pass (``torch.autograd.graph.saved_ten
 with the parameters, their gradients, the optimiser state and the batch is what a step's peak memory
 is made of. It does not depend on the device: torch.compile decides what to keep and what to
 recompute on its joint forward-backward graph, before generating code for a CPU or a GPU.
-The compile starts from an empty cache. Appends nothing to BENCHMARKS.md; prints a table to paste.
+The compile starts from an empty cache. The step's floating-point operations, forward and backward
+(``torch.utils.flop_counter``: matrix products only, which are nearly all of them), say how long the
+step must take on a given card once kernel launches no longer bound it. Appends nothing to
+BENCHMARKS.md; prints a table to paste.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ def saved_bytes(model: ReadModel, batch: SideBatch, forward: Callable[..., torch
     return sum(seen.values())
 
 
+def step_flops(model: ReadModel, batch: SideBatch) -> int:
+    """Floating-point operations of one training step, forward and backward (matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        saved_bytes(model, batch)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
@@ -72,8 +84,9 @@ def main() -> None:
     args = parser.parse_args()
     batch = t5_base_batch(args.tokens)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # the compile is paid in full
-    print("| seeds | parameters (all seeds) MiB | saved for backward, eager MiB | with --compile MiB | compile s |")
-    print("|---|---|---|---|---|")
+    print("| seeds | parameters (all seeds) MiB | saved for backward, eager MiB | with --compile MiB | compile s | "
+          "GFLOP per step |")
+    print("|---|---|---|---|---|---|")
     for seeds in args.seeds:
         config = ReadConfig(family="seq2seq", d_model=768, num_labels=2, task_kind="classification",
                             rnn_dim=args.rnn_dim)
@@ -87,7 +100,9 @@ def main() -> None:
             saved_bytes(model, batch, compiled)  # the compile
             compile_s = f"{time.perf_counter() - started:.0f}"
             fused = f"{saved_bytes(model, batch, compiled) / 2**20:,.0f}"
-        print(f"| {seeds} | {params / 2**20:.1f} | {eager / 2**20:,.0f} | {fused} | {compile_s} |", flush=True)
+        flops = step_flops(model, batch)
+        print(f"| {seeds} | {params / 2**20:.1f} | {eager / 2**20:,.0f} | {fused} | {compile_s} | {flops / 1e9:,.0f} |",
+              flush=True)
     print(f"\n{args.tokens} encoder tokens, 32 examples, 13 states x 768 per side, GRU r={args.rnn_dim}; torch "
           f"{torch.__version__}, {platform.machine()}. Command: `.venv/bin/python benchmarks/step_memory.py "
           f"{' '.join(sys.argv[1:])}`".rstrip())

@@ -77,11 +77,15 @@ def test_padded_training_trains_the_unpadded_weights(synthetic_store, tmp_path, 
     cache = synthetic_store(family=family, splits={"train": 60, "validation": 20}).path
     plain, padded = trainer(cache, tmp_path / "a"), trainer(cache, tmp_path / "b")
     padded.pad_tokens = True
-    seen: list[int] = []
-    padded.step_loss.register_forward_pre_hook(lambda _, args: seen.append(int(args[0].encoder.shape[0])))
+    seen: list[tuple[int, int]] = []
+    padded.step_loss.register_forward_pre_hook(lambda _, args: seen.append((args[0].num_examples,
+                                                                             int(args[0].encoder.shape[0]))))
     loss_a, weights_a = one_epoch(plain)
     loss_b, weights_b = one_epoch(padded)
-    assert seen and all(rows == token_bucket(rows) for rows in seen)
+    full = [rows for examples, rows in seen if examples == 8]  # the last, smaller batch runs as it is
+    assert len(full) == len(padded.train_data) // 8 and all(rows == token_bucket(rows) for rows in full)
+    assert any(rows != token_bucket(rows) for rows in
+               (int(batch.encoder.shape[0]) for _, batch in plain.train_data.epoch(8, shuffle=False)))
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
     for name in weights_a:
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -182,3 +182,17 @@ def test_the_compiled_step_is_one_graph(family):
                           "decoder": {"decoder_net"}}[family]
     explained = torch._dynamo.explain(StepLoss(model, "classification"))(batch, masks)  # what the Trainer compiles
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_tf32_changes_cuda_products_only(synthetic_store, tmp_path):
+    from pipeline.common.resources import set_cuda_tf32
+
+    cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        set_cuda_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.mkldnn.matmul.fp32_precision == cpu_precision
+        set_cuda_tf32(False)
+        trainer(synthetic_store(splits={"train": 30, "validation": 10}).path, tmp_path, tf32=True)  # on CPU: no change
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        set_cuda_tf32(False)

@@ -42,8 +42,9 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     assert rendered.count("## GPU") == 1 and "## Other\n\nkept" in rendered
     assert "stage two --compile, per-token store: one epoch, 1 seed(s)" in rendered
     assert "stage two --compile, per-token store, 2 seed(s) | failed: BackendCompilerFailed: no compiler" in rendered
-    assert "stage two --cuda-graphs, per-token store: warm-up epoch, 2 seed(s)" in rendered
-    assert "Stage two (--cuda-graphs): a 2-seed epoch" in rendered and "READ from the cache (--cuda-graphs)" in rendered
+    assert "stage two --cuda-graphs --tf32, per-token store: warm-up epoch, 2 seed(s)" in rendered
+    assert "Stage two (--cuda-graphs --tf32): a 2-seed epoch" in rendered
+    assert "READ from the cache (--cuda-graphs --tf32)" in rendered
     t, ft = results["train_all_2"], results["finetune"]["wall"]
     read = results["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"] + 9 * t["epoch"]["wall"]
     assert f"**{2 * 10 * ft / read:.1f}x** less wall time" in rendered

@@ -175,6 +175,10 @@ class TrainConfig(SideConfig):
         "implies --compile): one launch per step instead of one per kernel. Each batch's tokens are padded with "
         "dropped rows up to one of a few sizes (at most 1/8 more), so that a few recorded graphs serve every batch. "
         "Ignored, with a note, without CUDA.")
+    tf32: bool = setting(
+        False, "On a CUDA device, float32 matrix products on TensorFloat-32 tensor cores (10-bit mantissa in the "
+        "products, float32 sums; several times float32's speed from Ampere on), as Hugging Face's --tf32. Off: full "
+        "float32, as on a CPU, which this setting leaves alone.")
     memory_budget: str | int = setting("8GB", "Splits larger than this are streamed from the store by block.",
                                        parse=parse_size, allowed="a size such as 8GB or 512MiB, or a number of bytes",
                                        metavar="SIZE")

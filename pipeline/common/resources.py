@@ -26,6 +26,13 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def set_cuda_tf32(enabled: bool) -> None:
+    """CUDA float32 matrix products on TensorFloat-32 tensor cores, or in full float32 (process-wide, as torch keeps
+    it). The legacy flag, not ``fp32_precision``: reading one API after setting the other raises in torch 2.13, and
+    ``torch.set_float32_matmul_precision`` would change CPU (oneDNN) products too."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
 def _rapl_uj() -> int | None:
     try:
         return int(RAPL.read_text())

@@ -21,7 +21,7 @@ from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError
 from pipeline.common.files import atomic_write_csv, atomic_write_text
 from pipeline.common.progress import progress_bar
-from pipeline.common.resources import ResourceMeter, pick_device
+from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore
 from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter
@@ -127,6 +127,8 @@ class Trainer:
         self.eval_splits = list(cfg.eval_splits or self.task.validation_splits)
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
+        if self.device.type == "cuda":
+            set_cuda_tf32(cfg.tf32)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         label_dtype = torch.long if self.task.kind == "classification" else torch.float32
