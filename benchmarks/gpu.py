@@ -17,8 +17,9 @@ and measures on the task's train split (``--limit`` examples, default all):
 5. last, the paths that first run here: stage two streamed from pinned host memory (``memory_budget=0``,
    ``--seeds`` seeds), and (unless ``--no-compiled``) stage two with ``--cuda-graphs --tf32``, then with
    ``--compile`` (full float32, as the eager rows), for ``--seeds`` and 1 seeds, whose warm-up epoch
-   pays the compile (and records the graphs). A failure there is reported in its row and leaves the
-   figures above standing.
+   pays the compile (and records the graphs); ``--cuda-graphs`` once more for ``--seeds`` seeds after
+   ``torch._dynamo.reset()``, whose warm-up compiles from the on-disk caches alone, as a second run on
+   the same machine would. A failure there is reported in its row and leaves the figures above standing.
 
 For each: wall seconds, peak CUDA memory and energy (NVML when ``pynvml`` is installed; RAPL for the
 CPU when readable) via ``pipeline.common.resources.ResourceMeter``. The "## GPU" section of
@@ -99,9 +100,13 @@ def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: 
 
 
 def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device, compiled: bool = False,
-              cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB") -> dict[str, Any]:
+              cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB",
+              forget_compiled: bool = False) -> dict[str, Any]:
     """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile, the
-    recording of the graphs)."""
+    recording of the graphs). ``forget_compiled``: drop this process's compiled code first, so the warm-up
+    compiles again from the on-disk caches alone, as a second run on the same machine does."""
+    if forget_compiled:
+        torch._dynamo.reset()
     cfg = TrainConfig(cache=str(cache), out=str(cache.parent / f"run-{cache.stem}-{seeds}"), seeds=tuple(range(seeds)),
                       epochs=2, device=args.device, patience=None, rnn_dim=args.rnn_dim, batch_size=args.batch_size,
                       compile=compiled, cuda_graphs=cuda_graphs, tf32=tf32, memory_budget=memory_budget)
@@ -207,8 +212,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Then the paths that may fail where they first run; their failure is written into their row.
     optional = {f"streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0)}  # pinned copies, side stream
     if args.compiled:  # the most promising first: a run cut short keeps them
-        optional.update({f"graphs_all_{seeds}": dict(seeds=seeds, cuda_graphs=True, tf32=True)
-                         for seeds in (args.seeds, 1)})
+        graphs = dict(cuda_graphs=True, tf32=True)
+        optional.update({f"graphs_all_{args.seeds}": dict(seeds=args.seeds, **graphs),
+                         f"graphs_warm_all_{args.seeds}": dict(seeds=args.seeds, forget_compiled=True, **graphs),
+                         "graphs_all_1": dict(seeds=1, **graphs)})
         optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
     for key, options in optional.items():
         try:
@@ -269,6 +276,8 @@ def render(r: dict[str, Any], command: str) -> str:
         for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
             for seeds in (1, S):
                 lines += stage_two_rows(f"{prefix}_{seeds}", f"stage two {name}, per-token store", seeds)
+        lines += stage_two_rows(f"graphs_warm_all_{S}", "stage two --cuda-graphs --tf32 again, compile caches warm "
+                                "(a second run on this machine)", S)
     if "finetune" in r:
         lines.append(row("full fine-tuning, one epoch", r["finetune"],
                          f"batches of <= {a.finetune_batch_tokens} padded tokens"))
@@ -281,7 +290,8 @@ def render(r: dict[str, Any], command: str) -> str:
             lines.append(f"Stage two ({how}): a {S}-seed epoch / a plain forward epoch **{many['wall'] / plain:.2f}** "
                          f"(target <= 0.25); {S} seeds / 1 seed **{many['wall'] / one['wall']:.2f}** (target <= 1.5).")
     ft = r.get("finetune")
-    for prefix, how in (("train_all", "eager"), ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
+    for prefix, how in (("train_all", "eager"), ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),
+                        ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm")):
         t = r.get(f"{prefix}_{S}", {})
         if ft and "epoch" in t:
             read = (r["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]

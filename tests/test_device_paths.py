@@ -154,7 +154,8 @@ def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, 
     monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler",))
     cache = synthetic_store(splits={"train": 30, "validation": 10}).path
     result = CliRunner().invoke(main, ["train", "--cache", cache, "--out", str(tmp_path / "run"), "--compile",
-                                       "--epochs", "1", "--rnn-dim", "8", "--device", "cpu", "--quiet"])
+                                       "--epochs", "1", "--rnn-dim", "8", "--batch-size", "8", "--device", "cpu",
+                                       "--quiet"])
     torch._dynamo.reset()
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.output.startswith("Error: --compile failed: ") and result.output.count("\n") == 1, result.output
