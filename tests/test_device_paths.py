@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import tree_bytes
+from synthetic import ensure_split, tree_bytes
 
 from pipeline.common.config import ExtractConfig, TrainConfig
 from pipeline.common.errors import TrainingError
@@ -197,3 +197,34 @@ def test_tf32_changes_cuda_products_only(synthetic_store, tmp_path):
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         set_cuda_tf32(False)
+
+
+@pytest.mark.parametrize("memory_budget", [2**40, 0])
+def test_a_non_finite_state_names_its_block_before_any_training(synthetic_store, tmp_path, memory_budget):
+    from pipeline.store import StoreWriter
+
+    store = synthetic_store(splits={"train": 60, "validation": 20}, block_tokens=64)
+    split = store.splits["train"]
+    assert split.plan.num_blocks >= 3
+    example = int(np.asarray(CacheStore(store.path).split("train").block_starts)[2])  # the first of block 2
+    split.states["encoder"][example][0, 0, 0] = np.inf
+    writer = StoreWriter(store.path, store.meta)
+    ensure_split(writer, "train", split)  # the split as written: its block is rewritten, checksum and all
+    writer.write_block("train", 2, *store.block_buffers("train", 2))
+    message = r"non-finite values in train/encoder block 2; run `pipeline verify` on the store and re-extract it"
+    with pytest.raises(TrainingError, match=message):
+        t = trainer(store.path, tmp_path, memory_budget=memory_budget)
+        one_epoch(t)  # streamed: the block is read in the epoch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_finite_check_sees_every_nan_and_infinity(dtype):
+    from pipeline.training.batches import all_finite
+
+    assert all_finite(torch.randn(4, 3, 33).to(dtype)) and all_finite(torch.zeros(0, 3, dtype=dtype))
+    for n in (1, 17, 1000, 65_537):
+        for position in {0, n // 2, n - 1}:
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                values = torch.randn(n).to(dtype)
+                values[position] = bad
+                assert not all_finite(values.view(1, n)), (n, position, bad)

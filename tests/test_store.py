@@ -26,6 +26,7 @@ from pipeline.common.errors import (
 from pipeline.store import (
     ATTRS_KEY,
     FORMAT_VERSION,
+    STORED_DTYPES,
     CacheStore,
     SplitData,
     StoreMeta,
@@ -81,6 +82,10 @@ def test_a_written_store_reads_back_exactly(synthetic_store, dtype, tokens):
                 lo, hi = data.plan.block_starts[j], data.plan.block_starts[j + 1]
                 expected = np.concatenate(data.states[side][lo:hi])
                 np.testing.assert_array_equal(to_float32(split.read_block(j, side), dtype), expected)
+                into = np.full((len(expected) + 3, *expected.shape[1:]), 7, dtype=STORED_DTYPES[dtype])
+                assert split.read_block(j, side, out=into[1:-2]) is not None  # decoded in place, checked there
+                np.testing.assert_array_equal(to_float32(into[1:-2], dtype), expected)
+                assert (into[0] == 7).all() and (into[-2:] == 7).all()
     per_token = recorded.layout.per_token["encoder"]
     assert per_token == (tokens == "all")
     assert verify_store(made.path) == []

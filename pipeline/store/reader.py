@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.common.errors import StoreCorruptError, StoreIncompleteError
 from pipeline.store.format import ATTRS_KEY, SIDES, block_rows, checksum
@@ -54,11 +55,18 @@ class CachedSplit:
     def block_rows(self, block: int, side: str) -> tuple[int, int]:
         return block_rows(self.block_starts, self.offsets[side], block)
 
-    def _read(self, block: int, side: str, array: str, verify: bool) -> tuple[np.ndarray | None, str | None]:
-        """A block's used rows of one array, and what is wrong with them (None: intact)."""
+    def _read(self, block: int, side: str, array: str, verify: bool,
+              out: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
+        """A block's used rows of one array, and what is wrong with them (None: intact); decoded into ``out``
+        when given."""
         start, end = self.block_rows(block, side)
         try:
-            rows = np.asarray(self.group[side][array][start:end])
+            if out is None:
+                rows = np.asarray(self.group[side][array][start:end])
+            else:
+                self.group[side][array].get_basic_selection(
+                    slice(start, end), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+                rows = out
         except Exception as exc:  # a truncated or garbled shard: zarr/codec errors of every kind
             return None, f"{array} shard unreadable ({first_line(exc)})"
         if verify:
@@ -67,12 +75,14 @@ class CachedSplit:
                 return rows, f"{array} checksum mismatch (its shard is missing, truncated or altered)"
         return rows, None
 
-    def read_block(self, block: int, side: str, *, verify: bool = True) -> np.ndarray:
+    def read_block(self, block: int, side: str, *, verify: bool = True, out: np.ndarray | None = None) -> np.ndarray:
         """The stored rows of one block (used rows only), in the stored dtype: one shard read.
 
-        Checked against the checksum written with the block; a damaged shard raises one line.
+        Checked against the checksum written with the block; a damaged shard raises one line. ``out``: an array
+        of exactly those rows' shape and dtype (a slice of a larger one, say) that the shard is decoded into,
+        with no copy of its own.
         """
-        rows, problem = self._read(block, side, "hidden", verify)
+        rows, problem = self._read(block, side, "hidden", verify, out)
         if problem is not None:
             raise StoreCorruptError(f"{self.path}: {self.name}/{side} block {block}: {problem}; {REEXTRACT}")
         return rows
