@@ -290,7 +290,8 @@ def render(r: dict[str, Any], command: str) -> str:
             lines.append(f"Stage two ({how}): a {S}-seed epoch / a plain forward epoch **{many['wall'] / plain:.2f}** "
                          f"(target <= 0.25); {S} seeds / 1 seed **{many['wall'] / one['wall']:.2f}** (target <= 1.5).")
     ft = r.get("finetune")
-    for prefix, how in (("train_all", "eager"), ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),
+    for prefix, how in (("train_all", "eager"), ("streamed_all", "eager, streamed: rows not held on the device"),
+                        ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),
                         ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm")):
         t = r.get(f"{prefix}_{S}", {})
         if ft and "epoch" in t:
