@@ -223,8 +223,8 @@ class Trainer:
     def _losses(self, batch: SideBatch) -> torch.Tensor:
         """The training forward and per-seed losses, compiled under --compile; a compiler failure in one line.
 
-        The last, smaller batch of an epoch runs eagerly: its example count would cost a second compile (a batch
-        of one example always does) and, under CUDA graphs, recordings of its own, for one step an epoch.
+        A smaller batch (an epoch's last; streamed, each chunk's last) runs eagerly: its example count would cost
+        a second compile (a batch of one example always does) and, under CUDA graphs, recordings of its own.
         """
         masks = self.model.dropout_masks(batch)  # eagerly, so that a compiled forward is one graph
         if batch.num_examples != self.cfg.batch_size:
@@ -238,7 +238,7 @@ class Trainer:
         except torch._dynamo.exc.BackendCompilerFailed as error:
             reason = (str(error.__cause__ or error).strip().splitlines() or ["no reason given"])[0]
             raise TrainingError(f"--compile failed: torch.compile could not build the step ({reason}); train without "
-                                "--compile (same results, eager speed)") from error
+                                "--compile or --cuda-graphs (same results, eager speed)") from error
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
         """Raise if a seed's loss went non-finite: the seeds of the earliest such step."""
