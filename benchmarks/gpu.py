@@ -19,7 +19,8 @@ and measures on the task's train split (``--limit`` examples, default all):
    ``--compile`` (full float32, as the eager rows), for ``--seeds`` and 1 seeds, whose warm-up epoch
    pays the compile (and records the graphs); ``--cuda-graphs`` once more for ``--seeds`` seeds after
    ``torch._dynamo.reset()``, whose warm-up compiles from the on-disk caches alone, as a second run on
-   the same machine would. A failure there is reported in its row and leaves the figures above standing.
+   the same machine would, and once more streamed (``memory_budget=0``: the rows not held on the GPU,
+   for its memory; the compiled code is reused). A failure there is reported in its row and leaves the figures above standing.
 
 For each: wall seconds, peak CUDA memory and energy (NVML when ``pynvml`` is installed; RAPL for the
 CPU when readable) via ``pipeline.common.resources.ResourceMeter``. The "## GPU" section of
@@ -215,6 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         graphs = dict(cuda_graphs=True, tf32=True)
         optional.update({f"graphs_all_{args.seeds}": dict(seeds=args.seeds, **graphs),
                          f"graphs_warm_all_{args.seeds}": dict(seeds=args.seeds, forget_compiled=True, **graphs),
+                         f"graphs_streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0, **graphs),
                          "graphs_all_1": dict(seeds=1, **graphs)})
         optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
     for key, options in optional.items():
@@ -278,6 +280,8 @@ def render(r: dict[str, Any], command: str) -> str:
                 lines += stage_two_rows(f"{prefix}_{seeds}", f"stage two {name}, per-token store", seeds)
         lines += stage_two_rows(f"graphs_warm_all_{S}", "stage two --cuda-graphs --tf32 again, compile caches warm "
                                 "(a second run on this machine)", S)
+        lines += stage_two_rows(f"graphs_streamed_all_{S}", "stage two --cuda-graphs --tf32, streamed "
+                                "(memory_budget=0)", S)
     if "finetune" in r:
         lines.append(row("full fine-tuning, one epoch", r["finetune"],
                          f"batches of <= {a.finetune_batch_tokens} padded tokens"))
@@ -292,7 +296,8 @@ def render(r: dict[str, Any], command: str) -> str:
     ft = r.get("finetune")
     for prefix, how in (("train_all", "eager"), ("streamed_all", "eager, streamed: rows not held on the device"),
                         ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),
-                        ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm")):
+                        ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm"),
+                        ("graphs_streamed_all", "--cuda-graphs --tf32, streamed")):
         t = r.get(f"{prefix}_{S}", {})
         if ft and "epoch" in t:
             read = (r["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]

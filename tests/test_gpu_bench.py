@@ -36,7 +36,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     results["compiled_all_1"] = results["train_all_1"]
     results["compiled_all_2"] = {"error": "BackendCompilerFailed: no compiler"}
     results["graphs_all_1"], results["graphs_all_2"] = results["train_all_1"], results["train_all_2"]
-    results["graphs_warm_all_2"] = results["train_all_2"]
+    results["graphs_warm_all_2"] = results["graphs_streamed_all_2"] = results["train_all_2"]
     (tmp_path / "edited.json").write_text(json.dumps(results))
     assert module.main(["--render", str(tmp_path / "edited.json"), "--benchmarks", str(copy)]) == 0
     rendered = copy.read_text()
@@ -48,6 +48,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     assert "READ from the cache (--cuda-graphs --tf32)" in rendered
     assert "READ from the cache (--cuda-graphs --tf32, compile caches warm)" in rendered
     assert "READ from the cache (eager, streamed: rows not held on the device)" in rendered
+    assert "READ from the cache (--cuda-graphs --tf32, streamed)" in rendered
     assert "compile caches warm (a second run on this machine): one epoch, 2 seed(s)" in rendered
     t, ft = results["train_all_2"], results["finetune"]["wall"]
     read = results["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"] + 9 * t["epoch"]["wall"]
