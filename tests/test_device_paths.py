@@ -228,3 +228,34 @@ def test_the_finite_check_sees_every_nan_and_infinity(dtype):
                 values = torch.randn(n).to(dtype)
                 values[position] = bad
                 assert not all_finite(values.view(1, n)), (n, position, bad)
+
+
+class _FailsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_cuda_graph_failure_is_one_line_that_names_the_way_out(synthetic_store, tmp_path, where):
+    t = trainer(synthetic_store(splits={"train": 60, "validation": 20}).path, tmp_path)
+    eager = t.step_loss
+
+    def failing(batch, masks):
+        if where == "forward":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+        return _FailsInBackward.apply(eager(batch, masks))
+
+    t.step_loss = failing
+    with pytest.raises(RuntimeError, match="stream is capturing") as plain:  # without --cuda-graphs: as it is
+        one_epoch(t)
+    assert not isinstance(plain.value, TrainingError)
+    t.cuda_graphs = True  # what a CUDA device sets (cudagraph_mark_step_begin is harmless on CPU)
+    with pytest.raises(TrainingError, match=r"^--cuda-graphs failed: the step could not run as CUDA graphs \(CUDA "
+                                            r"error: operation not permitted when stream is capturing\); train "
+                                            r"without --cuda-graphs \(--compile alone or eager: same results\)$"):
+        one_epoch(t)

@@ -10,7 +10,8 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +204,14 @@ class Trainer:
                                                        enabled=self.progress, leave=False)):
             batch = batch.to(self.device, non_blocking=True)
             mark("batch")
-            losses = self._losses(batch)  # (S,)
+            with self._compiled_step_errors():
+                losses = self._losses(batch)  # (S,)
             first_bad = torch.where(~torch.isfinite(losses) & (first_bad == NEVER), step, first_bad)
             if (step + 1) % FINITE_CHECK_EVERY == 0:
                 self._check_finite(first_bad, epoch)
             mark("forward")
-            losses.sum().backward()  # seeds share no parameters: each gets its own gradient
+            with self._compiled_step_errors():
+                losses.sum().backward()  # seeds share no parameters: each gets its own gradient
             mark("backward")
             clip_grad_norm_per_seed(self.model, self.cfg.max_grad_norm)
             optimizer.step()
@@ -221,7 +224,7 @@ class Trainer:
         return totals.cpu().numpy() / max(count, 1)
 
     def _losses(self, batch: SideBatch) -> torch.Tensor:
-        """The training forward and per-seed losses, compiled under --compile; a compiler failure in one line.
+        """The training forward and per-seed losses: compiled under --compile, padded and replayed under --cuda-graphs.
 
         A smaller batch (an epoch's last; streamed, each chunk's last) runs eagerly: its example count would cost
         a second compile (a batch of one example always does) and, under CUDA graphs, recordings of its own.
@@ -233,12 +236,23 @@ class Trainer:
             batch, masks = pad_tokens(batch, masks)
         if self.cuda_graphs:  # a new step: the previous step's graph outputs are no longer read
             torch.compiler.cudagraph_mark_step_begin()
+        return self.step_loss(batch, masks)
+
+    @contextmanager
+    def _compiled_step_errors(self) -> Iterator[None]:
+        """A compiled step's failure as one line that names the way out: a compiler that cannot build the step,
+        or (--cuda-graphs) a graph that cannot be recorded or replayed. Out of memory, and every eager error,
+        pass as they are."""
         try:
-            return self.step_loss(batch, masks)
+            yield
         except torch._dynamo.exc.BackendCompilerFailed as error:
-            reason = (str(error.__cause__ or error).strip().splitlines() or ["no reason given"])[0]
-            raise TrainingError(f"--compile failed: torch.compile could not build the step ({reason}); train without "
-                                "--compile or --cuda-graphs (same results, eager speed)") from error
+            raise TrainingError(f"--compile failed: torch.compile could not build the step ({_first_line(error)}); "
+                                "train without --compile or --cuda-graphs (same results, eager speed)") from error
+        except Exception as error:
+            if not self.cuda_graphs or isinstance(error, (torch.cuda.OutOfMemoryError, TrainingError)):
+                raise
+            raise TrainingError(f"--cuda-graphs failed: the step could not run as CUDA graphs ({_first_line(error)}); "
+                                "train without --cuda-graphs (--compile alone or eager: same results)") from error
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
         """Raise if a seed's loss went non-finite: the seeds of the earliest such step."""
@@ -436,6 +450,11 @@ class Trainer:
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         remove_stale_outputs(out, cfg.seeds, self.eval_splits)
         return metrics
+
+
+def _first_line(error: BaseException) -> str:
+    """The root cause of a compiler or CUDA graph failure, in one line."""
+    return (str(error.__cause__ or error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def result_line(metrics: dict[str, Any]) -> str:
