@@ -2,7 +2,9 @@
 
 Either way the unit is a ``Chunk``: the rows of some blocks packed densely (no shard padding),
 kept in the stored dtype (bfloat16 bits are viewed as ``torch.bfloat16`` without a copy) and
-widened to float32 one batch at a time, on the device that holds the chunk. On CPU that device is
+gathered one batch at a time, still in that dtype, on the device that holds the chunk; the side
+network widens the states to float32 as it normalises them (in one fused kernel under --compile,
+and half the bytes into a CUDA graph's input buffer). On CPU that device is
 the host (the rows are the store's own buffers); on CUDA a split that fits the budget is copied there
 once, and a streamed chunk crosses from pinned host memory with a non-blocking copy on a side stream,
 overlapping the previous chunk's compute. One gather path serves both.
@@ -62,7 +64,8 @@ class Chunk:
                      {side: t.pin_memory() for side, t in self.states.items()}, self.starts, self.counts)
 
     def batch(self, picks: np.ndarray) -> SideBatch:
-        """Gather examples ``picks`` (positions in this chunk) as float32 on the chunk's device, tokens flattened.
+        """Gather examples ``picks`` (positions in this chunk) in the stored dtype on the chunk's device, tokens
+        flattened.
 
         Index arrays are built on the host (numpy) and sent with non-blocking copies: no step waits
         for the device.
@@ -77,10 +80,10 @@ class Chunk:
             counts = self.counts[side][picks]
             starts = self.starts[side][picks]
             if side == "decoder" or counts.max() == 1 and counts.min() == 1:
-                fields[side] = states.index_select(0, tensor(starts)).float()
+                fields[side] = states.index_select(0, tensor(starts))
                 continue
             index = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
-            fields["encoder"] = states.index_select(0, tensor(index)).float()
+            fields["encoder"] = states.index_select(0, tensor(index))
             fields["encoder_segment"] = tensor(np.repeat(np.arange(len(picks)), counts))
             fields["encoder_first"] = tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]))
         return SideBatch(labels=self.labels[tensor(picks)], **fields)

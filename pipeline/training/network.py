@@ -46,7 +46,8 @@ _RMS_EPS = 1e-6
 
 @dataclass
 class SideBatch:
-    """One batch of cached states for B examples (float32; labels int64 or float32).
+    """One batch of cached states for B examples (the stored dtype or float32: the side network widens them;
+    labels int64 or float32).
 
     Encoder tokens are flattened without padding: the tokens of one example are contiguous and the
     examples come in order. ``encoder_segment=None`` means one token per example (pooled stores).
