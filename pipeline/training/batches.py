@@ -98,38 +98,41 @@ def all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) -> Chunk:
-    """Read whole blocks (one shard each per side) into one dense chunk.
+def read_side(split: CachedSplit, blocks: Sequence[int], side: str) -> np.ndarray:
+    """One side's rows of ``blocks``, densely in block order, in the stored dtype.
 
-    Each block is decoded straight into its place in the chunk and checked there, against its checksum
-    (a damaged shard raises one line) and for non-finite values, by a few threads at once: decompression,
-    hashing and the check release the GIL, and no block is copied again to join the others.
+    Each block is decoded straight into its place and checked there, against its checksum (a damaged
+    shard raises one line) and for non-finite values, by a few threads at once: decompression, hashing and
+    the check release the GIL, and no block is copied again to join the others.
     """
+    spans = [split.block_rows(j, side) for j in blocks]
+    first = np.cumsum([0, *(end - start for start, end in spans)])
+    raw = np.empty((int(first[-1]), *split.hidden(side).shape[1:]), dtype=STORED_DTYPES[split.dtype])
+
+    def read(k: int) -> bool:
+        part = split.read_block(blocks[k], side, out=raw[first[k] : first[k + 1]])
+        return all_finite(torch_view(part, split.dtype))
+
+    workers = min(READ_THREADS, len(blocks), os.cpu_count() or 1)
+    if workers <= 1:
+        finite = [read(k) for k in range(len(blocks))]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+            finite = list(pool.map(read, range(len(blocks))))
+    if not all(finite):
+        raise TrainingError(f"non-finite values in {split.name}/{side} block {blocks[finite.index(False)]}; "
+                            "run `pipeline verify` on the store and re-extract it")
+    return raw
+
+
+def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) -> Chunk:
+    """Read whole blocks (one shard each per side, ``read_side``) into one dense chunk."""
     examples = np.concatenate([np.arange(split.block_starts[j], split.block_starts[j + 1]) for j in blocks])
     states, counts = {}, {}
-    workers = min(READ_THREADS, len(blocks), os.cpu_count() or 1)
     for side in split.sides:
-        spans = [split.block_rows(j, side) for j in blocks]
-        first = np.cumsum([0, *(end - start for start, end in spans)])
-        raw = np.empty((int(first[-1]), *split.hidden(side).shape[1:]), dtype=STORED_DTYPES[split.dtype])
-
-        def read(k: int, side: str = side, raw: np.ndarray = raw, first: np.ndarray = first) -> bool:
-            part = split.read_block(blocks[k], side, out=raw[first[k] : first[k + 1]])
-            return all_finite(torch_view(part, split.dtype))
-
-        if workers <= 1:
-            finite = [read(k) for k in range(len(blocks))]
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
-                finite = list(pool.map(read, range(len(blocks))))
-        if not all(finite):
-            raise TrainingError(
-                f"non-finite values in {split.name}/{side} block {blocks[finite.index(False)]}; "
-                "run `pipeline verify` on the store and re-extract it"
-            )
         off = split.offsets[side][examples]
         counts[side] = off[:, 1] - off[:, 0]
-        states[side] = torch_view(raw, split.dtype)
+        states[side] = torch_view(read_side(split, blocks, side), split.dtype)
     return Chunk.from_rows(examples, labels[examples], states, counts)
 
 
