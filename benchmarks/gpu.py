@@ -20,7 +20,8 @@ and measures on the task's train split (``--limit`` examples, default all):
    pays the compile (and records the graphs); ``--cuda-graphs`` once more for ``--seeds`` seeds after
    ``torch._dynamo.reset()``, whose warm-up compiles from the on-disk caches alone, as a second run on
    the same machine would, and once more streamed (``memory_budget=0``: the rows not held on the GPU,
-   for its memory; the compiled code is reused). A failure there is reported in its row and leaves the figures above standing.
+   for its memory; the compiled code is reused). A failure there is reported in its row and leaves the
+   figures above standing.
 
 For each: wall seconds, peak CUDA memory and energy (NVML when ``pynvml`` is installed; RAPL for the
 CPU when readable) via ``pipeline.common.resources.ResourceMeter``. The "## GPU" section of
@@ -263,8 +264,8 @@ def render(r: dict[str, Any], command: str) -> str:
              f"(speed does not depend on the weights' values; bf16 autocast on CUDA), task {a.task} train: "
              f"{r['examples']:,} examples, {r['tokens']:,} tokens, {r['blocks']} block(s); max_length {a.max_length}, "
              f"batch_tokens {a.batch_tokens}, {a.writers} writer threads. Stage two: GRU r={a.rnn_dim}, batch "
-             f"{a.batch_size}, one epoch timed after a warm-up epoch, float32 unless a row says --tf32. Energy: NVML (GPU) and RAPL (CPU) where "
-             f"readable, else n/a. Whole run {r['total_s']:.0f} s.", "",
+             f"{a.batch_size}, one epoch timed after a warm-up epoch, float32 unless a row says --tf32. Energy: NVML "
+             f"(GPU) and RAPL (CPU) where readable, else n/a. Whole run {r['total_s']:.0f} s.", "",
              "| phase (same tokens) | wall s | x plain forward | peak CUDA MiB | GPU J | CPU J | notes |",
              "|---|---|---|---|---|---|---|",
              row("plain forward epoch (frozen, nothing kept)", r["plain"]),
