@@ -142,7 +142,7 @@ def test_a_compiled_step_trains_the_eager_weights(synthetic_store, tmp_path, fam
 
 
 @pytest.mark.slow
-def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, tmp_path, monkeypatch):
+def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, tmp_path):
     import torch._dynamo
     import torch._inductor.config as inductor
     from click.testing import CliRunner
@@ -150,13 +150,16 @@ def test_a_compiler_failure_is_one_line_that_names_the_way_out(synthetic_store, 
     from pipeline.cli import main
 
     torch._dynamo.reset()  # no graph compiled by another test may serve this one
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler",))
     cache = synthetic_store(splits={"train": 30, "validation": 10}).path
-    result = CliRunner().invoke(main, ["train", "--cache", cache, "--out", str(tmp_path / "run"), "--compile",
-                                       "--epochs", "1", "--rnn-dim", "8", "--batch-size", "8", "--device", "cpu",
-                                       "--quiet"])
+    # inductor's own patch, not monkeypatch: undoing a monkeypatch on its sub-config deletes the setting for
+    # every later compile in the process
+    before = (inductor.cpp.cxx, inductor.fx_graph_cache)
+    with inductor.patch({"fx_graph_cache": False, "cpp.cxx": ("no-such-compiler",)}):
+        result = CliRunner().invoke(main, ["train", "--cache", cache, "--out", str(tmp_path / "run"), "--compile",
+                                           "--epochs", "1", "--rnn-dim", "8", "--batch-size", "8", "--device", "cpu",
+                                           "--quiet"])
     torch._dynamo.reset()
+    assert (inductor.cpp.cxx, inductor.fx_graph_cache) == before  # later tests compile as usual
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.output.startswith("Error: --compile failed: ") and result.output.count("\n") == 1, result.output
     assert "train without --compile" in result.output and "Traceback" not in result.output
@@ -259,3 +262,19 @@ def test_a_cuda_graph_failure_is_one_line_that_names_the_way_out(synthetic_store
                                             r"error: operation not permitted when stream is capturing\); train "
                                             r"without --cuda-graphs \(--compile alone or eager: same results\)$"):
         one_epoch(t)
+
+
+@pytest.mark.slow
+def test_cuda_graphs_without_cuda_say_so_and_train_compiled(synthetic_store, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    cache = synthetic_store(splits={"train": 30, "validation": 10}).path
+    result = CliRunner().invoke(main, ["train", "--cache", cache, "--out", str(tmp_path / "run"), "--cuda-graphs",
+                                       "--epochs", "1", "--rnn-dim", "16", "--seeds", "0,1", "--batch-size", "8",
+                                       "--device", "cpu"])  # the compiled tests' shapes: their compile serves
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "--cuda-graphs: no CUDA device (cpu), so no graphs; the step is compiled" in result.output
+    assert "--compile: the first steps build the compiled step" in result.output
+    assert (tmp_path / "run" / "metrics.json").is_file()
