@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline.training.model import ReadConfig, ReadModel, per_seed_loss  # noqa: E402
+from pipeline.training.model import ReadConfig, ReadModel, StepLoss  # noqa: E402
 from pipeline.training.network import SideBatch  # noqa: E402
 
 
@@ -47,9 +47,10 @@ def t5_base_batch(tokens: int, examples: int = 32, states: int = 13, d: int = 76
                      decoder=torch.randn(examples, states, d, generator=g).to(torch.bfloat16))
 
 
-def saved_bytes(model: ReadModel, batch: SideBatch, forward: Callable[..., torch.Tensor] | None = None) -> int:
+def saved_bytes(model: ReadModel, batch: SideBatch, step: Callable[..., torch.Tensor] | None = None) -> int:
     """Bytes of every tensor autograd saves during the forward (each storage once), the step run as
-    ``Trainer.train_epoch`` runs it: dropout masks drawn first, then ``forward`` (the model or its compiled form)."""
+    ``Trainer.train_epoch`` runs it: dropout masks drawn first, then ``step`` (the Trainer's ``StepLoss``, or its
+    compiled form) to the per-seed losses."""
     seen: dict[tuple[int, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,8 @@ def saved_bytes(model: ReadModel, batch: SideBatch, forward: Callable[..., torch
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outputs = (model if forward is None else forward)(batch, model.dropout_masks(batch))
-        loss = per_seed_loss(outputs, batch.labels, "classification").sum()
+        step = StepLoss(model, "classification") if step is None else step
+        loss = step(batch, model.dropout_masks(batch)).sum()
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -95,7 +96,7 @@ def main() -> None:
         eager = saved_bytes(model, batch)
         fused, compile_s = "not run", "-"
         if args.compiled:
-            compiled = torch.compile(model, dynamic=True)
+            compiled = torch.compile(StepLoss(model, "classification"), dynamic=True)  # as the Trainer compiles
             started = time.perf_counter()
             saved_bytes(model, batch, compiled)  # the compile
             compile_s = f"{time.perf_counter() - started:.0f}"
