@@ -20,8 +20,11 @@ and measures on the task's train split (``--limit`` examples, default all):
    pays the compile (and records the graphs); ``--cuda-graphs`` once more for ``--seeds`` seeds after
    ``torch._dynamo.reset()``, whose warm-up compiles from the on-disk caches alone, as a second run on
    the same machine would, and once more streamed (``memory_budget=0``: the rows not held on the GPU,
-   for its memory; the compiled code is reused). A failure there is reported in its row and leaves the
-   figures above standing.
+   for its memory; the compiled code is reused).
+
+A phase that fails (after the plain forward: the extractions, every stage-two row, fine-tuning) is reported
+in its row, its traceback goes to stderr and into ``--results``, and the run goes on with the phases that do
+not need it: the first run on a new machine measures all it can.
 
 For each: wall seconds, peak CUDA memory and energy (NVML when ``pynvml`` is installed; RAPL for the
 CPU when readable) via ``pipeline.common.resources.ResourceMeter``. The "## GPU" section of
@@ -35,12 +38,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import faulthandler
 import json
 import os
 import shlex
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -158,6 +163,8 @@ def finetune_epoch(backbone: Backbone, model_path: Path, batches: list[list[list
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.stacks_after:  # a run that hangs says where before an outer `timeout` kills it
+        faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     device = pick_device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-bench-"))
     started = time.perf_counter()
@@ -172,6 +179,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["total_s"] = time.perf_counter() - started
         if args.results:
             atomic_write_text(Path(args.results), json.dumps(result, indent=1, sort_keys=True) + "\n")
+
+    def attempt(key: str, fn: Callable[[], Any]) -> bool:
+        """Run one phase and keep its figures, or its error: one line for the table, the traceback for whoever
+        reads the results file. A phase that fails where it first runs leaves the others standing."""
+        print(f"[{time.perf_counter() - started:6.1f} s] {key}", file=sys.stderr, flush=True)
+        try:
+            keep(key, fn())
+            return True
+        except Exception as error:  # noqa: BLE001 - reported in its row, the run goes on
+            trace = traceback.format_exc()
+            print(trace, file=sys.stderr, flush=True)
+            keep(key, {"error": " ".join(f"{type(error).__name__}: {error}".split()).replace("|", "/")[:300],
+                       "trace": trace[-6000:]})
+            return False
 
     model_path = build_random_backbone(args.shape, work / "model", glue_dir=args.glue_dir, tokenizer=args.tokenizer)
     backbone = load_backbone(str(model_path), dtype="bfloat16", device=args.device)
@@ -188,13 +209,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             keep("blocks", blocks)
             plain_forward(backbone, batches[:2])  # warm-up: kernels, allocator
             keep("plain", measured(device, lambda: plain_forward(backbone, batches))[0])
-        keep(f"extract_{tokens}", measured(device, lambda: ext.run_split("train"))[0])
-        ext.run_split("validation")
-        extractions[tokens] = Path(ext.cfg.out_path)
-        keep(f"disk_{tokens}", sum(f.stat().st_size for f in extractions[tokens].rglob("*") if f.is_file()))
+
+        def extract(ext: Extraction = ext) -> dict[str, Any]:
+            figures = measured(device, lambda: ext.run_split("train"))[0]
+            ext.run_split("validation")
+            store = Path(ext.cfg.out_path)
+            return {**figures, "disk_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file())}
+
+        if attempt(f"extract_{tokens}", extract):
+            extractions[tokens] = Path(ext.cfg.out_path)
     for tokens, cache in extractions.items():
         for seeds in (1, args.seeds):
-            keep(f"train_{tokens}_{seeds}", stage_two(args, cache, seeds, device))
+            attempt(f"train_{tokens}_{seeds}", lambda: stage_two(args, cache, seeds, device))
     token_ids = backbone.tokenize(_task(args.task), data["train"].texts, args.max_length)
     label_ids = backbone.label_token_ids(_task(args.task))
     targets = [label_ids[int(y)] if label_ids else int(y) for y in data["train"].labels]
@@ -210,8 +236,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone.model = None  # the frozen copy's memory goes back before the trainable one loads
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    keep("finetune", measured(device, lambda: finetune_epoch(backbone, model_path, ft_batches, ft_labels, device))[0])
-    # Then the paths that may fail where they first run; their failure is written into their row.
+    attempt("finetune", lambda: measured(device, lambda: finetune_epoch(backbone, model_path, ft_batches, ft_labels,
+                                                                        device))[0])
+    if "all" not in extractions:
+        return result
+    # Then the paths that first run here.
     optional = {f"streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0)}  # pinned copies, side stream
     if args.compiled:  # the most promising first: a run cut short keeps them
         graphs = dict(cuda_graphs=True, tf32=True)
@@ -221,10 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "graphs_all_1": dict(seeds=1, **graphs)})
         optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
     for key, options in optional.items():
-        try:
-            keep(key, stage_two(args, extractions["all"], device=device, **options))
-        except Exception as error:  # noqa: BLE001 - reported in the section, the run goes on
-            keep(key, {"error": " ".join(f"{type(error).__name__}: {error}".split()).replace("|", "/")[:300]})
+        attempt(key, lambda: stage_two(args, extractions["all"], device=device, **options))
     return result
 
 
@@ -239,19 +265,26 @@ def render(r: dict[str, Any], command: str) -> str:
     a = argparse.Namespace(**r["args"])
     card = r.get("card") or "no GPU (CPU run)"
     plain, S = r["plain"]["wall"], a.seeds
+    ext_all = r.get("extract_all") or {}
 
-    def row(label: str, m: dict[str, Any], note: str = "") -> str:
+    def disk(tokens: str) -> float:
+        """MiB on disk of the ``tokens`` store (nan when its extraction failed)."""
+        return r.get(f"extract_{tokens}", {}).get("disk_bytes", float("nan")) / 2**20
+
+    def row(label: str, m: dict[str, Any] | None, note: str = "") -> str:
         def cell(v: Any, digits: int = 1) -> str:
             return "n/a" if v is None else f"{v:,.{digits}f}"
+        if m is None:
+            return f"| {label} | not measured (the run ended first) | | | | | |"
+        if "error" in m:
+            return f"| {label} | failed: {m['error']} | | | | | |"
         return (f"| {label} | {m['wall']:.2f} | {m['wall'] / plain:.2f} | {cell(m['peak_mb'], 0)} | "
                 f"{cell(m['gpu_j'])} | {cell(m['cpu_j'])} | {note} |")
 
     def stage_two_rows(key: str, name: str, seeds: int) -> list[str]:
         t = r.get(key)
-        if t is None:
-            return [f"| {name}, {seeds} seed(s) | not measured (the run ended first) | | | | | |"]
-        if "error" in t:
-            return [f"| {name}, {seeds} seed(s) | failed: {t['error']} | | | | | |"]
+        if t is None or "error" in t:
+            return [row(f"{name}, {seeds} seed(s)", t)]
         where = f"rows on {t['on_device']}" if t["in_memory"] else "streamed"
         return [row(f"{name}: reading it, {seeds} seed(s)", t["read"]),
                 row(f"{name}: warm-up epoch, {seeds} seed(s)", t["warm_up"], "first epoch: allocator, kernels"
@@ -269,8 +302,8 @@ def render(r: dict[str, Any], command: str) -> str:
              "| phase (same tokens) | wall s | x plain forward | peak CUDA MiB | GPU J | CPU J | notes |",
              "|---|---|---|---|---|---|---|",
              row("plain forward epoch (frozen, nothing kept)", r["plain"]),
-             row("extraction, per-token store", r["extract_all"], f"{r['disk_all'] / 2**20:,.0f} MiB on disk"),
-             row("extraction, pooled store", r["extract_pooled"], f"{r['disk_pooled'] / 2**20:,.1f} MiB on disk")]
+             row("extraction, per-token store", r.get("extract_all"), f"{disk('all'):,.0f} MiB on disk"),
+             row("extraction, pooled store", r.get("extract_pooled"), f"{disk('pooled'):,.1f} MiB on disk")]
     for tokens, name in (("all", "per-token"), ("pooled", "pooled")):
         for seeds in (1, S):
             lines += stage_two_rows(f"train_{tokens}_{seeds}", f"stage two, {name} store", seeds)
@@ -283,38 +316,38 @@ def render(r: dict[str, Any], command: str) -> str:
                                 "(a second run on this machine)", S)
         lines += stage_two_rows(f"graphs_streamed_all_{S}", "stage two --cuda-graphs --tf32, streamed "
                                 "(memory_budget=0)", S)
-    if "finetune" in r:
-        lines.append(row("full fine-tuning, one epoch", r["finetune"],
-                         f"batches of <= {a.finetune_batch_tokens} padded tokens"))
-    lines += ["", f"Ratios: extraction throughput / plain forward **{plain / r['extract_all']['wall']:.2f}** "
-                  "(per-token store; target >= 0.85)."]
+    lines.append(row("full fine-tuning, one epoch", r.get("finetune"),
+                     f"batches of <= {a.finetune_batch_tokens} padded tokens"))
+    lines.append("")
+    if "wall" in ext_all:
+        lines.append(f"Ratios: extraction throughput / plain forward **{plain / ext_all['wall']:.2f}** "
+                     "(per-token store; target >= 0.85).")
     for prefix, how in (("train_all", "eager"), ("train_pooled", "eager, pooled store"),
                         ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
         one, many = r.get(f"{prefix}_1", {}).get("epoch"), r.get(f"{prefix}_{S}", {}).get("epoch")
         if one and many:
             lines.append(f"Stage two ({how}): a {S}-seed epoch / a plain forward epoch **{many['wall'] / plain:.2f}** "
                          f"(target <= 0.25); {S} seeds / 1 seed **{many['wall'] / one['wall']:.2f}** (target <= 1.5).")
-    ft = r.get("finetune")
+    ft = r.get("finetune") if "wall" in r.get("finetune", {}) else None
     for prefix, how in (("train_all", "eager"), ("streamed_all", "eager, streamed: rows not held on the device"),
                         ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),
                         ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm"),
                         ("graphs_streamed_all", "--cuda-graphs --tf32, streamed")):
         t = r.get(f"{prefix}_{S}", {})
         if ft and "epoch" in t:
-            read = (r["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]
+            read = (ext_all["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]
                     + 9 * t["epoch"]["wall"])  # the warm-up epoch is the first of the ten
-            peak = max(m["peak_mb"] or 0 for m in (r["extract_all"], t["read"], t["warm_up"], t["epoch"]))
+            peak = max(m["peak_mb"] or 0 for m in (ext_all, t["read"], t["warm_up"], t["epoch"]))
             memory = (f", peak memory **{peak / ft['peak_mb']:.0%}** of full fine-tuning's (target <= 25%)"
                       if ft["peak_mb"] else "")
             lines.append(f"READ from the cache ({how}), {S} seeds x 10 epochs including the extraction: {read:.0f} s "
                          f"against {S * 10 * ft['wall']:.0f} s for full fine-tuning {S} seeds x 10 epochs, "
                          f"**{S * 10 * ft['wall'] / read:.1f}x** less wall time (target >= 20x){memory}. Both "
                          "extrapolated from the one-epoch figures above.")
-    lines += ["",
-              f"Disk: sequential write {r['disk_mib_s']:,.0f} MiB/s (fsync'd, in the work folder). The per-token store "
-              f"took {r['disk_all'] / 2**20:,.0f} MiB on disk; written at the plain forward's pace that is "
-              f"{r['disk_all'] / 2**20 / plain:,.0f} MiB/s, so the disk alone bounds extraction/plain at "
-              f"{min(1.0, r['disk_mib_s'] * plain / (r['disk_all'] / 2**20)):.2f} here.",
+    lines += ["", f"Disk: sequential write {r['disk_mib_s']:,.0f} MiB/s (fsync'd, in the work folder)."
+              + (f" The per-token store took {disk('all'):,.0f} MiB on disk; written at the plain forward's pace "
+                 f"that is {disk('all') / plain:,.0f} MiB/s, so the disk alone bounds extraction/plain at "
+                 f"{min(1.0, r['disk_mib_s'] * plain / disk('all')):.2f} here." if "wall" in ext_all else ""),
               "", f"Command: `{command}`", ""]
     return "\n".join(lines)
 
@@ -341,6 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time stage two with --cuda-graphs and --compile (per-token store, 1 and --seeds seeds), "
                         "last")
     p.add_argument("--results", default=None, help="JSON file rewritten after every phase (a cut run keeps its figures)")
+    p.add_argument("--stacks-after", type=float, default=None, metavar="SECONDS",
+                   help="print every thread's stack to stderr after this many seconds (set it just under an outer "
+                        "`timeout`, so a run that hangs says where)")
     p.add_argument("--render", default=None, metavar="RESULTS_JSON",
                    help="run nothing: rewrite the section from a --results file of an earlier run")
     args = p.parse_args(argv)

@@ -38,9 +38,10 @@ du -sh shared .whl
 
 cat <<'CMD'
 Ready. On the device (carry: [".whl"]; timeout_s 600: about 6 minutes on one H100, then the --compile rows;
-the command stops itself at 570 s, and $OUT/gpu.json keeps every phase measured by then):
+the command stops itself at 570 s, printing every thread's stack at 560 s if still running, and
+$OUT/gpu.json keeps every phase measured by then, a failed phase's traceback included):
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 && cp BENCHMARKS.md $OUT/ && timeout 570 python3 benchmarks/gpu.py --task rte --glue-dir shared/data/glue --tokenizer shared/models/t5-base-shape --results $OUT/gpu.json --benchmarks $OUT/BENCHMARKS.md
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 && cp BENCHMARKS.md $OUT/ && timeout 570 python3 benchmarks/gpu.py --task rte --glue-dir shared/data/glue --tokenizer shared/models/t5-base-shape --results $OUT/gpu.json --benchmarks $OUT/BENCHMARKS.md --stacks-after 560
 
 Back here: copy the returned BENCHMARKS.md's "## GPU" section in, or rebuild it from the figures with
 .venv/bin/python benchmarks/gpu.py --render <files_at>/gpu.json

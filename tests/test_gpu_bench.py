@@ -9,10 +9,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
+def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    stage_two = module.stage_two
+
+    def failing_once(args, cache, seeds, *rest, **options):  # a phase that fails where it first runs
+        if cache.stem == "pooled" and seeds == 1:
+            raise RuntimeError("CUDA error: injected\nsecond line")
+        return stage_two(args, cache, seeds, *rest, **options)
+
+    monkeypatch.setattr(module, "stage_two", failing_once)
     real = (REPO / "BENCHMARKS.md").read_bytes()
     copy = tmp_path / "BENCHMARKS.md"
     copy.write_text("# Benchmarks\n\n## Other\n\nkept\n")
@@ -24,7 +32,8 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     text = copy.read_text()
     assert "## Other\n\nkept" in text and "## GPU" in text and "no GPU (CPU run)" in text
     for phase in ("plain forward epoch", "extraction, per-token store", "extraction, pooled store",
-                  "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 1 seed(s)",
+                  "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 2 seed(s)",
+                  "| stage two, pooled store, 1 seed(s) | failed: RuntimeError: CUDA error: injected second line |",
                   "per-token store streamed (memory_budget=0): one epoch, 2 seed(s) |",
                   "full fine-tuning, one epoch", "Disk: sequential write", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
         assert phase in text, phase
@@ -32,6 +41,8 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     # --render rebuilds the section from the saved figures alone; a compile that failed is said in its row.
     results = json.loads((tmp_path / "gpu.json").read_text())
     assert results["args"]["seeds"] == 2 and results["finetune"]["wall"] > 0
+    assert "failing_once" in results["train_pooled_1"]["trace"]  # the traceback, for whoever reads the file
+    results["extract_pooled"] = {"error": "OSError: disk full"}
     results["args"]["compiled"] = True
     results["compiled_all_1"] = results["train_all_1"]
     results["compiled_all_2"] = {"error": "BackendCompilerFailed: no compiler"}
@@ -42,6 +53,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path):
     rendered = copy.read_text()
     assert rendered.count("## GPU") == 1 and "## Other\n\nkept" in rendered
     assert "stage two --compile, per-token store: one epoch, 1 seed(s)" in rendered
+    assert "| extraction, pooled store | failed: OSError: disk full |" in rendered
     assert "stage two --compile, per-token store, 2 seed(s) | failed: BackendCompilerFailed: no compiler" in rendered
     assert "stage two --cuda-graphs --tf32, per-token store: warm-up epoch, 2 seed(s)" in rendered
     assert "Stage two (--cuda-graphs --tf32): a 2-seed epoch" in rendered
