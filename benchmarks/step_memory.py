@@ -13,7 +13,9 @@ is made of. It does not depend on the device: torch.compile decides what to keep
 recompute on its joint forward-backward graph, before generating code for a CPU or a GPU.
 The compile starts from an empty cache. The step's floating-point operations, forward and backward
 (``torch.utils.flop_counter``: matrix products only, which are nearly all of them), say how long the
-step must take on a given card once kernel launches no longer bound it. Appends nothing to
+step must take on a given card once kernel launches no longer bound it; the operators an eager step dispatches
+(views and allocations left out; each launches one kernel or more on a GPU) say what bounds it there. Appends
+nothing to
 BENCHMARKS.md; prints a table to paste.
 """
 
@@ -75,6 +77,27 @@ def step_flops(model: ReadModel, batch: SideBatch) -> int:
     return counter.get_total_flops()
 
 
+def step_operators(model: ReadModel, batch: SideBatch) -> int:
+    """Operators one eager step (dropout masks, forward, loss, backward) dispatches to a device, views and
+    allocations left out. Each launches one kernel or more on a GPU (a slice's backward: two), and pays the
+    dispatcher's and autograd's host time: what bounds an eager step there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.operators = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if not func.is_view and func.overloadpacket not in (torch.ops.aten.empty, torch.ops.aten.empty_strided):
+                self.operators += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        saved_bytes(model, batch)
+    return count.operators
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
@@ -86,8 +109,8 @@ def main() -> None:
     batch = t5_base_batch(args.tokens)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # the compile is paid in full
     print("| seeds | parameters (all seeds) MiB | saved for backward, eager MiB | with --compile MiB | compile s | "
-          "GFLOP per step |")
-    print("|---|---|---|---|---|---|")
+          "GFLOP per step | operators per step, eager |")
+    print("|---|---|---|---|---|---|---|")
     for seeds in args.seeds:
         config = ReadConfig(family="seq2seq", d_model=768, num_labels=2, task_kind="classification",
                             rnn_dim=args.rnn_dim)
@@ -102,8 +125,9 @@ def main() -> None:
             compile_s = f"{time.perf_counter() - started:.0f}"
             fused = f"{saved_bytes(model, batch, compiled) / 2**20:,.0f}"
         flops = step_flops(model, batch)
-        print(f"| {seeds} | {params / 2**20:.1f} | {eager / 2**20:,.0f} | {fused} | {compile_s} | {flops / 1e9:,.0f} |",
-              flush=True)
+        operators = step_operators(model, batch)
+        print(f"| {seeds} | {params / 2**20:.1f} | {eager / 2**20:,.0f} | {fused} | {compile_s} | {flops / 1e9:,.0f} "
+              f"| {operators:,} |", flush=True)
     print(f"\n{args.tokens} encoder tokens, 32 examples, 13 states x 768 per side, GRU r={args.rnn_dim}; torch "
           f"{torch.__version__}, {platform.machine()}. Command: `.venv/bin/python benchmarks/step_memory.py "
           f"{' '.join(sys.argv[1:])}`".rstrip())

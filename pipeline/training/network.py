@@ -270,20 +270,22 @@ class SideNet(nn.Module):
         for i in range(L):
             gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, G r)
             gx = gi_layers[i]  # (S, N, G r)
+            # Gate blocks by split, not by slicing: the backward of a split is one cat, where each slice's backward
+            # fills a zero tensor of the full width and copies into it, and autograd then adds those up (the same
+            # values, bit for bit; a GRU layer step's backward runs 12 fewer kernels).
             if self.cell == "gru":
-                rz = torch.sigmoid(gx[..., : 2 * r] + gh[..., : 2 * r])
-                reset, update = rz[..., :r], rz[..., r:]
+                gx_rz, gx_n = gx.split((2 * r, r), -1)
+                gh_rz, gh_n = gh.split((2 * r, r), -1)
+                reset, update = torch.sigmoid(gx_rz + gh_rz).split((r, r), -1)
                 # A copy, so that the product keeps r columns for the backward and not all of gh (3 r): the same
                 # values, a quarter less activation memory per step.
-                gh_n = gh[..., 2 * r :].contiguous()
-                n = torch.tanh(gx[..., 2 * r :] + reset * gh_n)  # reset gates (W_hn h + b_hn)
+                n = torch.tanh(gx_n + reset * gh_n.contiguous())  # reset gates (W_hn h + b_hn)
                 h = _GruBlend.apply(n, update, h)  # (1 - z) n + z h
             elif self.cell == "rnn":
                 h = torch.tanh(gx + gh)
             else:
-                gates = gx + gh
-                i_g, f_g = torch.sigmoid(gates[..., :r]), torch.sigmoid(gates[..., r : 2 * r])
-                g_g, o_g = torch.tanh(gates[..., 2 * r : 3 * r]), torch.sigmoid(gates[..., 3 * r :])
+                i_g, f_g, g_g, o_g = (gx + gh).split((r, r, r, r), -1)
+                i_g, f_g, g_g, o_g = torch.sigmoid(i_g), torch.sigmoid(f_g), torch.tanh(g_g), torch.sigmoid(o_g)
                 assert c is not None
                 c = f_g * c + i_g * g_g
                 h = o_g * torch.tanh(c)
