@@ -19,8 +19,8 @@ and measures on the task's train split (``--limit`` examples, default all):
    ``--compile`` (full float32, as the eager rows), for ``--seeds`` and 1 seeds, whose warm-up epoch
    pays the compile (and records the graphs); ``--cuda-graphs`` once more for ``--seeds`` seeds after
    ``torch._dynamo.reset()``, whose warm-up compiles from the on-disk caches alone, as a second run on
-   the same machine would, and once more streamed (``memory_budget=0``: the rows not held on the GPU,
-   for its memory; the compiled code is reused).
+   the same machine would, and once more streamed two blocks at a time (``memory_budget=0``,
+   ``shuffle_buffer=2``: the rows not held on the GPU, for its memory; the compiled code is reused).
 
 A phase that fails (after the plain forward: the extractions, every stage-two row, fine-tuning) is reported
 in its row, its traceback goes to stderr and into ``--results``, and the run goes on with the phases that do
@@ -107,7 +107,7 @@ def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: 
 
 
 def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device, compiled: bool = False,
-              cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB",
+              cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB", shuffle_buffer: int = 8,
               forget_compiled: bool = False) -> dict[str, Any]:
     """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile, the
     recording of the graphs). ``forget_compiled``: drop this process's compiled code first, so the warm-up
@@ -116,7 +116,8 @@ def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.d
         torch._dynamo.reset()
     cfg = TrainConfig(cache=str(cache), out=str(cache.parent / f"run-{cache.stem}-{seeds}"), seeds=tuple(range(seeds)),
                       epochs=2, device=args.device, patience=None, rnn_dim=args.rnn_dim, batch_size=args.batch_size,
-                      compile=compiled, cuda_graphs=cuda_graphs, tf32=tf32, memory_budget=memory_budget)
+                      compile=compiled, cuda_graphs=cuda_graphs, tf32=tf32, memory_budget=memory_budget,
+                      shuffle_buffer=shuffle_buffer)
     read, trainer = measured(device, lambda: Trainer(cfg, progress=False))
     optimizer, scheduler = trainer.optimizer()
     warm_up, _ = measured(device, lambda: trainer.train_epoch(1, optimizer, scheduler))
@@ -246,7 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         graphs = dict(cuda_graphs=True, tf32=True)
         optional.update({f"graphs_all_{args.seeds}": dict(seeds=args.seeds, **graphs),
                          f"graphs_warm_all_{args.seeds}": dict(seeds=args.seeds, forget_compiled=True, **graphs),
-                         f"graphs_streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0, **graphs),
+                         f"graphs_streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0,
+                                                                    shuffle_buffer=2, **graphs),
                          "graphs_all_1": dict(seeds=1, **graphs)})
         optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
     for key, options in optional.items():
@@ -315,7 +317,7 @@ def render(r: dict[str, Any], command: str) -> str:
         lines += stage_two_rows(f"graphs_warm_all_{S}", "stage two --cuda-graphs --tf32 again, compile caches warm "
                                 "(a second run on this machine)", S)
         lines += stage_two_rows(f"graphs_streamed_all_{S}", "stage two --cuda-graphs --tf32, streamed "
-                                "(memory_budget=0)", S)
+                                "(memory_budget=0, --shuffle-buffer 2)", S)
     lines.append(row("full fine-tuning, one epoch", r.get("finetune"),
                      f"batches of <= {a.finetune_batch_tokens} padded tokens"))
     lines.append("")
@@ -332,7 +334,7 @@ def render(r: dict[str, Any], command: str) -> str:
     for prefix, how in (("train_all", "eager"), ("streamed_all", "eager, streamed: rows not held on the device"),
                         ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),
                         ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm"),
-                        ("graphs_streamed_all", "--cuda-graphs --tf32, streamed")):
+                        ("graphs_streamed_all", "--cuda-graphs --tf32, streamed 2 blocks at a time")):
         t = r.get(f"{prefix}_{S}", {})
         if ft and "epoch" in t:
             read = (ext_all["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]

@@ -60,7 +60,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
     assert "READ from the cache (--cuda-graphs --tf32)" in rendered
     assert "READ from the cache (--cuda-graphs --tf32, compile caches warm)" in rendered
     assert "READ from the cache (eager, streamed: rows not held on the device)" in rendered
-    assert "READ from the cache (--cuda-graphs --tf32, streamed)" in rendered
+    assert "READ from the cache (--cuda-graphs --tf32, streamed 2 blocks at a time)" in rendered
     assert "compile caches warm (a second run on this machine): one epoch, 2 seed(s)" in rendered
     t, ft = results["train_all_2"], results["finetune"]["wall"]
     read = results["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"] + 9 * t["epoch"]["wall"]
