@@ -37,11 +37,13 @@ platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 du -sh shared .whl
 
 cat <<'CMD'
-Ready. On the device (carry: [".whl"]; timeout_s 600: about 6 minutes on one H100, then the --compile rows;
-the command stops itself at 570 s, printing every thread's stack at 560 s if still running, and
-$OUT/gpu.json keeps every phase measured by then, a failed phase's traceback included):
+Ready. On the device (carry: [".whl"]; timeout_s 600). The command first runs tests/test_cuda.py (the CUDA paths
+against the CPU; at most 150 s, its log in $OUT/cuda-tests.log), then the benchmark until 580 s from its start
+(the eager phases take an estimated 3 minutes on one H100/H200, then the --cuda-graphs and --compile rows with
+their compiles). The benchmark prints every thread's stack 10 s before it is stopped, and $OUT/gpu.json keeps
+every phase measured by then, a failed phase's traceback included:
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 && cp BENCHMARKS.md $OUT/ && timeout 570 python3 benchmarks/gpu.py --task rte --glue-dir shared/data/glue --tokenizer shared/models/t5-base-shape --results $OUT/gpu.json --benchmarks $OUT/BENCHMARKS.md --stacks-after 560
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 GLUE_DIR=shared/data/glue; cp BENCHMARKS.md $OUT/; end=$((SECONDS + 580)); timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee $OUT/cuda-tests.log; left=$((end - SECONDS)); timeout $left python3 benchmarks/gpu.py --task rte --glue-dir shared/data/glue --tokenizer shared/models/t5-base-shape --results $OUT/gpu.json --benchmarks $OUT/BENCHMARKS.md --stacks-after $((left - 10))
 
 Back here: copy the returned BENCHMARKS.md's "## GPU" section in, or rebuild it from the figures with
 .venv/bin/python benchmarks/gpu.py --render <files_at>/gpu.json

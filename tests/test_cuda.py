@@ -1,0 +1,146 @@
+"""The CUDA paths, where there is a GPU: the same work on the accelerator and on the CPU, compared.
+
+tests/test_device_paths.py checks the logic of these paths on the CPU; what only an accelerator runs is
+checked here: a split's batches, held on the device or streamed (pinned host memory, a copy stream, events),
+equal the CPU's bit for bit; training (fused AdamW, the deferred finite check) and its ``--cuda-graphs``
+form reach the CPU's losses and weights up to float rounding, with no step left out of the graphs;
+extraction's device-side block buffer and its pinned copy hold what the CPU writes, up to float rounding.
+
+Skipped without CUDA. ``READ_TEST_DEVICE=cpu`` runs them with the CPU standing in for the accelerator, which
+checks the tests themselves. On a GPU machine: ``python -m pytest tests/test_cuda.py`` (the command that
+``benchmarks/gpu_prepare.sh`` prints runs it before the benchmark).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.common.config import ExtractConfig, TrainConfig
+from pipeline.extraction.stage import copy_states, extract
+from pipeline.store import STORED_DTYPES, CacheStore, logical_view, torch_dtype
+from pipeline.training import Trainer
+from pipeline.training.network import SideBatch
+
+DEVICE = os.environ.get("READ_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
+pytestmark = pytest.mark.skipif(not DEVICE, reason="no CUDA device (READ_TEST_DEVICE=cpu runs these on the CPU)")
+
+
+def trainer(cache: str, out: Path, device: str, **kw) -> Trainer:
+    cfg = TrainConfig(cache=cache, out=str(out), epochs=2, rnn_dim=16, batch_size=8, device=device, seeds=(0, 1),
+                      patience=None, **kw)
+    return Trainer(cfg, progress=False)
+
+
+def batches(t: Trainer) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Two shuffled training epochs and the validation split, each batch brought back to the host."""
+    def host(batch: SideBatch) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(batch, f.name).cpu() for f in dataclasses.fields(batch)
+                if getattr(batch, f.name) is not None}
+
+    out = [(index, host(b)) for epoch in (1, 2) for index, b in t.train_data.epoch(8, shuffle=True, seed=epoch)]
+    return out + [(index, host(b)) for index, b in t.eval_data["validation"].epoch(16, shuffle=False)]
+
+
+@pytest.mark.parametrize("memory_budget", [2**40, 0], ids=["held", "streamed"])
+def test_a_split_yields_the_cpu_batches_bit_for_bit(synthetic_store, tmp_path, memory_budget):
+    # Several blocks, streamed two at a time: the next group is read and copied while the current one is used.
+    cache = synthetic_store(splits={"train": 80, "validation": 30}, block_tokens=40).path
+    on_cpu = trainer(cache, tmp_path / "cpu", "cpu", memory_budget=memory_budget, shuffle_buffer=2)
+    on_device = trainer(cache, tmp_path / "dev", DEVICE, memory_budget=memory_budget, shuffle_buffer=2)
+    assert on_device.train_data.device.type == DEVICE and on_device.train_data.split.num_blocks >= 4
+    assert on_device.train_data.in_memory == bool(memory_budget)
+    expected, got = batches(on_cpu), batches(on_device)
+    assert len(expected) == len(got) > 10
+    for (index_a, a), (index_b, b) in zip(expected, got):
+        np.testing.assert_array_equal(index_a, index_b)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def trained(t: Trainer) -> tuple[np.ndarray, dict[str, torch.Tensor], torch.Tensor]:
+    """Two epochs with the Trainer's own optimiser (fused AdamW on CUDA): losses, weights, validation outputs."""
+    optimizer, scheduler = t.optimizer()
+    losses = np.stack([t.train_epoch(epoch, optimizer, scheduler) for epoch in (1, 2)])
+    t.model.eval()
+    with torch.no_grad():
+        outputs = torch.cat([t.model(b.to(t.device)).cpu() for _, b in t.eval_data["validation"].epoch(16, shuffle=False)],
+                            dim=1)
+    return losses, {n: p.detach().cpu() for n, p in t.model.named_parameters()}, outputs
+
+
+def assert_trained_alike(a: tuple, b: tuple) -> None:
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-4)
+    for name in a[1]:
+        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-3, atol=1e-5, msg=name)
+    torch.testing.assert_close(b[2], a[2], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "encoder"])
+def test_training_on_the_device_reaches_the_cpu_weights(synthetic_store, tmp_path, family):
+    cache = synthetic_store(family=family, splits={"train": 60, "validation": 20}).path
+    on_cpu, on_device = trainer(cache, tmp_path / "cpu", "cpu"), trainer(cache, tmp_path / "dev", DEVICE)
+    assert next(on_device.model.parameters()).device.type == DEVICE
+    assert_trained_alike(trained(on_cpu), trained(on_device))
+
+
+def test_cuda_graphs_train_the_eager_weights_with_every_step_graphed(synthetic_store, tmp_path):
+    cache = synthetic_store(splits={"train": 60, "validation": 20}).path
+    eager = trainer(cache, tmp_path / "eager", DEVICE)
+    graphs = trainer(cache, tmp_path / "graphs", DEVICE, cuda_graphs=True)
+    assert graphs.compiled and graphs.cuda_graphs == graphs.pad_tokens == (DEVICE == "cuda")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    expected, got = trained(eager), trained(graphs)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0  # Inductor graphed the whole step
+    if graphs.cuda_graphs:  # and recorded graphs (torch's own bookkeeping of them)
+        from torch._inductor.cudagraph_trees import get_manager
+
+        manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        assert manager is not None and sum(len(nodes) for nodes in manager.roots.values()) >= 1
+    assert_trained_alike(expected, got)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_the_device_block_buffer_holds_what_the_host_path_writes(pooled):
+    gen = torch.Generator().manual_seed(0)
+    states = [torch.randn(3, 7, 16, generator=gen) for _ in range(4)]
+    lengths, layers, dtype = [7, 2, 5], [0, 2, 3], "bfloat16"
+    rows = [1, 1, 1] if pooled else lengths
+    starts = [int(s) for s in np.cumsum([0, *rows[:-1]]) + 3]
+    shape = (sum(rows) + 5, len(layers), 16)
+    host = np.zeros(shape, dtype=STORED_DTYPES[dtype])
+    copy_states(host, dtype, states, layers, lengths, starts, pooled=pooled, on_device=False)
+    block = torch.zeros(shape, dtype=torch_dtype(dtype), device=DEVICE)
+    copy_states(block, dtype, [s.to(DEVICE) for s in states], layers, lengths, starts, pooled=pooled)
+    device_rows = logical_view(block.cpu()).astype(np.float32)
+    np.testing.assert_allclose(device_rows, logical_view(host, dtype).astype(np.float32), rtol=1e-2 if pooled else 0)
+    assert not device_rows[: starts[0]].any()
+
+
+@pytest.mark.parametrize("dtype, tokens, tolerance", [("float32", "all", 1e-4), ("float32", "pooled", 1e-4),
+                                                      ("bfloat16", "all", 5e-2)])
+def test_extraction_on_the_device_stores_the_cpu_states(tiny_t5, tmp_path, glue_dir, dtype, tokens, tolerance):
+    # bfloat16: the backbone itself runs in bfloat16 on CUDA, so the states agree to bfloat16's precision only.
+    stores = {}
+    for device in ("cpu", DEVICE):
+        cfg = ExtractConfig(model=str(tiny_t5), task="rte", out=str(tmp_path / f"{device}.zarr"),
+                            glue_dir=str(glue_dir), splits="validation", limit=40, max_length=64, batch_tokens=256,
+                            block_tokens=128, dtype=dtype, tokens=tokens, device=device, writers=2)
+        extract(cfg, progress=False)
+        stores[device] = CacheStore(cfg.out_path).split("validation")
+    cpu, dev = stores["cpu"], stores[DEVICE]
+    assert cpu.num_blocks == dev.num_blocks >= (2 if tokens == "all" else 1)
+    np.testing.assert_array_equal(np.asarray(cpu.ids), np.asarray(dev.ids))
+    for side in cpu.sides:
+        for block in range(cpu.num_blocks):
+            a = logical_view(cpu.read_block(block, side), dtype).astype(np.float32)
+            b = logical_view(dev.read_block(block, side), dtype).astype(np.float32)
+            assert a.shape == b.shape and np.isfinite(b).all()
+            assert np.linalg.norm(b - a) <= tolerance * np.linalg.norm(a), (side, block)
