@@ -414,3 +414,16 @@ def test_rerun_of_a_finished_store_does_not_load_the_model(tiny_t5, tmp_path, gl
     run_extract(tmp_path, tiny_t5, glue_dir)  # nothing to do
     with pytest.raises(AssertionError, match="loaded"):
         run_extract(tmp_path, tiny_t5, glue_dir, splits="train,validation")  # a new split needs the model
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", "tiny_gpt2"])
+def test_label_rows_that_miss_the_models_own_logits_are_refused(model, tmp_path, glue_dir, request):
+    # The stored label rows times the final state must give the model's logits for the label words (seq2seq:
+    # the forward's own logits; decoder: a separate forward); a head with extra terms cannot be stored.
+    path = request.getfixturevalue(model)
+    ext = Extraction(ExtractConfig(model=str(path), task="rte", glue_dir=str(glue_dir), splits="validation",
+                                   limit=8, out=str(tmp_path / "s.zarr")), progress=False)
+    ext.label_rows = ext.label_rows * 1.5  # what a head with a scale this pipeline does not store would need
+    with pytest.raises(UnsupportedModelError, match=r"label rows of the LM head do not reproduce the model's own "
+                                                    r"logits \(max difference"):
+        ext.run_split("validation")

@@ -271,7 +271,7 @@ class Backbone:
 
         Returns ``{side: [per state (B, T_side, d) tensor on the model's device]}`` for each side the
         family stores, ``"lengths": {side: [rows of example k in T_side]}`` (real tokens are first:
-        right padding), and for seq2seq ``"logits"`` (B, V) at decoder position 0 (float32, CPU).
+        right padding), and for seq2seq ``"logits"`` (B, V) at decoder position 0 (on the model's device).
         Decoder-family and seq2seq decoder states are one position per example (T_side = 1): the last
         prompt token, or decoder position 0. Callers copy the rows they keep straight into their own
         buffers (see ``pipeline.extraction.copy_states``): a (B, T, L+1, d) float32 stack would cost
@@ -302,7 +302,7 @@ class Backbone:
                     "encoder": list(out.encoder_hidden_states),
                     "decoder": [h[:, :1] for h in out.decoder_hidden_states],
                     "lengths": {"encoder": lengths, "decoder": ones},
-                    "logits": out.logits[:, 0].float().cpu(),
+                    "logits": out.logits[:, 0],  # left on the device: read once per run, no sync per batch
                 }
             if self.family == "decoder":
                 # The base model alone: the LM head over every position would cost B x T x V.

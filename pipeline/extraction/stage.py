@@ -350,7 +350,7 @@ class Extraction:
         for side, rows in hidden.items():
             host[side].copy_(rows, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(bb.device))  # the copies' stream: the backbone's device, maybe not 0
         return {side: stored_view(rows, cfg.dtype) for side, rows in host.items()}, ids_out, copied
 
     def _check_label_rows(self, out: dict[str, Any], batch: list[list[int]]) -> None:
@@ -362,7 +362,7 @@ class Extraction:
         final = out[side][-1][: min(4, len(batch)), 0].float().cpu()  # (b, d): last state, one position
         ours = final @ torch.from_numpy(self.label_rows).T
         if "logits" in out:
-            theirs = out["logits"][: len(final)][:, self.label_ids]
+            theirs = out["logits"][: len(final)][:, self.label_ids].float().cpu()
         else:
             theirs = model_label_logits(self.backbone, batch[: len(final)], self.label_ids)
         tol = 1e-2 * (1 + theirs.abs().max().item()) if self.backbone.autocast_dtype else 1e-3 * (1 + theirs.abs().max().item())
