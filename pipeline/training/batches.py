@@ -67,13 +67,15 @@ class Chunk:
         """Gather examples ``picks`` (positions in this chunk) in the stored dtype on the chunk's device, tokens
         flattened.
 
-        Index arrays are built on the host (numpy) and sent with non-blocking copies: no step waits
-        for the device.
+        Index arrays are built on the host (numpy) and sent to a CUDA device from pinned memory with non-blocking
+        copies: no step waits for the device (from pageable memory, the driver may wait for the stream to stage it).
         """
         device = self.device
+        pinned = device.type == "cuda"
 
         def tensor(values: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(values).to(device, non_blocking=True)
+            host = torch.from_numpy(values)
+            return host.pin_memory().to(device, non_blocking=True) if pinned else host
 
         fields: dict[str, torch.Tensor | None] = {}
         for side, states in self.states.items():
