@@ -47,7 +47,11 @@ def _nvml_mj(device: torch.device) -> tuple[Any, int] | None:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:  # by UUID: NVML numbers every card, torch only the visible ones (CUDA_VISIBLE_DEVICES)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(index).uuid}")
+        except Exception:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         return handle, int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
     except Exception:  # no pynvml, or a GPU without the energy counter
         return None
