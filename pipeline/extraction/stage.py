@@ -349,7 +349,7 @@ class Extraction:
         host = {side: torch.empty(shapes[side], dtype=torch_dtype(cfg.dtype), pin_memory=True) for side in hidden}
         for side, rows in hidden.items():
             host[side].copy_(rows, non_blocking=True)
-        copied = torch.cuda.Event()
+        copied = torch.cuda.Event(blocking=True)  # a writer thread waiting for it sleeps instead of spinning a core
         copied.record(torch.cuda.current_stream(bb.device))  # the copies' stream: the backbone's device, maybe not 0
         return {side: stored_view(rows, cfg.dtype) for side, rows in host.items()}, ids_out, copied
 
