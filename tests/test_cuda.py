@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_device_paths import check_block_buffer
 
 from pipeline.common.config import ExtractConfig, TrainConfig
-from pipeline.extraction.stage import copy_states, extract
-from pipeline.store import STORED_DTYPES, CacheStore, logical_view, torch_dtype
+from pipeline.extraction.stage import extract
+from pipeline.store import CacheStore, logical_view
 from pipeline.training import Trainer
 from pipeline.training.network import SideBatch
 
@@ -111,19 +112,7 @@ def test_cuda_graphs_train_the_eager_weights_with_every_step_graphed(synthetic_s
 
 @pytest.mark.parametrize("pooled", [False, True])
 def test_the_device_block_buffer_holds_what_the_host_path_writes(pooled):
-    gen = torch.Generator().manual_seed(0)
-    states = [torch.randn(3, 7, 16, generator=gen) for _ in range(4)]
-    lengths, layers, dtype = [7, 2, 5], [0, 2, 3], "bfloat16"
-    rows = [1, 1, 1] if pooled else lengths
-    starts = [int(s) for s in np.cumsum([0, *rows[:-1]]) + 3]
-    shape = (sum(rows) + 5, len(layers), 16)
-    host = np.zeros(shape, dtype=STORED_DTYPES[dtype])
-    copy_states(host, dtype, states, layers, lengths, starts, pooled=pooled, on_device=False)
-    block = torch.zeros(shape, dtype=torch_dtype(dtype), device=DEVICE)
-    copy_states(block, dtype, [s.to(DEVICE) for s in states], layers, lengths, starts, pooled=pooled)
-    device_rows = logical_view(block.cpu()).astype(np.float32)
-    np.testing.assert_allclose(device_rows, logical_view(host, dtype).astype(np.float32), rtol=1e-2 if pooled else 0)
-    assert not device_rows[: starts[0]].any()
+    check_block_buffer(pooled, DEVICE)
 
 
 @pytest.mark.parametrize("dtype, tokens, tolerance", [("float32", "all", 1e-4), ("float32", "pooled", 1e-4),

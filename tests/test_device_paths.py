@@ -83,9 +83,8 @@ def test_the_deferred_check_names_the_earliest_step_only(t5_store, tmp_path):
         t._check_finite(torch.tensor([5, 3, 3]), 2)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_a_device_block_buffer_holds_what_the_host_path_writes(pooled):
-    """The accelerator's gather/convert/scatter, run on CPU tensors, against the per-slice host path."""
+def check_block_buffer(pooled: bool, device: str) -> None:
+    """The accelerator's gather/convert/scatter into a block buffer on ``device`` against the per-slice host path."""
     gen = torch.Generator().manual_seed(0)
     states = [torch.randn(3, 7, 16, generator=gen) for _ in range(4)]
     lengths, layers, dtype = [7, 2, 5], [0, 2, 3], "bfloat16"
@@ -94,15 +93,20 @@ def test_a_device_block_buffer_holds_what_the_host_path_writes(pooled):
     shape = (sum(rows) + 5, len(layers), 16)
     host = np.zeros(shape, dtype=STORED_DTYPES[dtype])
     copy_states(host, dtype, states, layers, lengths, starts, pooled=pooled, on_device=False)
-    block = torch.zeros(shape, dtype=torch_dtype(dtype))
-    copy_states(block, dtype, states, layers, lengths, starts, pooled=pooled, on_device=True)
-    device_rows = stored_view(block, dtype)
+    block = torch.zeros(shape, dtype=torch_dtype(dtype), device=device)
+    copy_states(block, dtype, [s.to(device) for s in states], layers, lengths, starts, pooled=pooled, on_device=True)
+    device_rows = stored_view(block.cpu(), dtype)
     if pooled:  # float32 means summed in another order: equal up to one bf16 rounding step
         np.testing.assert_allclose(torch.from_numpy(device_rows.view(np.int16)).view(torch.bfloat16).float(),
                                    torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).float(), rtol=1e-2)
     else:
         np.testing.assert_array_equal(device_rows, host)
     assert not device_rows[: starts[0]].any()
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_device_block_buffer_holds_what_the_host_path_writes(pooled):
+    check_block_buffer(pooled, "cpu")  # run on CPU tensors; tests/test_cuda.py runs it on a GPU
 
 
 def test_a_pool_of_writers_writes_the_same_bytes_as_one(tiny_t5, tmp_path, glue_dir):
