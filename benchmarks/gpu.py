@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             keep("tokens", tokens_count)
             keep("blocks", blocks)
             plain_forward(backbone, batches[:2])  # warm-up: kernels, allocator
-            keep("plain", measured(device, lambda: plain_forward(backbone, batches))[0])
+            keep("plain", measured(device, lambda batches=batches: plain_forward(backbone, batches))[0])
 
         def extract(ext: Extraction = ext) -> dict[str, Any]:
             figures = measured(device, lambda: ext.run_split("train"))[0]
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             extractions[tokens] = Path(ext.cfg.out_path)
     for tokens, cache in extractions.items():
         for seeds in (1, args.seeds):
-            attempt(f"train_{tokens}_{seeds}", lambda: stage_two(args, cache, seeds, device))
+            attempt(f"train_{tokens}_{seeds}", lambda cache=cache, seeds=seeds: stage_two(args, cache, seeds, device))
     token_ids = backbone.tokenize(_task(args.task), data["train"].texts, args.max_length)
     label_ids = backbone.label_token_ids(_task(args.task))
     targets = [label_ids[int(y)] if label_ids else int(y) for y in data["train"].labels]
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "graphs_all_1": dict(seeds=1, **graphs)})
         optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
     for key, options in optional.items():
-        attempt(key, lambda: stage_two(args, extractions["all"], device=device, **options))
+        attempt(key, lambda options=options: stage_two(args, extractions["all"], device=device, **options))
     return result
 
 
