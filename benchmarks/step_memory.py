@@ -15,8 +15,7 @@ The compile starts from an empty cache. The step's floating-point operations, fo
 (``torch.utils.flop_counter``: matrix products only, which are nearly all of them), say how long the
 step must take on a given card once kernel launches no longer bound it; the operators an eager step dispatches
 (views and allocations left out; each launches one kernel or more on a GPU) say what bounds it there. Appends
-nothing to
-BENCHMARKS.md; prints a table to paste.
+nothing to BENCHMARKS.md; prints a table to paste.
 """
 
 from __future__ import annotations

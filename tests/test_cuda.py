@@ -71,8 +71,8 @@ def trained(t: Trainer) -> tuple[np.ndarray, dict[str, torch.Tensor], torch.Tens
     losses = np.stack([t.train_epoch(epoch, optimizer, scheduler) for epoch in (1, 2)])
     t.model.eval()
     with torch.no_grad():
-        outputs = torch.cat([t.model(b.to(t.device)).cpu() for _, b in t.eval_data["validation"].epoch(16, shuffle=False)],
-                            dim=1)
+        validation = t.eval_data["validation"].epoch(16, shuffle=False)
+        outputs = torch.cat([t.model(b.to(t.device)).cpu() for _, b in validation], dim=1)
     return losses, {n: p.detach().cpu() for n, p in t.model.named_parameters()}, outputs
 
 
