@@ -38,12 +38,13 @@ du -sh shared .whl
 
 cat <<'CMD'
 Ready. On the device (carry: [".whl"]; timeout_s 600). The command first runs tests/test_cuda.py (the CUDA paths
-against the CPU; at most 150 s, its log in $OUT/cuda-tests.log), then the benchmark until 580 s from its start
-(the eager phases take an estimated 3 minutes on one H100/H200, then the --cuda-graphs and --compile rows with
-their compiles). The benchmark prints every thread's stack 10 s before it is stopped, and $OUT/gpu.json keeps
-every phase measured by then, a failed phase's traceback included:
+against the CPU; at most 150 s, its log in $OUT/cuda-tests.log), then benchmarks/write.py (the writer pool's
+rate there, at most 90 s, $OUT/write.log), then the benchmark until 540 s from its start (about 6 minutes on one
+H200 with every row), keeping its stores in /tmp/gpu-work, and last benchmarks/read.py on the per-token store
+with the --own-loops trial ($OUT/read.log). The benchmark prints every thread's stack 10 s before it is stopped,
+and $OUT/gpu.json keeps every phase measured by then, a failed phase's traceback included:
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 GLUE_DIR=shared/data/glue; cp BENCHMARKS.md $OUT/; end=$((SECONDS + 580)); timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee $OUT/cuda-tests.log; left=$((end - SECONDS)); timeout $left python3 benchmarks/gpu.py --task rte --glue-dir shared/data/glue --tokenizer shared/models/t5-base-shape --results $OUT/gpu.json --benchmarks $OUT/BENCHMARKS.md --stacks-after $((left - 10))
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 GLUE_DIR=shared/data/glue; cp BENCHMARKS.md $OUT/; end=$((SECONDS + 540)); timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee $OUT/cuda-tests.log; timeout 90 python3 benchmarks/write.py --writers 1,8 --codecs none,blosc-zstd --reps 1 2>&1 | tee $OUT/write.log; left=$((end - SECONDS)); timeout $left python3 benchmarks/gpu.py --task rte --glue-dir shared/data/glue --tokenizer shared/models/t5-base-shape --work /tmp/gpu-work --results $OUT/gpu.json --benchmarks $OUT/BENCHMARKS.md --stacks-after $((left - 10)); timeout 45 python3 benchmarks/read.py /tmp/gpu-work/all.zarr --reps 2 --own-loops 2>&1 | tee $OUT/read.log
 
 Back here: copy the returned BENCHMARKS.md's "## GPU" section in, or rebuild it from the figures with
 .venv/bin/python benchmarks/gpu.py --render <files_at>/gpu.json

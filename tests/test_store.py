@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ from pipeline.store import (
     torch_view,
     verify_store,
 )
+from pipeline.store.writer import write_shards
 
 DAMAGE = ["delete", "truncate", "flip"]
 
@@ -86,9 +88,34 @@ def test_a_written_store_reads_back_exactly(synthetic_store, dtype, tokens):
                 assert split.read_block(j, side, out=into[1:-2]) is not None  # decoded in place, checked there
                 np.testing.assert_array_equal(to_float32(into[1:-2], dtype), expected)
                 assert (into[0] == 7).all() and (into[-2:] == 7).all()
+            cap = split.capacity[side]
+            for j in range(split.num_blocks):  # rows past a block's used ones read as the fill value
+                start, end = split.block_rows(j, side)
+                assert not np.asarray(split.hidden(side)[end : (j + 1) * cap]).any()
+                if recorded.layout.per_token[side]:
+                    assert (np.asarray(split.group[side]["token_ids"][end : (j + 1) * cap]) == -1).all()
     per_token = recorded.layout.per_token["encoder"]
     assert per_token == (tokens == "all")
     assert verify_store(made.path) == []
+
+
+def test_shards_written_inside_a_running_event_loop_equal_those_written_on_a_thread_of_its_own(tmp_path):
+    values = np.arange(6 * 4 * 3, dtype=np.uint16).reshape(6, 4, 3)
+    written = {}
+    for how in ("thread", "loop"):
+        array = zarr.create_array(tmp_path / f"{how}.zarr", shape=(16, 4, 3), chunks=(2, 4, 3), shards=(8, 4, 3),
+                                  dtype="uint16", fill_value=0)
+        writes = [(array, slice(8, 14), values)]
+        if how == "thread":
+            write_shards(writes)  # no running loop: one of its own
+        else:
+            async def in_a_notebook(writes: list = writes) -> None:  # a running loop: zarr's synchronous path
+                write_shards(writes)
+            asyncio.run(in_a_notebook())
+        written[how] = np.asarray(array[:])
+        np.testing.assert_array_equal(written[how][8:14], values)
+        assert not written[how][:8].any() and not written[how][14:].any()
+    assert tree_bytes(tmp_path / "thread.zarr") == tree_bytes(tmp_path / "loop.zarr")
 
 
 def test_bfloat16_helpers_view_widen_and_share_memory():

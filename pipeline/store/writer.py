@@ -7,13 +7,15 @@ another Zarr group, and nothing outside the store.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,6 +35,7 @@ from pipeline.store.format import (
     checksum,
     checksum_columns,
     compressor,
+    round_up,
 )
 from pipeline.store.meta import SplitData, StoreMeta
 from pipeline.store.reader import CachedSplit, first_line
@@ -180,15 +183,20 @@ class StoreWriter:
         g = self.group[split]
         starts, offsets, columns = self._rows[split]
         sums = np.zeros(len(columns), dtype=np.uint64)
+        writes: list[tuple[Any, slice, np.ndarray]] = []
         for side, data in hidden.items():
             cap = data.shape[0]
             start, end = block_rows(starts, offsets[side], block)
             used = end - start
             arrays = {"hidden": data, **({"token_ids": token_ids[side]} if f"{side}/token_ids" in columns else {})}
             for name, values in arrays.items():
-                clear_shard(g[side][name], block)
-                g[side][name][block * cap : (block + 1) * cap] = values
+                array = g[side][name]
+                clear_shard(array, block)
+                # The used rows' chunks only: those past them hold nothing but the fill value, stored by omission.
+                stop = min(cap, round_up(used, array.chunks[0]))
+                writes.append((array, slice(block * cap, block * cap + stop), values[:stop]))
                 sums[columns.index(f"{side}/{name}")] = checksum(values[:used])
+        write_shards(writes)
         for name in ("checksums", "blocks_done"):
             remove_orphans_of(g[name], block)
         g["checksums"][block] = sums
@@ -201,6 +209,37 @@ class StoreWriter:
                 self._update_split(split, complete=True)
                 return True
             return False
+
+
+def write_shards(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
+    """Write shards, each ``array[rows] = values``, on an event loop of the calling thread's own.
+
+    zarr's synchronous API runs the Python part of every write (copying rows into chunks, joining a shard's
+    chunks) on one event-loop thread shared by the whole process, so a pool of writer threads goes at that
+    one thread's pace (on the 16-core H200 host, 8 writers stored 240 MiB/s against a disk that takes 1,359;
+    on 2 cores, uncompressed shards went from 200 to 674 MiB/s with one writer, 370 to 1,028 with two).
+    Here each writer runs its own loop, with one thread for the codecs it hands off (compression runs in
+    parallel across writers, not in dozens of threads competing with the backbone's for the cores).
+    ``write_empty_chunks``: every chunk given is written, so zarr no longer compares each one with the fill
+    value (a full pass over the data, on that shared thread); ``write_block`` leaves out the chunks past a
+    block's used rows instead. Inside a running event loop (a notebook calling this directly) zarr's own
+    synchronous path is used.
+    """
+    arrays = [(array.with_config({"write_empty_chunks": True}), rows, values) for array, rows, values in writes]
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        for array, rows, values in arrays:
+            array[rows] = values
+        return
+
+    async def write_all() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1, thread_name_prefix="zarr-codec"))
+        await asyncio.gather(*(array.async_array.setitem(rows, values) for array, rows, values in arrays))
+
+    asyncio.run(write_all())
 
 
 def clear_shard(array: Any, block: int) -> None:
