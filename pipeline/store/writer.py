@@ -217,7 +217,7 @@ def write_shards(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
     zarr's synchronous API runs the Python part of every write (copying rows into chunks, joining a shard's
     chunks) on one event-loop thread shared by the whole process, so a pool of writer threads goes at that
     one thread's pace (on the 16-core H200 host, 8 writers stored 240 MiB/s against a disk that takes 1,359;
-    on 2 cores, uncompressed shards went from 200 to 674 MiB/s with one writer, 370 to 1,028 with two).
+    ``benchmarks/write.py`` on 2 cores: uncompressed shards 289 -> 755 MiB/s with one writer, 399 -> 1,273 with two).
     Here each writer runs its own loop, with one thread for the codecs it hands off (compression runs in
     parallel across writers, not in dozens of threads competing with the backbone's for the cores).
     ``write_empty_chunks``: every chunk given is written, so zarr no longer compares each one with the fill
