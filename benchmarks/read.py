@@ -15,13 +15,11 @@ to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,6 +29,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from pipeline.store import CacheStore  # noqa: E402
+from pipeline.store.writer import run_on_own_loop  # noqa: E402
 from pipeline.training.batches import load_chunk  # noqa: E402
 
 
@@ -77,11 +76,9 @@ def decoding_on_own_loops(enabled: bool) -> Iterator[None]:
     synchronous = Array.get_basic_selection
 
     def own_loop(self: Array, selection: Any = Ellipsis, *, out: Any = None, **kwargs: Any) -> Any:
-        async def decode() -> Any:
-            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
-            indexer = BasicIndexer(selection, self.shape, self.metadata.chunk_grid)
-            return await self.async_array._get_selection(indexer, out=out, prototype=default_buffer_prototype())
-        return asyncio.run(decode())
+        indexer = BasicIndexer(selection, self.shape, self.metadata.chunk_grid)
+        return run_on_own_loop(lambda: self.async_array._get_selection(indexer, out=out,
+                                                                        prototype=default_buffer_prototype()))
 
     Array.get_basic_selection = own_loop
     try:
