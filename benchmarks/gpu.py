@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,7 +70,7 @@ from pipeline.extraction import Extraction  # noqa: E402
 from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
 from pipeline.extraction.shapes import build_random_backbone  # noqa: E402
 from pipeline.extraction.stage import gather_splits  # noqa: E402
-from pipeline.training import Trainer  # noqa: E402
+from pipeline.training import Trainer, fused_gru  # noqa: E402
 
 SECTION = "## GPU"
 
@@ -108,12 +110,16 @@ def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: 
 
 def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device, compiled: bool = False,
               cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB", shuffle_buffer: int = 8,
-              forget_compiled: bool = False) -> dict[str, Any]:
+              forget_compiled: bool = False, fused_gru_cell: bool = True) -> dict[str, Any]:
     """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile, the
     recording of the graphs). ``forget_compiled``: drop this process's compiled code first, so the warm-up
-    compiles again from the on-disk caches alone, as a second run on the same machine does."""
+    compiles again from the on-disk caches alone, as a second run on the same machine does.
+    ``fused_gru_cell=False``: eager GRU layer steps in torch operators, as before the fused kernels."""
     if forget_compiled:
         torch._dynamo.reset()
+    if not fused_gru_cell:
+        with _composite_gru_steps():
+            return stage_two(args, cache, seeds, device, compiled, cuda_graphs, tf32, memory_budget, shuffle_buffer)
     cfg = TrainConfig(cache=str(cache), out=str(cache.parent / f"run-{cache.stem}-{seeds}"), seeds=tuple(range(seeds)),
                       epochs=2, device=args.device, patience=None, rnn_dim=args.rnn_dim, batch_size=args.batch_size,
                       compile=compiled, cuda_graphs=cuda_graphs, tf32=tf32, memory_budget=memory_budget,
@@ -127,6 +133,17 @@ def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.d
     store_reads = trainer.train_data.read_seconds + sum(data.read_seconds for data in trainer.eval_data.values())
     return {"read": {**read, "store_reads_s": store_reads}, "warm_up": warm_up, "epoch": epoch,
             "in_memory": trainer.train_data.in_memory, "on_device": str(trainer.train_data.device)}
+
+
+@contextmanager
+def _composite_gru_steps() -> Iterator[None]:
+    """Eager GRU layer steps in torch operators even on CUDA (``fused_gru.applies`` says no)."""
+    applies = fused_gru.applies
+    fused_gru.applies = lambda x: False
+    try:
+        yield
+    finally:
+        fused_gru.applies = applies
 
 
 def finetune(backbone: Backbone, model_path: Path, batches: list[list[list[int]]], labels: list[int],
@@ -258,7 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "all" not in extractions:
         return result
     # Then the paths that first run here.
-    optional = {f"streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0)}  # pinned copies, side stream
+    optional = {f"composite_all_{args.seeds}": dict(seeds=args.seeds, fused_gru_cell=False),  # the eager step before
+                f"streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0)}  # pinned copies, side stream
     if args.compiled:  # the most promising first: a run cut short keeps them
         graphs = dict(cuda_graphs=True, tf32=True)
         optional.update({f"graphs_all_{args.seeds}": dict(seeds=args.seeds, **graphs),
@@ -332,6 +350,8 @@ def render(r: dict[str, Any], command: str) -> str:
     for tokens, name in (("all", "per-token"), ("pooled", "pooled")):
         for seeds in (1, S):
             lines += stage_two_rows(f"train_{tokens}_{seeds}", f"stage two, {name} store", seeds)
+    lines += stage_two_rows(f"composite_all_{S}", "stage two, per-token store, GRU steps in torch operators (no "
+                            "fused cell kernels)", S)
     lines += stage_two_rows(f"streamed_all_{S}", "stage two, per-token store streamed (memory_budget=0)", S)
     if a.compiled:
         for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
@@ -360,6 +380,11 @@ def render(r: dict[str, Any], command: str) -> str:
         if one and many:
             lines.append(f"Stage two ({how}): a {S}-seed epoch / a plain forward epoch **{many['wall'] / plain:.2f}** "
                          f"(target <= 0.25); {S} seeds / 1 seed **{many['wall'] / one['wall']:.2f}** (target <= 1.5).")
+    fused, composite = r.get(f"train_all_{S}", {}).get("epoch"), r.get(f"composite_all_{S}", {}).get("epoch")
+    if fused and composite:
+        lines.append(f"Eager GRU layer steps through the fused cell kernels / in torch operators, a {S}-seed epoch: "
+                     f"**{fused['wall'] / composite['wall']:.2f}** ({fused['wall']:.2f} s against "
+                     f"{composite['wall']:.2f} s).")
     ft = ft_epoch if ft_epoch and "wall" in ft_epoch else None
     for prefix, how in (("train_all", "eager"), ("streamed_all", "eager, streamed: rows not held on the device"),
                         ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),

@@ -3,7 +3,8 @@
 tests/test_device_paths.py checks the logic of these paths on the CPU; what only an accelerator runs is
 checked here: a split's batches, held on the device or streamed (pinned host memory, a copy stream, events),
 equal the CPU's bit for bit; training (fused AdamW, the deferred finite check) and its ``--cuda-graphs``
-form reach the CPU's losses and weights up to float rounding, with no step left out of the graphs;
+form reach the CPU's losses and weights up to float rounding, with no step left out of the graphs; torch's fused
+GRU cell kernels, which the eager step runs there, compute what their CPU stand-ins compute;
 extraction's device-side block buffer and its pinned copy hold what the CPU writes, up to float rounding.
 
 Skipped without CUDA. ``READ_TEST_DEVICE=cpu`` runs them with the CPU standing in for the accelerator, which
@@ -25,7 +26,7 @@ from test_device_paths import check_block_buffer
 from pipeline.common.config import ExtractConfig, TrainConfig
 from pipeline.extraction.stage import extract
 from pipeline.store import CacheStore, logical_view
-from pipeline.training import Trainer
+from pipeline.training import Trainer, fused_gru
 from pipeline.training.network import SideBatch
 
 DEVICE = os.environ.get("READ_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
@@ -91,6 +92,30 @@ def test_training_on_the_device_reaches_the_cpu_weights(synthetic_store, tmp_pat
     on_device = trainer(cache, tmp_path / "dev", DEVICE, dropout=0.0)
     assert next(on_device.model.parameters()).device.type == DEVICE
     assert_trained_alike(trained(on_cpu), trained(on_device))
+
+
+def test_the_fused_gru_kernels_compute_what_their_stand_ins_compute():
+    g = torch.Generator().manual_seed(0)
+    M, r = 300, 24
+    gx, gh = (torch.randn(M, 3 * r, generator=g).to(DEVICE) for _ in range(2))
+    h, grad = (torch.randn(M, r, generator=g).to(DEVICE) for _ in range(2))
+    hy, workspace = fused_gru._cell(gx, gh, h)
+    want_hy, want_workspace = fused_gru.reference_cell(gx, gh, h)
+    torch.testing.assert_close(hy, want_hy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(workspace, want_workspace, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_gru._cell_backward(grad, workspace), fused_gru.reference_cell_backward(grad, workspace)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_eager_step_on_the_device_runs_the_fused_gru_kernels(synthetic_store, tmp_path, monkeypatch):
+    calls = []
+    cell = fused_gru._cell
+    monkeypatch.setattr(fused_gru, "_cell", lambda *a: calls.append(a[0].device.type) or cell(*a))
+    cache = synthetic_store(splits={"train": 24, "validation": 8}).path
+    t = trainer(cache, tmp_path / "dev", DEVICE)
+    t.train_epoch(1, *t.optimizer())
+    # every GRU layer step on CUDA goes through the kernels; on the CPU none does (it keeps the composite step)
+    assert (len(calls) > 0 and set(calls) == {"cuda"}) if DEVICE == "cuda" else calls == []
 
 
 def test_cuda_graphs_train_the_eager_weights_with_every_step_graphed(synthetic_store, tmp_path):

@@ -35,6 +35,8 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
                   "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 2 seed(s)",
                   "| stage two, pooled store, 1 seed(s) | failed: RuntimeError: CUDA error: injected second line |",
                   "per-token store streamed (memory_budget=0): one epoch, 2 seed(s) |",
+                  "GRU steps in torch operators (no fused cell kernels): one epoch, 2 seed(s) |",
+                  "Eager GRU layer steps through the fused cell kernels / in torch operators, a 2-seed epoch: **",
                   "full fine-tuning: warm-up epoch", "full fine-tuning, one epoch", "Disk: sequential write", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
         assert phase in text, phase
     assert (REPO / "BENCHMARKS.md").read_bytes() == real

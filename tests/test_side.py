@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.common.errors import ConfigError
+from pipeline.training import fused_gru
 from pipeline.training.adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -520,10 +521,14 @@ def test_the_gru_blend_is_autograds_own_arithmetic_bit_for_bit():
         assert torch.equal(a.grad, b.grad)
 
 
-def test_a_gru_layer_step_keeps_five_r_wide_tensors_for_the_backward():
+@pytest.mark.parametrize("fused", [False, True], ids=["composite", "fused-cell"])
+def test_a_gru_layer_step_keeps_five_r_wide_tensors_for_the_backward(fused, monkeypatch):
     # Per seed and token, each layer step keeps h_(i-1), the sigmoid's r and z, n and the r columns of W_hn h:
     # 5 r-wide tensors (it was 8: h - n and all 3 r columns of W_hh h). Plus the normalised states (shared by the
-    # seeds) and the aggregate a; parameters are not activations and are left out.
+    # seeds) and the aggregate a; parameters are not activations and are left out. The step through the fused
+    # cell kernels (CUDA; here their stand-ins) keeps the kernel's workspace alone: the same 5 (torch's own
+    # autograd formula for the kernel would keep its 7 r-wide inputs too).
+    monkeypatch.setattr(fused_gru, "applies", lambda x: fused)
     S, N, L, d, r = 2, 11, 4, 16, 8
     net = SideNet(S, d, r, "gru", aggregate="mean", h0_from_embedding=False, with_output=True)
     torch.nn.init.uniform_(net.out_weight, -0.1, 0.1)

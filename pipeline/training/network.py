@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.training import fused_gru
+
 FAMILIES = ("encoder", "seq2seq", "decoder")
 TASK_KINDS = ("classification", "regression")
 
@@ -251,8 +253,11 @@ class SideNet(nn.Module):
         # shared normalised states: no (S, L N, d) tensor, and no gradient w.r.t. the states (frozen data).
         w = (self.weight_ih * self.norm_weight.unsqueeze(1)).reshape(S * self.weight_ih.shape[1], d)  # (S G r, d)
         gi = (xn @ w.T).view(L, N, S, -1)  # (L, N, S, G r)
-        # unbind, not gi[i]: the backward of L selects would zero-fill a full-size gradient L times.
-        gi_layers = [g.transpose(0, 1) + self.bias_ih.unsqueeze(1) for g in gi.unbind(0)]  # L x (S, N, G r)
+        fused = self.cell == "gru" and fused_gru.applies(x)  # CUDA, eager: torch's fused GRU cell kernels
+        if fused:  # each layer's gates contiguous (S, N, G r), as the kernels take them: one copy for all layers
+            gi_layers = gi.transpose(1, 2).contiguous().add_(self.bias_ih.unsqueeze(1)).unbind(0)
+        else:  # unbind, not gi[i]: the backward of L selects would zero-fill a full-size gradient L times.
+            gi_layers = [g.transpose(0, 1) + self.bias_ih.unsqueeze(1) for g in gi.unbind(0)]  # L x (S, N, G r)
 
         if h0 is not None:
             h = h0  # (S, N, r)
@@ -268,31 +273,37 @@ class SideNet(nn.Module):
         bhh = self.bias_hh.unsqueeze(1)  # (S, 1, G r)
         total: Tensor | None = None
         for i in range(L):
-            gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, G r)
             gx = gi_layers[i]  # (S, N, G r)
-            # Gate blocks by split, not by slicing: the backward of a split is one cat, where each slice's backward
-            # fills a zero tensor of the full width and copies into it, and autograd then adds those up (the same
-            # values, bit for bit; a GRU layer step's backward runs 12 fewer kernels).
-            if self.cell == "gru":
-                gx_rz, gx_n = gx.split((2 * r, r), -1)
-                gh_rz, gh_n = gh.split((2 * r, r), -1)
-                reset, update = torch.sigmoid(gx_rz + gh_rz).split((r, r), -1)
-                # A copy, so that the product keeps r columns for the backward and not all of gh (3 r): the same
-                # values, a quarter less activation memory per step.
-                n = torch.tanh(gx_n + reset * gh_n.contiguous())  # reset gates (W_hn h + b_hn)
-                h = _GruBlend.apply(n, update, h)  # (1 - z) n + z h
-            elif self.cell == "rnn":
-                h = torch.tanh(gx + gh)
+            if fused:  # the W_hh product and the cell in two kernels, their backward in four
+                h = fused_gru.GruLayerStep.apply(gx, h, whh_t, bhh)
             else:
-                i_g, f_g, g_g, o_g = (gx + gh).split((r, r, r, r), -1)
-                i_g, f_g, g_g, o_g = torch.sigmoid(i_g), torch.sigmoid(f_g), torch.tanh(g_g), torch.sigmoid(o_g)
-                assert c is not None
-                c = f_g * c + i_g * g_g
-                h = o_g * torch.tanh(c)
+                h, c = self._step(gx, torch.baddbmm(bhh, h, whh_t), h, c)
             if self.aggregate == "mean":
                 total = h if total is None else total + h
         a = total / L if self.aggregate == "mean" else h  # (S, N, r)
         return a if mask is None else a * mask
+
+    def _step(self, gx: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One layer step of the cell in torch operators: (h', c') from the gates gx, gh (S, N, G r) and h, c."""
+        r = self.rnn_dim
+        if self.cell == "gru":
+            # Gate blocks by split, not by slicing: the backward of a split is one cat, where each slice's backward
+            # fills a zero tensor of the full width and copies into it, and autograd then adds those up (the same
+            # values, bit for bit; a GRU layer step's backward runs 12 fewer kernels).
+            gx_rz, gx_n = gx.split((2 * r, r), -1)
+            gh_rz, gh_n = gh.split((2 * r, r), -1)
+            reset, update = torch.sigmoid(gx_rz + gh_rz).split((r, r), -1)
+            # A copy, so that the product keeps r columns for the backward and not all of gh (3 r): the same
+            # values, a quarter less activation memory per step.
+            n = torch.tanh(gx_n + reset * gh_n.contiguous())  # reset gates (W_hn h + b_hn)
+            return _GruBlend.apply(n, update, h), c  # (1 - z) n + z h
+        if self.cell == "rnn":
+            return torch.tanh(gx + gh), c
+        i_g, f_g, g_g, o_g = (gx + gh).split((r, r, r, r), -1)
+        i_g, f_g, g_g, o_g = torch.sigmoid(i_g), torch.sigmoid(f_g), torch.tanh(g_g), torch.sigmoid(o_g)
+        assert c is not None
+        c = f_g * c + i_g * g_g
+        return o_g * torch.tanh(c), c
 
     def project(self, a: Tensor) -> Tensor:
         """delta = out_scale (W_out a + b_out): (S, M, r) -> (S, M, d)."""
