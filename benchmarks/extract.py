@@ -17,7 +17,7 @@ What it measures, in one process and on the same length-sorted batches:
    of hidden states into the block, tokenization, waiting on the writer thread, and how busy the writer
    thread itself was (overlapped with the forward).
 2. Bytes on disk per token per layer, against the raw 2*d bytes of bfloat16, for each codec
-   (zstd, blosc-zstd, none) on the real activations; the number of files in each store; and the pooled
+   (every choice of ``--codec``; the timed runs write the default) on the real activations; the number of files in each store; and the pooled
    store (``tokens="pooled"``) for comparison.
 3. A markdown table, printed, and written into BENCHMARKS.md under "## Extraction (stage one)" (other
    sections of that file are left as they are).
@@ -56,6 +56,8 @@ from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
 from pipeline.store import CacheStore, plan_blocks  # noqa: E402
 
 SECTION = "## Extraction (stage one)"
+CODEC = field_of(ExtractConfig, "codec")
+TIMED_CODEC, CODECS = CODEC.default, CODEC.metadata["setting"].choices  # the timed runs write the pipeline's default codec
 
 
 # ---- timing helpers ------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def make_config(args: argparse.Namespace, out: Path, **overrides: Any) -> Extrac
     values = dict(
         model=args.model, task=args.task, out=str(out), glue_dir=args.glue_dir, splits=args.split,
         max_length=args.max_length, batch_tokens=args.batch_tokens, dtype="bfloat16", device=args.device,
-        tokens="all", limit=args.limit, block_tokens=args.block_tokens, codec="zstd", overwrite=True,
+        tokens="all", limit=args.limit, block_tokens=args.block_tokens, codec=TIMED_CODEC, overwrite=True,
     )
     values.update(overrides)
     return ExtractConfig(**values)
@@ -241,7 +243,7 @@ def render(result: dict[str, Any]) -> str:
         "|---|---:|---|---|",
         f"| plain forward (inference_mode, no hidden states, nothing stored) | {fmt(r['plain_tps'])} | "
         f"{', '.join(fmt(x, 2) for x in r['plain_wall'])} | {', '.join(fmt(x, 2) for x in r['plain_cpu'])} |",
-        f"| extraction (`Extraction.run()`, bf16 per-token Zarr store, zstd) | {fmt(r['extract_tps'])} | "
+        f"| extraction (`Extraction.run()`, bf16 per-token Zarr store, {TIMED_CODEC}) | {fmt(r['extract_tps'])} | "
         f"{', '.join(fmt(x, 2) for x in r['extract_wall'])} | {', '.join(fmt(x, 2) for x in r['extract_cpu'])} |",
         "",
         f"**Ratio extraction/plain (wall, median of per-round ratios): {r['ratio_wall']:.3f}** "
@@ -265,7 +267,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v:.2f} | {100 * v / total:.1f}% |")
     lines += [
         f"| **whole run** | {total:.2f} | 100% |",
-        f"| writer busy: `write_block` wall time on the writer thread (zstd + shard files), "
+        f"| writer busy: `write_block` wall time on the writer threads ({TIMED_CODEC} + shard files), "
         f"overlapped with the forward | {r['breakdown']['writer']:.2f} | |",
         f"| plain run, for reference: model forward | {r['breakdown']['plain_model']:.2f} of "
         f"{r['breakdown']['plain_total']:.2f} | |",
@@ -278,8 +280,8 @@ def render(result: dict[str, Any]) -> str:
         "little above 2d: the zero tail of each block's last inner chunk and the shard index are stored too. "
         "The pooled store keeps one row per example: its bytes are divided by the same token count (so the "
         "figure compares directly with the per-token stores), and per example x layer in brackets. "
-        "'writer busy' is the wall time of `write_block` on the writer thread (compression + files), "
-        "overlapped with the forward; the zstd row is the median of the timed runs, the others one run each "
+        "'writer busy' is the wall time of `write_block` on the writer threads (compression + files), "
+        f"overlapped with the forward; the {TIMED_CODEC} row is the median of the timed runs, the others one run each "
         "(noisy on shared cores).",
         "",
         "| store | codec | files (per block / other) | MiB on disk | bytes per token x layer | hidden only | raw 2d / hidden only | writer busy s |",
@@ -298,10 +300,11 @@ def render(result: dict[str, Any]) -> str:
             f"{s['bytes'] / 2**20:,.2f} | {per} | {hidden} | {r['raw'] / s['hidden_per_token_layer']:.3f} | "
             f"{s['writer']:.2f} |"
         )
-    zstd = next((s for s in r["sizes"] if s["codec"] == "zstd" and s["tokens"] == "all"), None)
+    timed = next((s for s in r["sizes"] if s["codec"] == TIMED_CODEC and s["tokens"] == "all"), None)
     pooled = next((s for s in r["sizes"] if s["tokens"] == "pooled"), None)
-    if zstd and pooled:
-        lines += ["", f"The pooled store is {zstd['bytes'] / pooled['bytes']:.1f}x smaller than the per-token zstd store "
+    if timed and pooled:
+        lines += ["", f"The pooled store is {timed['bytes'] / pooled['bytes']:.1f}x smaller than the per-token "
+                  f"{TIMED_CODEC} store "
                   f"({r['tokens'] / r['examples']:.1f} tokens per example on average here)."]
     lines += [""]
     return "\n".join(lines)
@@ -349,7 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=field_of(ExtractConfig, "batch_tokens").default)
     p.add_argument("--block-tokens", type=int, default=None, help="rows per block/shard (default: the pipeline's)")
     p.add_argument("--device", default=field_of(ExtractConfig, "device").default)
-    p.add_argument("--codecs", default="zstd,blosc-zstd,none", help="codecs to size (default: %(default)s)")
+    p.add_argument("--codecs", default=",".join(CODECS), help="codecs to size (default: %(default)s)")
     p.add_argument("--no-pooled", action="store_true", help="skip the pooled store")
     p.add_argument("--workdir", default=None, help="where the temporary stores go (default: system temp)")
     p.add_argument("--output", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update (default: %(default)s)")
@@ -422,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
             "plain_model": part(plain_runs, "model"), "plain_total": med(plain_wall),
         }
 
-        # Sizes: the zstd stores from the timed runs, then one extraction per other codec, and pooled.
+        # Sizes: the default codec's stores from the timed runs, then one extraction per other codec, and pooled.
         sizes = []
         codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
         for codec in codecs:
-            if codec == "zstd":
+            if codec == TIMED_CODEC:
                 path, writer = tmp_path / "run0.zarr", breakdown["writer"]
             else:
                 path = tmp_path / f"codec-{codec}.zarr"
@@ -443,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             store.require_complete([args.split])
             row = size_row("pooled", path, tokens, layers, backbone.d_model)
             row["per_example_layer"] = row["bytes"] / (examples * layers)
-            sizes.append({**row, "codec": "zstd", "tokens": "pooled", "writer": info["clock"].wall.get("writer", 0.0),
+            sizes.append({**row, "codec": TIMED_CODEC, "tokens": "pooled", "writer": info["clock"].wall.get("writer", 0.0),
                           "blocks": store.split(args.split).num_blocks})
 
     result = {

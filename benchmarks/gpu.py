@@ -227,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone = load_backbone(str(model_path), dtype="bfloat16", device=args.device)
     data = gather_splits(extraction_config(args, model_path, work / "x.zarr", "all"), _task(args.task))
     keep("examples", len(data["train"]))
+    keep("codec", extraction_config(args, model_path, work / "x.zarr", "all").codec)  # the pipeline's default
     keep("disk_mib_s", disk_write_mib_s(work, args.disk_probe_mib))
     extractions = {}
     for tokens in ("all", "pooled"):
@@ -302,6 +303,7 @@ def render(r: dict[str, Any], command: str) -> str:
     card = r.get("card") or "no GPU (CPU run)"
     plain, S = r["plain"]["wall"], a.seeds
     ext_all = r.get("extract_all") or {}
+    codec = r.get("codec", "blosc-zstd")  # runs that did not record it wrote blosc-zstd, then the default
 
     def disk(tokens: str) -> float:
         """MiB on disk of the ``tokens`` store (nan when its extraction failed)."""
@@ -339,8 +341,8 @@ def render(r: dict[str, Any], command: str) -> str:
              f"Card: **{card}**; {r['machine']}; torch {r['torch']}; {r['date']}. Model: random `{a.shape}` shape "
              f"(speed does not depend on the weights' values; bf16 autocast on CUDA), task {a.task} train: "
              f"{r['examples']:,} examples, {r['tokens']:,} tokens, {r['blocks']} block(s); max_length {a.max_length}, "
-             f"batch_tokens {a.batch_tokens}, {a.writers} writer threads. Stage two: GRU r={a.rnn_dim}, batch "
-             f"{a.batch_size}, one epoch timed after a warm-up epoch, float32 unless a row says --tf32. Energy: NVML "
+             f"batch_tokens {a.batch_tokens}, {a.writers} writer threads, codec {codec}. Stage two: GRU "
+             f"r={a.rnn_dim}, batch {a.batch_size}, one epoch timed after a warm-up epoch, float32 unless a row says --tf32. Energy: NVML "
              f"(GPU) and RAPL (CPU) where readable, else n/a. Whole run {r['total_s']:.0f} s.", "",
              "| phase (same tokens) | wall s | x plain forward | peak CUDA MiB | GPU J | CPU J | notes |",
              "|---|---|---|---|---|---|---|",
@@ -350,8 +352,9 @@ def render(r: dict[str, Any], command: str) -> str:
     for tokens, name in (("all", "per-token"), ("pooled", "pooled")):
         for seeds in (1, S):
             lines += stage_two_rows(f"train_{tokens}_{seeds}", f"stage two, {name} store", seeds)
-    lines += stage_two_rows(f"composite_all_{S}", "stage two, per-token store, GRU steps in torch operators (no "
-                            "fused cell kernels)", S)
+    if f"composite_all_{S}" in r:  # runs before the fused GRU cell kernels had no such phase
+        lines += stage_two_rows(f"composite_all_{S}", "stage two, per-token store, GRU steps in torch operators (no "
+                                "fused cell kernels)", S)
     lines += stage_two_rows(f"streamed_all_{S}", "stage two, per-token store streamed (memory_budget=0)", S)
     if a.compiled:
         for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):

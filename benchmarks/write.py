@@ -1,15 +1,20 @@
-"""How fast a pool of writer threads stores shards: zarr's synchronous API against ``write_shards``.
+"""How fast a pool of writer threads stores shards (zarr's synchronous API against ``write_shards``), how fast
+they read back, and how much each codec saves.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/write.py [--shards 16] [--writers 1,2] [--codecs none,blosc-zstd]
+    .venv/bin/python benchmarks/write.py [--shards 16] [--writers 1,2] [--codecs none,blosc-zstd] [--values STORE]
 
-Each shard is 3,200 rows of 13 x 768 bfloat16 values (a T5-base side's block, 61 MiB; random normal values,
-which compress about as real activations do), in 64-row chunks, written by ``--writers`` threads into a fresh
-array in a temporary folder under ``bench_out/``. "zarr sync" is ``array[rows] = values`` with zarr's defaults,
-which ``StoreWriter.write_block`` used before; "write_shards" is what it uses now (an event loop per writer
-thread, every given chunk written as is). Both are timed in one process, alternated, and read back to check.
-Appends nothing to BENCHMARKS.md.
+Each shard is 3,200 rows of 13 x 768 bfloat16 values (a T5-base side's block, 61 MiB; random normal values),
+in 64-row chunks, written by ``--writers`` threads into a fresh array in a temporary folder under ``bench_out/``.
+``--values STORE`` takes the rows instead from the first block of a real store (its own row shape; a block
+shorter than 3,200 rows is repeated): random values do not compress as activations do. "zarr sync" is
+``array[rows] = values`` with zarr's defaults, which ``StoreWriter.write_block`` used before; "write_shards" is
+what it uses now (an event loop per writer thread, every given chunk written as is). Both are timed in one
+process, alternated. Each array is then read back by as many threads, each shard decoded into its place in one
+array as stage two reads a held split ("read back": from the page cache; both arrays' reads pooled), and
+checked. The last column is the codec's ratio: the shards' raw bytes over their bytes on disk. Appends nothing
+to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import zarr  # noqa: E402
+from zarr.core.buffer import default_buffer_prototype  # noqa: E402
 
 from pipeline.store.format import compressor  # noqa: E402
 from pipeline.store.writer import write_shards  # noqa: E402
@@ -37,10 +43,13 @@ from pipeline.store.writer import write_shards  # noqa: E402
 ROWS, STATES, D_MODEL, CHUNK_ROWS = 3200, 13, 768, 64
 
 
-def timed_write(values: np.ndarray, codec: str, writers: int, shards: int, how: str, folder: Path) -> float:
-    """Seconds to write ``shards`` copies of ``values`` into a new array, one shard each, with ``how``."""
-    array = zarr.create_array(folder / f"{how}.zarr", shape=(ROWS * shards, STATES, D_MODEL),
-                              chunks=(CHUNK_ROWS, STATES, D_MODEL), shards=(ROWS, STATES, D_MODEL),
+def timed_write(values: np.ndarray, codec: str, writers: int, shards: int, how: str,
+                folder: Path) -> tuple[float, float, int]:
+    """Seconds to write ``shards`` copies of ``values`` into a new array, one shard each, with ``how``; seconds to
+    read them back as many threads as wrote them (from the page cache); and the bytes the array takes on disk."""
+    rows, *row_shape = values.shape
+    array = zarr.create_array(folder / f"{how}.zarr", shape=(rows * shards, *row_shape),
+                              chunks=(CHUNK_ROWS, *row_shape), shards=values.shape,
                               dtype="uint16", fill_value=0, compressors=compressor(codec))
 
     def write(j: int) -> None:
@@ -54,10 +63,31 @@ def timed_write(values: np.ndarray, codec: str, writers: int, shards: int, how: 
     with ThreadPoolExecutor(writers) as pool:
         list(pool.map(write, range(shards)))
     seconds = time.perf_counter() - started
-    if not np.array_equal(array[(shards - 1) * ROWS :], values):
+    out = np.empty((rows * shards, *row_shape), dtype=values.dtype)
+    buffer = default_buffer_prototype().nd_buffer
+
+    def read(j: int) -> None:  # as stage two reads a held split: each shard decoded straight into its place
+        part = slice(j * rows, (j + 1) * rows)
+        array.get_basic_selection(part, out=buffer.from_numpy_array(out[part]))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(read, range(shards)))
+    read_seconds = time.perf_counter() - started
+    if not np.array_equal(out[(shards - 1) * rows :], values):
         raise SystemExit(f"{how}: the last shard does not read back as written")
+    disk = sum(f.stat().st_size for f in (folder / f"{how}.zarr").rglob("*") if f.is_file())
     shutil.rmtree(folder / f"{how}.zarr")
-    return seconds
+    return seconds, read_seconds, disk
+
+
+def real_rows(store: str) -> np.ndarray:
+    """ROWS rows of a real store's first block (its first side), repeated if the block is shorter."""
+    from pipeline.store import CacheStore
+
+    split = CacheStore(store).split("train")
+    rows = split.read_block(0, split.sides[0])
+    return np.ascontiguousarray(np.resize(rows, (ROWS, *rows.shape[1:])))
 
 
 def main() -> None:
@@ -66,24 +96,32 @@ def main() -> None:
     parser.add_argument("--writers", default="1,2", help="writer thread counts, comma-separated")
     parser.add_argument("--codecs", default="none,blosc-zstd", help="codecs, comma-separated")
     parser.add_argument("--reps", type=int, default=3, help="alternated repetitions; the median is shown")
+    parser.add_argument("--values", metavar="STORE", default=None,
+                        help="take the rows from this store's first training block, not random values")
     args = parser.parse_args()
-    normal = np.random.default_rng(0).standard_normal((ROWS, STATES, D_MODEL), dtype=np.float32)
-    values = normal.astype(ml_dtypes.bfloat16).view(np.uint16)
+    if args.values:
+        values, source = real_rows(args.values), f"rows of {args.values}"
+    else:
+        normal = np.random.default_rng(0).standard_normal((ROWS, STATES, D_MODEL), dtype=np.float32)
+        values, source = normal.astype(ml_dtypes.bfloat16).view(np.uint16), "random normal values"
     mib = values.nbytes * args.shards / 2**20
     (REPO / "bench_out").mkdir(exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="write-", dir=REPO / "bench_out"))
-    print(f"{args.shards} shards of {values.nbytes / 2**20:.0f} MiB, {os.cpu_count()} CPUs, zarr {zarr.__version__}; "
-          f"MiB/s, median of {args.reps}")
-    print("| codec | writers | zarr sync | write_shards |\n|---|---|---|---|")
+    print(f"{args.shards} shards of {values.shape} ({values.nbytes / 2**20:.0f} MiB, {source}), {os.cpu_count()} "
+          f"CPUs, zarr {zarr.__version__}; MiB/s of raw rows, median of {args.reps}")
+    print("| codec | threads | write: zarr sync | write: write_shards | read back | raw / on disk |\n"
+          "|---|---|---|---|---|---|")
     try:
         for codec in args.codecs.split(","):
             for writers in map(int, args.writers.split(",")):
-                times: dict[str, list[float]] = {"zarr sync": [], "write_shards": []}
+                times: dict[str, list[float]] = {"zarr sync": [], "write_shards": [], "read": []}
                 for rep in range(args.reps):
-                    for how in (list(times) if rep % 2 == 0 else list(times)[::-1]):
-                        times[how].append(timed_write(values, codec, writers, args.shards, how, folder))
-                rates = [f"{mib / statistics.median(t):,.0f}" for t in times.values()]
-                print(f"| {codec} | {writers} | {rates[0]} | {rates[1]} |", flush=True)
+                    for how in (["zarr sync", "write_shards"] if rep % 2 == 0 else ["write_shards", "zarr sync"]):
+                        seconds, read_seconds, disk = timed_write(values, codec, writers, args.shards, how, folder)
+                        times[how].append(seconds)
+                        times["read"].append(read_seconds)
+                rates = " | ".join(f"{mib / statistics.median(t):,.0f}" for t in times.values())
+                print(f"| {codec} | {writers} | {rates} | {values.nbytes * args.shards / disk:.3f} |", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -6,6 +6,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+from pipeline.common.config import ExtractConfig
+from pipeline.common.settings import field_of
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +34,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
                         "--results", str(tmp_path / "gpu.json")]) == 0
     text = copy.read_text()
     assert "## Other\n\nkept" in text and "## GPU" in text and "no GPU (CPU run)" in text
+    assert f"codec {field_of(ExtractConfig, 'codec').default}." in text  # the stores' codec: the pipeline's default
     for phase in ("plain forward epoch", "extraction, per-token store", "extraction, pooled store",
                   "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 2 seed(s)",
                   "| stage two, pooled store, 1 seed(s) | failed: RuntimeError: CUDA error: injected second line |",

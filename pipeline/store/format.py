@@ -61,7 +61,9 @@ def compressor(name: str) -> list[Any]:
         return [ZstdCodec(level=3)]
     if name == "blosc-zstd":
         return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
-    raise ValueError(f"unknown codec {name!r}; expected zstd, blosc-zstd or none")
+    if name == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    raise ValueError(f"unknown codec {name!r} (ExtractConfig.codec lists the choices)")
 
 
 # ---- checksums and data identity ---------------------------------------------------------------
