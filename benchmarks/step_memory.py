@@ -2,7 +2,7 @@
 
 Run from the repository root (a few minutes on a CPU, most of it the compile):
 
-    .venv/bin/python benchmarks/step_memory.py [--seeds 1 5] [--tokens 2560]
+    .venv/bin/python benchmarks/step_memory.py [--seeds 1 5] [--tokens 2560] [--host-time]
 
 A batch like RTE's under a T5-base backbone (32 examples, ``--tokens`` encoder tokens, 13 stored
 states per side of width 768; random values: memory does not depend on them) goes through the READ
@@ -14,7 +14,10 @@ recompute on its joint forward-backward graph, before generating code for a CPU 
 The compile starts from an empty cache. The step's floating-point operations, forward and backward
 (``torch.utils.flop_counter``: matrix products only, which are nearly all of them), say how long the
 step must take on a given card once kernel launches no longer bound it; the operators an eager step dispatches
-(views and allocations left out; each launches one kernel or more on a GPU) say what bounds it there. Appends
+(views and allocations left out; each launches one kernel or more on a GPU) say what bounds it there, counted for
+the step as the CPU runs it and as CUDA runs it (the fused GRU cell kernels, here stood in for, one operator each).
+``--host-time`` instead times that bound itself: the host's milliseconds per eager step at a tiny width, where the
+arithmetic is negligible, the composite step against the step as on CUDA with kernels that do no arithmetic. Appends
 nothing to BENCHMARKS.md; prints a table to paste.
 """
 
@@ -23,11 +26,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,19 +104,59 @@ def step_operators(model: ReadModel, batch: SideBatch) -> int:
 
 
 @contextmanager
-def as_on_cuda() -> Iterator[None]:
-    """The eager step as it runs on CUDA: GRU layer steps through torch's fused cell kernels (``fused_gru``), here
-    their torch-operator stand-ins, each registered as one operator so that ``step_operators`` counts one for each
-    kernel, as a GPU launches one. The workspace and what the step saves are the kernels' own."""
-    cell = torch.library.custom_op("read_bench::gru_cell", fused_gru.reference_cell, mutates_args=())
-    cell_backward = torch.library.custom_op("read_bench::gru_cell_backward", fused_gru.reference_cell_backward,
-                                            mutates_args=())
+def as_on_cuda(kernels: str = "stand-ins") -> Iterator[None]:
+    """The eager step as it runs on CUDA: each side's GRU recurrence through torch's fused cell kernels
+    (``fused_gru``). Here the kernels are their torch-operator stand-ins, each registered as one operator so that
+    ``step_operators`` counts one for each kernel, as a GPU launches one; the workspace and what the step saves
+    are the kernels' own. ``kernels="empty"``: kernels that only allocate their outputs, so that what is timed is
+    the step's host time alone (dispatch, autograd, Python), which is what bounds an eager step on a GPU."""
+    if kernels == "empty":
+        def cell(gx: torch.Tensor, gh: torch.Tensor, hx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.empty_like(hx), hx.new_empty(hx.shape[0], fused_gru.WORKSPACE_BLOCKS * hx.shape[1])
+
+        def cell_backward(grad: torch.Tensor, workspace: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            gates = workspace.new_empty(workspace.shape[0], 3 * grad.shape[1])
+            return gates, torch.empty_like(gates), torch.empty_like(grad)
+    else:
+        cell = torch.library.custom_op("read_bench::gru_cell", fused_gru.reference_cell, mutates_args=())
+        cell_backward = torch.library.custom_op("read_bench::gru_cell_backward", fused_gru.reference_cell_backward,
+                                                mutates_args=())
     saved = fused_gru.applies, fused_gru._cell, fused_gru._cell_backward
     fused_gru.applies, fused_gru._cell, fused_gru._cell_backward = (lambda x: True), cell, cell_backward
     try:
         yield
     finally:
         fused_gru.applies, fused_gru._cell, fused_gru._cell_backward = saved
+
+
+def host_ms_per_step(seeds: int, rounds: int) -> dict[str, float]:
+    """Milliseconds of host time per eager step (dropout masks, forward, loss, backward), the seq2seq READ model
+    at a tiny width (d=64, r=16, 13 states a side, 8 examples of 8 tokens; one thread) so that the arithmetic is
+    negligible and what is left is dispatch, autograd and Python: the composite step, and the step as on CUDA with
+    kernels that do no arithmetic. Median over ``rounds`` alternated rounds of 200 steps each."""
+    torch.set_num_threads(1)
+    batch = t5_base_batch(64, examples=8, d=64)
+    config = ReadConfig(family="seq2seq", d_model=64, num_labels=2, task_kind="classification", rnn_dim=16)
+    model = ReadModel(config, list(range(seeds)), label_rows=torch.randn(2, 64)).train()
+    step = StepLoss(model, "classification")
+
+    def steps(n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            step(batch, model.dropout_masks(batch)).sum().backward()
+            model.zero_grad(set_to_none=True)
+        return (time.perf_counter() - started) / n * 1e3
+
+    ways = {"composite": nullcontext, "fused cell (CUDA), kernels empty": lambda: as_on_cuda("empty")}
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    for way, context in ways.items():
+        with context():
+            steps(20)  # warm-up
+    for r in range(rounds):
+        for way in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+            with ways[way]():
+                times[way].append(steps(200))
+    return {way: statistics.median(t) for way, t in times.items()}
 
 
 def main() -> None:
@@ -122,7 +166,17 @@ def main() -> None:
     parser.add_argument("--rnn-dim", type=int, default=256)
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure with torch.compile (minutes on a CPU)")
+    parser.add_argument("--host-time", action="store_true",
+                        help="only time the host's part of an eager step at a tiny width, composite and as on CUDA")
+    parser.add_argument("--rounds", type=int, default=7, help="alternated rounds for --host-time")
     args = parser.parse_args()
+    if args.host_time:
+        for seeds in args.seeds:
+            ms = host_ms_per_step(seeds, args.rounds)
+            print(f"{seeds} seed(s): host ms per eager step, median of {args.rounds} alternated rounds: "
+                  + ", ".join(f"{way} {v:.2f}" for way, v in ms.items())
+                  + f" (ratio {ms['fused cell (CUDA), kernels empty'] / ms['composite']:.2f})", flush=True)
+        return
     batch = t5_base_batch(args.tokens)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # the compile is paid in full
     print("| seeds | parameters (all seeds) MiB | saved for backward, eager MiB | with --compile MiB | compile s | "

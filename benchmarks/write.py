@@ -6,9 +6,10 @@ Run from the repository root:
     .venv/bin/python benchmarks/write.py [--shards 16] [--writers 1,2] [--codecs none,blosc-zstd] [--values STORE]
 
 Each shard is 3,200 rows of 13 x 768 bfloat16 values (a T5-base side's block, 61 MiB; random normal values),
-in 64-row chunks, written by ``--writers`` threads into a fresh array in a temporary folder under ``bench_out/``.
-``--values STORE`` takes the rows instead from the first block of a real store (its own row shape; a block
-shorter than 3,200 rows is repeated): random values do not compress as activations do. "zarr sync" is
+in inner chunks of the store's size (64 rows here), written by ``--writers`` threads into a fresh array in a
+temporary folder under ``bench_out/``. ``--values STORE`` takes the rows instead from the first block of a real
+store (its own row shape and inner chunks, 3,200 rows rounded up to whole chunks; a shorter block is repeated):
+random values do not compress as activations do. "zarr sync" is
 ``array[rows] = values`` with zarr's defaults, which ``StoreWriter.write_block`` used before; "write_shards" is
 what it uses now (an event loop per writer thread, every given chunk written as is). Both are timed in one
 process, alternated. Each array is then read back by as many threads, each shard decoded into its place in one
@@ -37,10 +38,10 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 from zarr.core.buffer import default_buffer_prototype  # noqa: E402
 
-from pipeline.store.format import compressor  # noqa: E402
+from pipeline.store.format import chunk_rows_for, compressor, round_up  # noqa: E402
 from pipeline.store.writer import write_shards  # noqa: E402
 
-ROWS, STATES, D_MODEL, CHUNK_ROWS = 3200, 13, 768, 64
+ROWS, STATES, D_MODEL = 3200, 13, 768
 
 
 def timed_write(values: np.ndarray, codec: str, writers: int, shards: int, how: str,
@@ -49,15 +50,15 @@ def timed_write(values: np.ndarray, codec: str, writers: int, shards: int, how: 
     read them back as many threads as wrote them (from the page cache); and the bytes the array takes on disk."""
     rows, *row_shape = values.shape
     array = zarr.create_array(folder / f"{how}.zarr", shape=(rows * shards, *row_shape),
-                              chunks=(CHUNK_ROWS, *row_shape), shards=values.shape,
+                              chunks=(chunk_rows_for(values[0].nbytes), *row_shape), shards=values.shape,
                               dtype="uint16", fill_value=0, compressors=compressor(codec))
 
     def write(j: int) -> None:
-        rows = slice(j * ROWS, (j + 1) * ROWS)
+        shard = slice(j * rows, (j + 1) * rows)
         if how == "zarr sync":
-            array[rows] = values
+            array[shard] = values
         else:
-            write_shards([(array, rows, values)])
+            write_shards([(array, shard, values)])
 
     started = time.perf_counter()
     with ThreadPoolExecutor(writers) as pool:
@@ -82,12 +83,13 @@ def timed_write(values: np.ndarray, codec: str, writers: int, shards: int, how: 
 
 
 def real_rows(store: str) -> np.ndarray:
-    """ROWS rows of a real store's first block (its first side), repeated if the block is shorter."""
+    """About ROWS rows of a real store's first block (its first side), repeated if the block is shorter."""
     from pipeline.store import CacheStore
 
     split = CacheStore(store).split("train")
     rows = split.read_block(0, split.sides[0])
-    return np.ascontiguousarray(np.resize(rows, (ROWS, *rows.shape[1:])))
+    shard_rows = round_up(ROWS, chunk_rows_for(rows[0].nbytes))  # whole inner chunks, as the store's blocks hold
+    return np.ascontiguousarray(np.resize(rows, (shard_rows, *rows.shape[1:])))
 
 
 def main() -> None:

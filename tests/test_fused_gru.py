@@ -1,5 +1,5 @@
-"""The GRU layer step as torch's fused cell kernels run it on CUDA (``pipeline.training.fused_gru``), checked on the
-CPU with the kernels' stand-ins: its gradients, and a side network and a training run through it against the
+"""A side's GRU recurrence as torch's fused cell kernels run it on CUDA (``pipeline.training.fused_gru``), checked on
+the CPU with the kernels' stand-ins: its gradients, and a side network and a training run through it against the
 composite step (what it keeps for the backward: tests/test_side.py). tests/test_cuda.py compares the CUDA kernels
 themselves with the stand-ins."""
 
@@ -38,13 +38,16 @@ def test_the_stand_in_kernels_are_the_gru_cell_and_its_gradient():
         torch.testing.assert_close(a, b)
 
 
-def test_the_layer_step_passes_gradcheck():
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "last"])
+def test_the_recurrence_passes_gradcheck(mean):
     g = torch.Generator().manual_seed(1)
-    S, N, r = 2, 5, 3
-    inputs = (torch.randn(S, N, 3 * r, generator=g, dtype=torch.float64), torch.randn(S, N, r, generator=g,
-              dtype=torch.float64), torch.randn(S, r, 3 * r, generator=g, dtype=torch.float64),
-              torch.randn(S, 1, 3 * r, generator=g, dtype=torch.float64))
-    assert torch.autograd.gradcheck(fused_gru.GruLayerStep.apply, tuple(t.requires_grad_() for t in inputs))
+    L, S, N, r = 3, 2, 5, 3
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    inputs = (randn(L, S, N, 3 * r), randn(S, N, r), randn(S, r, 3 * r), randn(S, 1, 3 * r))
+    assert torch.autograd.gradcheck(lambda *t: fused_gru.GruRecurrence.apply(*t, mean), inputs)
 
 
 def run_side_net(net: SideNet, x: Tensor, h0: Tensor | None) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
@@ -56,10 +59,11 @@ def run_side_net(net: SideNet, x: Tensor, h0: Tensor | None) -> tuple[Tensor, di
         None if h0 is None else h0.grad)
 
 
-@pytest.mark.parametrize("aggregate, h0", [("mean", "zero"), ("last", "zero"), ("mean", "embedding"),
-                                           ("mean", "given")])
-def test_a_side_network_through_the_layer_step_equals_the_composite_one(monkeypatch, aggregate, h0):
-    S, N, L, d, r = 3, 11, 4, 16, 8
+@pytest.mark.parametrize("aggregate, h0, S", [("mean", "zero", 3), ("last", "zero", 3), ("mean", "embedding", 3),
+                                              ("mean", "given", 3), ("mean", "zero", 1)])
+def test_a_side_network_through_the_fused_recurrence_equals_the_composite_one(monkeypatch, aggregate, h0, S):
+    # One seed: the gates' layout copy is then a view of the input projection, updated in place.
+    N, L, d, r = 11, 4, 16, 8
     torch.manual_seed(0)
     net = SideNet(S, d, r, "gru", aggregate=aggregate, h0_from_embedding=h0 == "embedding", with_output=True)
     for p in net.parameters():
@@ -89,7 +93,7 @@ def test_the_fused_step_is_for_cuda_outside_compiled_graphs():
     assert seen == [True]  # what ``applies`` asks, inside a compiled graph
 
 
-def test_training_through_the_layer_step_reaches_the_composite_weights(synthetic_store, tmp_path, monkeypatch):
+def test_training_through_the_fused_recurrence_reaches_the_composite_weights(synthetic_store, tmp_path, monkeypatch):
     cache = synthetic_store(splits={"train": 40, "validation": 12}).path
 
     def train(out: str) -> dict[str, Tensor]:

@@ -88,7 +88,7 @@ class ExtractConfig(Settings):
                                        none="about 128 MiB a shard", example="65536")
     codec: str = setting(
         "blosc-lz4", "Lossless codec for the states. On real bf16 activations (BENCHMARKS.md): blosc-lz4 (bit shuffle + "
-        "LZ4) 1.34x smaller, and writes 2-3x faster a thread than blosc-zstd (bit shuffle + zstd, 1.39x), so a few "
+        "LZ4) 1.34x smaller, and writes 2-3x faster a thread than blosc-zstd (bit shuffle + zstd, 1.40x), so a few "
         "writer threads keep up with a GPU's forward; zstd 1.26x; none stores raw bytes.",
         choices=("blosc-lz4", "blosc-zstd", "zstd", "none"))
     overwrite: bool = setting(False, "Replace an existing store made with other settings.")

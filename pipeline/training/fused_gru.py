@@ -1,20 +1,21 @@
-"""A GRU layer step of the side network as two kernels each way, for eager steps on a GPU.
+"""The GRU recurrence of one side of the side network in torch's fused GRU cell kernels, for eager steps on a GPU.
 
 An eager training step on a GPU is bound by kernel launches and the host time each operator costs, not by its
-arithmetic: the composite GRU layer step (``SideNet.forward``) dispatches some 29 operators forward and backward,
+arithmetic: the composite GRU layer step (``SideNet._step``) dispatches some 29 operators forward and backward,
 24 layer steps a seq2seq step. torch's fused GRU cell kernels (``aten::_thnn_fused_gru_cell`` and its backward,
 what ``nn.GRUCell`` runs on CUDA) do the gate arithmetic in one kernel each way. They take the gates already
-multiplied out, so they serve S stacked parameter sets as well as one: here a layer step is the W_hh product and
-the fused cell forward, and the fused cell backward and three products backward.
+multiplied out, so they serve S stacked parameter sets as well as one. ``GruRecurrence`` runs a side's L layer
+steps as one autograd node: per layer the W_hh product and the cell forward; backward, the cell's backward, two
+products and two adds, with the W_hh and b_hh gradients accumulated in place.
 
 torch's own autograd formula for the fused cell saves its inputs as well as its workspace (for a double backward),
-12 r-wide tensors a step. ``GruLayerStep`` saves the workspace alone -- r, z, n, h and W_hn h + b_hn, the five the
-composite step keeps -- and its W_hh product's backward reads h from it.
+12 r-wide tensors a step. ``GruRecurrence`` saves each step's workspace alone -- r, z, n, h and W_hn h + b_hn, the
+five the composite step keeps -- and the W_hh gradient reads h from it.
 
 The kernels exist for CUDA only (no CPU or Meta kernel, so not inside ``torch.compile``, where Inductor fuses the
 composite step anyway). Elsewhere ``reference_cell`` and ``reference_cell_backward``, the kernels' arithmetic in
-torch operators with the same workspace layout, stand in: the CPU tests run the step's wiring on them, and the CUDA
-tests compare the kernels with them.
+torch operators with the same workspace layout, stand in: the CPU tests run the recurrence's wiring on them, and
+the CUDA tests compare the kernels with them.
 """
 
 from __future__ import annotations
@@ -69,30 +70,56 @@ def _cell_backward(grad: Tensor, workspace: Tensor) -> tuple[Tensor, Tensor, Ten
     return reference_cell_backward(grad, workspace)
 
 
-class GruLayerStep(torch.autograd.Function):
-    """h' = GRU(gx, h) for S seeds: gx (S, N, 3 r) contiguous, the input gates with b_ih; h (S, N, r);
-    whh_t (S, r, 3 r), W_hh transposed; bhh (S, 1, 3 r). The same values as the composite step up to float
-    rounding (on CUDA the kernel fuses multiply-adds)."""
+class GruRecurrence(torch.autograd.Function):
+    """The L layer steps of one side for S seeds, as one autograd node: the aggregate a (S, N, r), the mean of
+    h_1 .. h_L (``mean``) or h_L.
+
+    gates (L, S, N, 3 r) contiguous: every layer's input gates, b_ih added; h0 (S, N, r); whh_t (S, r, 3 r), W_hh
+    transposed; bhh (S, 1, 3 r). The forward is the composite step's, layer by layer, up to float rounding (on
+    CUDA the kernel fuses multiply-adds). One node instead of one per layer: the backward accumulates the W_hh and
+    b_hh gradients and carries h's from layer to layer itself, where autograd would add them up a node at a time.
+    """
 
     @staticmethod
-    def forward(ctx: Any, gx: Tensor, h: Tensor, whh_t: Tensor, bhh: Tensor) -> Tensor:
-        S, N, r = h.shape
-        gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, 3 r), contiguous
-        hy, workspace = _cell(gx.reshape(S * N, 3 * r), gh.view(S * N, 3 * r), h.reshape(S * N, r))
-        ctx.save_for_backward(workspace, whh_t)
-        return hy.view(S, N, r)
+    def forward(ctx: Any, gates: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool) -> Tensor:
+        L, S, N, G = gates.shape
+        r = G // 3
+        h, total, workspaces = h0, None, []
+        for i in range(L):
+            gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, 3 r), contiguous
+            hy, workspace = _cell(gates[i].view(S * N, G), gh.view(S * N, G), h.reshape(S * N, r))
+            h = hy.view(S, N, r)
+            workspaces.append(workspace)
+            if mean:
+                total = h if total is None else total + h
+        ctx.mean = mean
+        ctx.save_for_backward(whh_t, *workspaces)
+        return total / L if total is not None else h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        workspace, whh_t = ctx.saved_tensors
-        S, r = whh_t.shape[0], whh_t.shape[1]
-        N = workspace.shape[0] // S
-        g_input, g_hidden, g_hx = _cell_backward(grad.reshape(S * N, r).contiguous(), workspace)
-        g_hidden = g_hidden.view(S, N, 3 * r)
-        need_gx, need_h, need_w, need_b = ctx.needs_input_grad
-        hx = workspace.view(S, N, WORKSPACE_BLOCKS, r).select(2, _HX_BLOCK)  # the h this step read, (S, N, r)
-        return (g_input.view(S, N, 3 * r) if need_gx else None,
-                torch.baddbmm(g_hx.view(S, N, r), g_hidden, whh_t.transpose(1, 2)) if need_h else None,
-                torch.bmm(hx.transpose(1, 2), g_hidden) if need_w else None,
-                g_hidden.sum(1, keepdim=True) if need_b else None)
+        whh_t, *workspaces = ctx.saved_tensors
+        L, S, r = len(workspaces), whh_t.shape[0], whh_t.shape[1]
+        N, G = workspaces[0].shape[0] // S, 3 * r
+        need_gates, need_h0, need_w, need_b, _ = ctx.needs_input_grad
+        from_mean = grad / L if ctx.mean else None  # what every h_i gets from the aggregate
+        carry: Tensor | None = None  # the gradient of h_i from the layers above it
+        g_gates, g_whh, g_bhh = [], None, None
+        for i in reversed(range(L)):
+            if ctx.mean:
+                g = from_mean if carry is None else carry + from_mean
+            else:
+                g = grad if carry is None else carry
+            g_input, g_hidden, g_hx = _cell_backward(g.reshape(S * N, r).contiguous(), workspaces[i])
+            g_hidden = g_hidden.view(S, N, G)
+            g_gates.append(g_input.view(S, N, G))
+            if need_w:
+                hx = workspaces[i].view(S, N, WORKSPACE_BLOCKS, r).select(2, _HX_BLOCK).transpose(1, 2)  # h_(i-1)^T
+                g_whh = torch.bmm(hx, g_hidden) if g_whh is None else g_whh.baddbmm_(hx, g_hidden)
+            if need_b:
+                g_bhh = g_hidden if g_bhh is None else g_bhh.add_(g_hidden)  # g_hidden is not read again
+            if i > 0 or need_h0:
+                carry = torch.baddbmm(g_hx.view(S, N, r), g_hidden, whh_t.transpose(1, 2))
+        return (torch.stack(g_gates[::-1]) if need_gates else None, carry if need_h0 else None, g_whh,
+                None if g_bhh is None else g_bhh.sum(1, keepdim=True), None)

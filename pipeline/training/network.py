@@ -254,8 +254,8 @@ class SideNet(nn.Module):
         w = (self.weight_ih * self.norm_weight.unsqueeze(1)).reshape(S * self.weight_ih.shape[1], d)  # (S G r, d)
         gi = (xn @ w.T).view(L, N, S, -1)  # (L, N, S, G r)
         fused = self.cell == "gru" and fused_gru.applies(x)  # CUDA, eager: torch's fused GRU cell kernels
-        if fused:  # each layer's gates contiguous (S, N, G r), as the kernels take them: one copy for all layers
-            gi_layers = gi.transpose(1, 2).contiguous().add_(self.bias_ih.unsqueeze(1)).unbind(0)
+        if fused:  # every layer's gates contiguous (L, S, N, G r), as the kernels take them: one copy
+            gates = gi.transpose(1, 2).contiguous().add_(self.bias_ih.unsqueeze(1))
         else:  # unbind, not gi[i]: the backward of L selects would zero-fill a full-size gradient L times.
             gi_layers = [g.transpose(0, 1) + self.bias_ih.unsqueeze(1) for g in gi.unbind(0)]  # L x (S, N, G r)
 
@@ -271,13 +271,12 @@ class SideNet(nn.Module):
 
         whh_t = self.weight_hh.transpose(1, 2)  # (S, r, G r)
         bhh = self.bias_hh.unsqueeze(1)  # (S, 1, G r)
+        if fused:  # every layer step: the W_hh product and one kernel, one autograd node for the side
+            a = fused_gru.GruRecurrence.apply(gates, h, whh_t, bhh, self.aggregate == "mean")
+            return a if mask is None else a * mask
         total: Tensor | None = None
         for i in range(L):
-            gx = gi_layers[i]  # (S, N, G r)
-            if fused:  # the W_hh product and the cell in two kernels, their backward in four
-                h = fused_gru.GruLayerStep.apply(gx, h, whh_t, bhh)
-            else:
-                h, c = self._step(gx, torch.baddbmm(bhh, h, whh_t), h, c)
+            h, c = self._step(gi_layers[i], torch.baddbmm(bhh, h, whh_t), h, c)
             if self.aggregate == "mean":
                 total = h if total is None else total + h
         a = total / L if self.aggregate == "mean" else h  # (S, N, r)
