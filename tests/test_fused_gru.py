@@ -5,6 +5,8 @@ themselves with the stand-ins."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import Tensor
@@ -79,6 +81,30 @@ def test_a_side_network_through_the_fused_recurrence_equals_the_composite_one(mo
         torch.testing.assert_close(fused[1][name], composite[1][name], rtol=1e-5, atol=1e-6, msg=name)
     if given is not None:
         torch.testing.assert_close(fused[2], composite[2], rtol=1e-5, atol=1e-6)
+
+
+def test_without_grad_the_fused_recurrence_keeps_no_workspace(monkeypatch):
+    # Evaluation batches are large (256 examples): keeping every step's workspace there would cost L x 5 r floats a
+    # token and seed for nothing. Without grad mode no autograd node is made and each workspace is dropped once used.
+    S, N, L, d, r = 2, 9, 3, 16, 8
+    net = SideNet(S, d, r, "gru", aggregate="mean", h0_from_embedding=False, with_output=True)
+    x = torch.randn(N, L + 1, d)
+    monkeypatch.setattr(fused_gru, "applies", lambda x: True)
+    with_grad = net(x, has_embedding=True).detach()
+    alive = []
+    cell = fused_gru._cell
+
+    def watched(*args: Tensor) -> tuple[Tensor, Tensor]:
+        hy, workspace = cell(*args)
+        alive.append(weakref.ref(workspace))
+        assert all(ref() is None for ref in alive[:-2])  # at most the previous step's is still held
+        return hy, workspace
+
+    monkeypatch.setattr(fused_gru, "_cell", watched)
+    monkeypatch.setattr(fused_gru.GruRecurrence, "apply", None)  # no autograd node either
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, has_embedding=True), with_grad, rtol=0, atol=0)
+    assert len(alive) == L
 
 
 def test_the_fused_step_is_for_cuda_outside_compiled_graphs():

@@ -70,6 +70,31 @@ def _cell_backward(grad: Tensor, workspace: Tensor) -> tuple[Tensor, Tensor, Ten
     return reference_cell_backward(grad, workspace)
 
 
+def recurrence(gates: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool) -> Tensor:
+    """A side's GRU layer steps through the fused kernels (``GruRecurrence``'s arguments): one autograd node when
+    grad mode is on; otherwise (evaluation, inference) each step's workspace is dropped as soon as it is used."""
+    if torch.is_grad_enabled():
+        return GruRecurrence.apply(gates, h0, whh_t, bhh, mean)
+    return _layer_steps(gates, h0, whh_t, bhh, mean, None)
+
+
+def _layer_steps(gates: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool,
+                 workspaces: list[Tensor] | None) -> Tensor:
+    """The forward of the L layer steps: the aggregate, each step's workspace appended to ``workspaces`` if given."""
+    L, S, N, G = gates.shape
+    r = G // 3
+    h, total = h0, None
+    for i in range(L):
+        gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, 3 r), contiguous
+        hy, workspace = _cell(gates[i].view(S * N, G), gh.view(S * N, G), h.reshape(S * N, r))
+        h = hy.view(S, N, r)
+        if workspaces is not None:
+            workspaces.append(workspace)
+        if mean:
+            total = h if total is None else total + h
+    return total / L if total is not None else h
+
+
 class GruRecurrence(torch.autograd.Function):
     """The L layer steps of one side for S seeds, as one autograd node: the aggregate a (S, N, r), the mean of
     h_1 .. h_L (``mean``) or h_L.
@@ -82,19 +107,11 @@ class GruRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, gates: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool) -> Tensor:
-        L, S, N, G = gates.shape
-        r = G // 3
-        h, total, workspaces = h0, None, []
-        for i in range(L):
-            gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, 3 r), contiguous
-            hy, workspace = _cell(gates[i].view(S * N, G), gh.view(S * N, G), h.reshape(S * N, r))
-            h = hy.view(S, N, r)
-            workspaces.append(workspace)
-            if mean:
-                total = h if total is None else total + h
+        workspaces: list[Tensor] = []
+        a = _layer_steps(gates, h0, whh_t, bhh, mean, workspaces)
         ctx.mean = mean
         ctx.save_for_backward(whh_t, *workspaces)
-        return total / L if total is not None else h
+        return a
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -272,7 +272,7 @@ class SideNet(nn.Module):
         whh_t = self.weight_hh.transpose(1, 2)  # (S, r, G r)
         bhh = self.bias_hh.unsqueeze(1)  # (S, 1, G r)
         if fused:  # every layer step: the W_hh product and one kernel, one autograd node for the side
-            a = fused_gru.GruRecurrence.apply(gates, h, whh_t, bhh, self.aggregate == "mean")
+            a = fused_gru.recurrence(gates, h, whh_t, bhh, self.aggregate == "mean")
             return a if mask is None else a * mask
         total: Tensor | None = None
         for i in range(L):
