@@ -88,6 +88,8 @@ def test_without_grad_the_fused_recurrence_keeps_no_workspace(monkeypatch):
     # token and seed for nothing. Without grad mode no autograd node is made and each workspace is dropped once used.
     S, N, L, d, r = 2, 9, 3, 16, 8
     net = SideNet(S, d, r, "gru", aggregate="mean", h0_from_embedding=False, with_output=True)
+    for p in net.parameters():  # SideNet leaves its parameters to ReadModel's initialisation
+        torch.nn.init.uniform_(p, -0.3, 0.3)
     x = torch.randn(N, L + 1, d)
     monkeypatch.setattr(fused_gru, "applies", lambda x: True)
     with_grad = net(x, has_embedding=True).detach()

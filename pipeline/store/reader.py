@@ -11,6 +11,7 @@ from zarr.core.buffer import default_buffer_prototype
 from pipeline.common.errors import StoreCorruptError, StoreIncompleteError
 from pipeline.store.format import ATTRS_KEY, SIDES, block_rows, checksum
 from pipeline.store.meta import StoreMeta
+from pipeline.store.shards import ShardFile
 
 REEXTRACT = "rerun the same `pipeline extract` command to re-extract it"
 
@@ -38,6 +39,7 @@ class CachedSplit:
         self.capacity = {s: int(group[s]["hidden"].shards[0]) for s in self.sides}
         self._checksums = group["checksums"]
         self.columns: list[str] = list(self._checksums.attrs["columns"])
+        self._shard_files: dict[tuple[str, str], ShardFile | None] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,13 +57,24 @@ class CachedSplit:
     def block_rows(self, block: int, side: str) -> tuple[int, int]:
         return block_rows(self.block_starts, self.offsets[side], block)
 
+    def _shard_file(self, side: str, array: str) -> ShardFile | None:
+        """The direct reader of one of the side's arrays (None: zarr reads it), opened once."""
+        key = (side, array)
+        if key not in self._shard_files:
+            self._shard_files[key] = ShardFile.of(self.group[side][array])
+        return self._shard_files[key]
+
     def _read(self, block: int, side: str, array: str, verify: bool,
               out: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
         """A block's used rows of one array, and what is wrong with them (None: intact); decoded into ``out``
         when given."""
         start, end = self.block_rows(block, side)
         try:
-            if out is None:
+            shard = self._shard_file(side, array)
+            if shard is not None:  # straight from the shard file, on this thread
+                target = out if out is not None else np.empty((end - start, *shard.row_shape), shard.dtype)
+                rows = shard.read(block, start, end, target)
+            elif out is None:
                 rows = np.asarray(self.group[side][array][start:end])
             else:
                 self.group[side][array].get_basic_selection(

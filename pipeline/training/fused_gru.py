@@ -135,7 +135,7 @@ class GruRecurrence(torch.autograd.Function):
                 hx = workspaces[i].view(S, N, WORKSPACE_BLOCKS, r).select(2, _HX_BLOCK).transpose(1, 2)  # h_(i-1)^T
                 g_whh = torch.bmm(hx, g_hidden) if g_whh is None else g_whh.baddbmm_(hx, g_hidden)
             if need_b:
-                g_bhh = g_hidden if g_bhh is None else g_bhh.add_(g_hidden)  # g_hidden is not read again
+                g_bhh = g_hidden if g_bhh is None else g_bhh.add_(g_hidden)  # into the top layer's, used up by now
             if i > 0 or need_h0:
                 carry = torch.baddbmm(g_hx.view(S, N, r), g_hidden, whh_t.transpose(1, 2))
         return (torch.stack(g_gates[::-1]) if need_gates else None, carry if need_h0 else None, g_whh,
