@@ -86,4 +86,6 @@ def test_layouts_it_does_not_know_are_left_to_zarr(tmp_path):
     assert ShardFile.of(small_array(tmp_path, "split-rows.zarr", chunks=(4, 1), shards=(8, 3))) is None
     memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 3), chunks=(4, 3), shards=(8, 3), dtype="uint16")
     assert ShardFile.of(memory) is None
+    assert ShardFile.of(zarr.create_array(tmp_path / "v2.zarr", shape=(8, 3), chunks=(4, 3), dtype="uint16",
+                                          zarr_format=2)) is None
     assert ShardFile.of(small_array(tmp_path, "ours.zarr")) is not None

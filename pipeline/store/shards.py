@@ -62,7 +62,7 @@ class ShardFile:
         from zarr.storage import LocalStore
 
         store = array.store_path.store
-        codecs = array.metadata.codecs
+        codecs = getattr(array.metadata, "codecs", ())  # zarr v2 metadata has none: left to zarr
         if (sys.byteorder != "little" or not hasattr(os, "pread") or not isinstance(store, LocalStore)
                 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec)
                 or not isinstance(array.metadata.chunk_grid, RegularChunkGrid)):

@@ -26,7 +26,8 @@ from pipeline.common.errors import TrainingError
 from pipeline.store import STORED_DTYPES, CachedSplit, torch_view
 from pipeline.training.network import SideBatch
 
-READ_THREADS = 8  # blocks decompressed at once when a chunk of several is read
+READ_THREADS = 32  # at most this many blocks decoded at once (and no more than the cores): each reading thread
+# decodes its shard on its own (pipeline.store.shards), so the rate grows with the cores
 
 
 @dataclass
@@ -104,8 +105,8 @@ def read_side(split: CachedSplit, blocks: Sequence[int], side: str) -> np.ndarra
     """One side's rows of ``blocks``, densely in block order, in the stored dtype.
 
     Each block is decoded straight into its place and checked there, against its checksum (a damaged
-    shard raises one line) and for non-finite values, by a few threads at once: decompression, hashing and
-    the check release the GIL, and no block is copied again to join the others.
+    shard raises one line) and for non-finite values, by up to one thread a core: reading, decompression,
+    hashing and the check release the GIL, and no block is copied again to join the others.
     """
     spans = [split.block_rows(j, side) for j in blocks]
     first = np.cumsum([0, *(end - start for start, end in spans)])
