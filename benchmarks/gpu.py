@@ -130,8 +130,10 @@ def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.d
     epoch, _ = measured(device, lambda: trainer.train_epoch(2, optimizer, scheduler))
     # Of "reading it": the seconds spent reading the store's states (decoding and checking them) for the training
     # and evaluation splits; the rest is opening the store, the copy to the device and building the model.
-    store_reads = trainer.train_data.read_seconds + sum(data.read_seconds for data in trainer.eval_data.values())
-    return {"read": {**read, "store_reads_s": store_reads}, "warm_up": warm_up, "epoch": epoch,
+    splits = [trainer.train_data, *trainer.eval_data.values()]
+    store_reads = sum(data.read_seconds for data in splits)
+    copies = sum(data.copy_seconds for data in splits)
+    return {"read": {**read, "store_reads_s": store_reads, "copies_s": copies}, "warm_up": warm_up, "epoch": epoch,
             "in_memory": trainer.train_data.in_memory, "on_device": str(trainer.train_data.device)}
 
 
@@ -329,9 +331,10 @@ def render(r: dict[str, Any], command: str) -> str:
         if t is None or "error" in t:
             return [row(f"{name}, {seeds} seed(s)", t)]
         where = f"rows on {t['on_device']}" if t["in_memory"] else "streamed"
-        reads = t["read"].get("store_reads_s")
+        reads, copies = t["read"].get("store_reads_s"), t["read"].get("copies_s")
         return [row(f"{name}: reading it, {seeds} seed(s)", t["read"],
-                    "" if reads is None else f"of which reading the states: {reads:.2f} s"),
+                    ("" if reads is None else f"of which reading the states: {reads:.2f} s")
+                    + ("" if copies is None else f", copying them to the device: {copies:.2f} s")),
                 row(f"{name}: warm-up epoch, {seeds} seed(s)", t["warm_up"], "first epoch: allocator, kernels"
                     + (", the compile" if key.startswith(("compiled", "graphs")) else "")
                     + (", a graph per token bucket" if key.startswith("graphs") else "")),

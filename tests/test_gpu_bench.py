@@ -49,7 +49,8 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
     assert results["args"]["seeds"] == 2 and results["finetune"]["epoch"]["wall"] > 0
     assert results["extract_all"]["writers_busy_s"] > 0 and "writers busy" in text
     assert 0 < results["train_all_2"]["read"]["store_reads_s"] <= results["train_all_2"]["read"]["wall"]
-    assert "of which reading the states: " in text
+    assert "of which reading the states: " in text and ", copying them to the device: " in text
+    assert results["train_all_2"]["read"]["copies_s"] >= 0
     assert "failing_once" in results["train_pooled_1"]["trace"]  # the traceback, for whoever reads the file
     results["extract_pooled"] = {"error": "OSError: disk full"}
     results["args"]["compiled"] = True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -158,6 +159,7 @@ class SplitBatches:
         self.device = torch.device(device)
         self._all: Chunk | None = None
         self._reads = [0.0]  # seconds spent reading, shared with every subset of this split
+        self._copies_s = [0.0]  # seconds spent copying held rows to the device, shared likewise
         self.examples: np.ndarray | None = None  # sorted indices into the split; None: every example
         self._keep: np.ndarray | None = None  # (len(split),) bool mask of ``examples``
         self._copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -168,6 +170,11 @@ class SplitBatches:
     @property
     def read_seconds(self) -> float:
         return self._reads[0]
+
+    @property
+    def copy_seconds(self) -> float:
+        """Seconds the rows held in memory took to reach the device (0 when it is the host)."""
+        return self._copies_s[0]
 
     def subset(self, examples: np.ndarray) -> SplitBatches:
         """The same split restricted to ``examples`` (indices into it): shares the rows held in memory."""
@@ -193,11 +200,12 @@ class SplitBatches:
     def preload(self) -> None:
         """Read a split that is held in memory now rather than at its first epoch (streamed: nothing)."""
         if self.in_memory and self._all is None:
-            self._all = self._timed_load(list(range(self.split.num_blocks))).to(self.device)
+            chunk = self._timed_load(list(range(self.split.num_blocks)))
+            started = time.perf_counter()
+            self._all = chunk.to(self.device)  # from pageable memory: the call returns once the copy is done
+            self._copies_s[0] += time.perf_counter() - started
 
     def _timed_load(self, blocks: Sequence[int]) -> Chunk:
-        import time
-
         started = time.perf_counter()
         chunk = load_chunk(self.split, blocks, self.labels)
         with _lock:
