@@ -12,9 +12,9 @@ store (its own row shape and inner chunks, 3,200 rows rounded up to whole chunks
 random values do not compress as activations do. "zarr sync" is
 ``array[rows] = values`` with zarr's defaults, which ``StoreWriter.write_block`` used before; "write_shards" is
 what it uses now (an event loop per writer thread, every given chunk written as is). Both are timed in one
-process, alternated. Each array is then read back by as many threads, each shard decoded into its place in one
-array as stage two reads a held split ("read back": from the page cache; both arrays' reads pooled), and
-checked. The last column is the codec's ratio: the shards' raw bytes over their bytes on disk. Appends nothing
+process, alternated. Each array is then read back through zarr's read path by as many threads, each shard
+decoded into its place in one array ("read back, zarr": from the page cache; both arrays' reads pooled), and
+checked; stage two now reads shard files itself, which ``benchmarks/read.py --zarr`` compares with that path. The last column is the codec's ratio: the shards' raw bytes over their bytes on disk. Appends nothing
 to BENCHMARKS.md.
 """
 
@@ -111,7 +111,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="write-", dir=REPO / "bench_out"))
     print(f"{args.shards} shards of {values.shape} ({values.nbytes / 2**20:.0f} MiB, {source}), {os.cpu_count()} "
           f"CPUs, zarr {zarr.__version__}; MiB/s of raw rows, median of {args.reps}")
-    print("| codec | threads | write: zarr sync | write: write_shards | read back | raw / on disk |\n"
+    print("| codec | threads | write: zarr sync | write: write_shards | read back, zarr | raw / on disk |\n"
           "|---|---|---|---|---|---|")
     try:
         for codec in args.codecs.split(","):
