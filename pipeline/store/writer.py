@@ -15,7 +15,7 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,7 +40,6 @@ from pipeline.store.format import (
 from pipeline.store.meta import SplitData, StoreMeta
 from pipeline.store.reader import CachedSplit, first_line
 
-T = TypeVar("T")
 BUSY_WAIT_S = 5.0  # --part processes hold the lock for milliseconds; a whole extraction holds it throughout
 
 
@@ -236,18 +235,11 @@ def write_shards(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
             array[rows] = values
         return
 
-    run_on_own_loop(lambda: asyncio.gather(*(array.async_array.setitem(rows, values)
-                                             for array, rows, values in arrays)))
-
-
-def run_on_own_loop(make: Callable[[], Awaitable[T]]) -> T:
-    """Await ``make()`` on a new event loop of the calling thread, whose codec work (zarr's ``to_thread``) runs
-    on one thread of its own: many such threads run zarr calls in parallel, not on zarr's one shared loop."""
-    async def run() -> T:
+    async def write() -> None:  # the codec work zarr hands off (``to_thread``) runs on one thread of this loop's
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1, thread_name_prefix="zarr-codec"))
-        return await make()
+        await asyncio.gather(*(array.async_array.setitem(rows, values) for array, rows, values in arrays))
 
-    return asyncio.run(run())
+    asyncio.run(write())
 
 
 def clear_shard(array: Any, block: int) -> None:
