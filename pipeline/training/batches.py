@@ -159,7 +159,7 @@ class SplitBatches:
         self.device = torch.device(device)
         self._all: Chunk | None = None
         self._reads = [0.0]  # seconds spent reading, shared with every subset of this split
-        self._copies_s = [0.0]  # seconds spent copying held rows to the device, shared likewise
+        self._copy_seconds = [0.0]  # seconds spent copying held rows to the device, shared likewise
         self.examples: np.ndarray | None = None  # sorted indices into the split; None: every example
         self._keep: np.ndarray | None = None  # (len(split),) bool mask of ``examples``
         self._copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -174,7 +174,7 @@ class SplitBatches:
     @property
     def copy_seconds(self) -> float:
         """Seconds the rows held in memory took to reach the device (0 when it is the host)."""
-        return self._copies_s[0]
+        return self._copy_seconds[0]
 
     def subset(self, examples: np.ndarray) -> SplitBatches:
         """The same split restricted to ``examples`` (indices into it): shares the rows held in memory."""
@@ -203,7 +203,7 @@ class SplitBatches:
             chunk = self._timed_load(list(range(self.split.num_blocks)))
             started = time.perf_counter()
             self._all = chunk.to(self.device)  # from pageable memory: the call returns once the copy is done
-            self._copies_s[0] += time.perf_counter() - started
+            self._copy_seconds[0] += time.perf_counter() - started
 
     def _timed_load(self, blocks: Sequence[int]) -> Chunk:
         started = time.perf_counter()
