@@ -2,7 +2,7 @@
 
 Run from the repository root (a few minutes on a CPU, most of it the compile):
 
-    .venv/bin/python benchmarks/step_memory.py [--seeds 1 5] [--tokens 2560] [--host-time]
+    .venv/bin/python benchmarks/step_memory.py [--seeds 1 5] [--tokens 2560] [--host-time | --peaks]
 
 A batch like RTE's under a T5-base backbone (32 examples, ``--tokens`` encoder tokens, 13 stored
 states per side of width 768; random values: memory does not depend on them) goes through the READ
@@ -17,8 +17,10 @@ step must take on a given card once kernel launches no longer bound it; the oper
 (views and allocations left out; each launches one kernel or more on a GPU) say what bounds it there, counted for
 the step as the CPU runs it and as CUDA runs it (the fused GRU cell kernels, here stood in for, one operator each).
 ``--host-time`` instead times that bound itself: the host's milliseconds per eager step at a tiny width, where the
-arithmetic is negligible, the composite step against the step as on CUDA with kernels that do no arithmetic. Appends
-nothing to BENCHMARKS.md; prints a table to paste.
+arithmetic is negligible, the composite step against the step as on CUDA with kernels that do no arithmetic.
+``--peaks`` instead measures the most memory a training step and an evaluation batch hold at once (from the CPU
+allocator's events: the tensors a GPU would hold), composite and as on CUDA. Appends nothing to BENCHMARKS.md;
+prints a table to paste.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from pipeline.common.resources import peak_tensor_bytes  # noqa: E402
 from pipeline.training import fused_gru  # noqa: E402
 from pipeline.training.model import ReadConfig, ReadModel, StepLoss  # noqa: E402
 from pipeline.training.network import SideBatch  # noqa: E402
+from pipeline.training.trainer import EVAL_BATCH_EXAMPLES  # noqa: E402
 
 
 def t5_base_batch(tokens: int, examples: int = 32, states: int = 13, d: int = 768) -> SideBatch:
@@ -52,6 +56,12 @@ def t5_base_batch(tokens: int, examples: int = 32, states: int = 13, d: int = 76
                      encoder=torch.randn(tokens, states, d, generator=g).to(torch.bfloat16),
                      encoder_segment=torch.repeat_interleave(torch.arange(examples), per_example),
                      decoder=torch.randn(examples, states, d, generator=g).to(torch.bfloat16))
+
+
+def t5_base_read_model(seeds: int, rnn_dim: int) -> ReadModel:
+    """The READ model the benchmark measures: seq2seq over T5-base's width, ``seeds`` seeds, in training mode."""
+    config = ReadConfig(family="seq2seq", d_model=768, num_labels=2, task_kind="classification", rnn_dim=rnn_dim)
+    return ReadModel(config, list(range(seeds)), label_rows=torch.randn(2, 768)).train()
 
 
 def saved_bytes(model: ReadModel, batch: SideBatch, step: Callable[..., torch.Tensor] | None = None) -> int:
@@ -71,6 +81,26 @@ def saved_bytes(model: ReadModel, batch: SideBatch, step: Callable[..., torch.Te
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
+
+
+def step_peak(model: ReadModel, batch: SideBatch) -> int:
+    """Peak bytes of one eager training step (dropout masks, forward, loss, backward), the batch already there."""
+    def step() -> None:
+        StepLoss(model, "classification")(batch, model.dropout_masks(batch)).sum().backward()
+
+    model.zero_grad(set_to_none=False)  # gradients exist from an earlier step, as in training
+    step()
+    return peak_tensor_bytes(step)
+
+
+def eval_peak(model: ReadModel, batch: SideBatch) -> int:
+    """Peak bytes of one evaluation batch (no gradient), the batch already there."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return peak_tensor_bytes(lambda: model(batch))
+    finally:
+        model.train()
 
 
 def step_flops(model: ReadModel, batch: SideBatch) -> int:
@@ -159,6 +189,30 @@ def host_ms_per_step(seeds: int, rounds: int) -> dict[str, float]:
     return {way: statistics.median(t) for way, t in times.items()}
 
 
+def print_peaks(args: argparse.Namespace) -> None:
+    """The peak bytes of a training step and of an evaluation batch (as many tokens per example as ``--tokens``
+    gives the training batch's 32), composite and as on CUDA (kernels that allocate their outputs alone, as the real
+    ones do: the stand-ins' temporaries would count where no GPU allocates them): a table to paste."""
+    per_example = args.tokens / 32
+    train, evaluation = t5_base_batch(args.tokens), t5_base_batch(round(per_example * args.eval_examples),
+                                                                  examples=args.eval_examples)
+    print("| seeds | saved for backward MiB | training step: composite, as on CUDA MiB | evaluation batch: composite, "
+          "as on CUDA MiB |")
+    print("|---|---|---|---|")
+    for seeds in args.seeds:
+        model = t5_base_read_model(seeds, args.rnn_dim)
+        peaks = [step_peak(model, train), eval_peak(model, evaluation)]
+        with as_on_cuda("empty"):  # kernels that allocate what torch's do, their outputs, and no temporaries
+            peaks += [step_peak(model, train), eval_peak(model, evaluation)]
+        mib = [f"{p / 2**20:,.0f}" for p in peaks]
+        print(f"| {seeds} | {saved_bytes(model, train) / 2**20:,.0f} | {mib[0]}, {mib[2]} | {mib[1]}, {mib[3]} |",
+              flush=True)
+    print(f"\nTraining batch: 32 examples, {args.tokens} encoder tokens; evaluation batch: {args.eval_examples} "
+          f"examples, {evaluation.encoder.shape[0]} tokens; 13 states x 768 per side (bf16), GRU r={args.rnn_dim}; "
+          f"bytes above the batch's, parameters' and gradients'; torch {torch.__version__}. Command: "
+          f"`.venv/bin/python benchmarks/step_memory.py {' '.join(sys.argv[1:])}`")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
@@ -169,7 +223,15 @@ def main() -> None:
     parser.add_argument("--host-time", action="store_true",
                         help="only time the host's part of an eager step at a tiny width, composite and as on CUDA")
     parser.add_argument("--rounds", type=int, default=7, help="alternated rounds for --host-time")
+    parser.add_argument("--peaks", action="store_true",
+                        help="only measure the peak memory of a training step and of an evaluation batch, composite "
+                             "and as on CUDA")
+    parser.add_argument("--eval-examples", type=int, default=EVAL_BATCH_EXAMPLES,
+                        help="examples in the --peaks evaluation batch (the Trainer's evaluation batch size)")
     args = parser.parse_args()
+    if args.peaks:
+        print_peaks(args)
+        return
     if args.host_time:
         for seeds in args.seeds:
             ms = host_ms_per_step(seeds, args.rounds)
@@ -183,9 +245,7 @@ def main() -> None:
           "GFLOP per step | operators per step, eager | eager on CUDA (fused GRU cell): saved MiB, operators |")
     print("|---|---|---|---|---|---|---|---|")
     for seeds in args.seeds:
-        config = ReadConfig(family="seq2seq", d_model=768, num_labels=2, task_kind="classification",
-                            rnn_dim=args.rnn_dim)
-        model = ReadModel(config, list(range(seeds)), label_rows=torch.randn(2, 768)).train()
+        model = t5_base_read_model(seeds, args.rnn_dim)
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         eager = saved_bytes(model, batch)
         fused, compile_s = "not run", "-"

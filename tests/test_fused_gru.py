@@ -43,13 +43,14 @@ def test_the_stand_in_kernels_are_the_gru_cell_and_its_gradient():
 @pytest.mark.parametrize("mean", [True, False], ids=["mean", "last"])
 def test_the_recurrence_passes_gradcheck(mean):
     g = torch.Generator().manual_seed(1)
-    L, S, N, r = 3, 2, 5, 3
+    L, S, N, d, r = 3, 2, 5, 4, 3
 
     def randn(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
-    inputs = (randn(L, S, N, 3 * r), randn(S, N, r), randn(S, r, 3 * r), randn(S, 1, 3 * r))
-    assert torch.autograd.gradcheck(lambda *t: fused_gru.GruRecurrence.apply(*t, mean), inputs)
+    states = torch.randn(L, N, d, generator=g, dtype=torch.float64).unbind(0)  # frozen data: no gradient
+    inputs = (randn(S, d, 3 * r), randn(S, 1, 3 * r), randn(S, N, r), randn(S, r, 3 * r), randn(S, 1, 3 * r))
+    assert torch.autograd.gradcheck(lambda *t: fused_gru.GruRecurrence.apply(*t, mean, *states), inputs)
 
 
 def run_side_net(net: SideNet, x: Tensor, h0: Tensor | None) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
@@ -64,7 +65,6 @@ def run_side_net(net: SideNet, x: Tensor, h0: Tensor | None) -> tuple[Tensor, di
 @pytest.mark.parametrize("aggregate, h0, S", [("mean", "zero", 3), ("last", "zero", 3), ("mean", "embedding", 3),
                                               ("mean", "given", 3), ("mean", "zero", 1)])
 def test_a_side_network_through_the_fused_recurrence_equals_the_composite_one(monkeypatch, aggregate, h0, S):
-    # One seed: the gates' layout copy is then a view of the input projection, updated in place.
     N, L, d, r = 11, 4, 16, 8
     torch.manual_seed(0)
     net = SideNet(S, d, r, "gru", aggregate=aggregate, h0_from_embedding=h0 == "embedding", with_output=True)
@@ -99,7 +99,7 @@ def test_without_grad_the_fused_recurrence_keeps_no_workspace(monkeypatch):
     def watched(*args: Tensor) -> tuple[Tensor, Tensor]:
         hy, workspace = cell(*args)
         alive.append(weakref.ref(workspace))
-        assert all(ref() is None for ref in alive[:-2])  # at most the previous step's is still held
+        assert all(ref() is None for ref in alive[:-1])  # the earlier steps' are gone
         return hy, workspace
 
     monkeypatch.setattr(fused_gru, "_cell", watched)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import resource
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,6 +56,25 @@ def _nvml_mj(device: torch.device) -> tuple[Any, int] | None:
         return handle, int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
     except Exception:  # no pynvml, or a GPU without the energy counter
         return None
+
+
+def peak_tensor_bytes(run: Callable[[], object]) -> int:
+    """The most bytes of CPU tensors alive at once while ``run`` runs, above those alive when it starts.
+
+    What ``torch.cuda.max_memory_allocated`` tells on a GPU, read here from the allocator's events as torch's profiler
+    records them (``profile_memory``): a CPU step runs the same operators in the same order as a GPU's, so the same
+    tensors are alive at each point, and a GPU's activation memory can be measured and tested without one.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    alive = peak = 0
+    for _, nbytes in events:
+        alive += nbytes
+        peak = max(peak, alive)
+    return peak
 
 
 class ResourceMeter:

@@ -20,6 +20,7 @@ the CUDA tests compare the kernels with them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -70,73 +71,99 @@ def _cell_backward(grad: Tensor, workspace: Tensor) -> tuple[Tensor, Tensor, Ten
     return reference_cell_backward(grad, workspace)
 
 
-def recurrence(gates: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool) -> Tensor:
+def input_gates(u: Tensor, w_t: Tensor, bih: Tensor) -> Tensor:
+    """One layer's input gates for S seeds, b_ih added: (S, N, G r), contiguous.
+
+    u (N, d): the layer's normalised states, shared by the seeds; w_t (S, d, G r): each seed's W_ih (its norm weight
+    folded in), transposed; bih (S, 1, G r). One batched product over u seen S times (a stride-0 batch, not a copy);
+    a layer at a time, so that a step never holds every layer's gates, nor, in the backward, their gradients.
+    """
+    return torch.baddbmm(bih, u.expand(w_t.shape[0], *u.shape), w_t)
+
+
+def recurrence(states: Sequence[Tensor] | Iterator[Tensor], w_t: Tensor, bih: Tensor, h0: Tensor, whh_t: Tensor,
+               bhh: Tensor, mean: bool) -> Tensor:
     """A side's GRU layer steps through the fused kernels (``GruRecurrence``'s arguments): one autograd node when
-    grad mode is on; otherwise (evaluation, inference) each step's workspace is dropped as soon as it is used."""
+    grad mode is on; otherwise (evaluation, inference) each layer's states are taken and each step's workspace
+    dropped as soon as they are used."""
     if torch.is_grad_enabled():
-        return GruRecurrence.apply(gates, h0, whh_t, bhh, mean)
-    return _layer_steps(gates, h0, whh_t, bhh, mean, None)
+        states = tuple(states)
+        if any(u.requires_grad for u in states):
+            raise ValueError("the fused GRU recurrence gives no gradient for the states (frozen data): detach them")
+        return GruRecurrence.apply(w_t, bih, h0, whh_t, bhh, mean, *states)
+    return _layer_steps(states, w_t, bih, h0, whh_t, bhh, mean, None)
 
 
-def _layer_steps(gates: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool,
-                 workspaces: list[Tensor] | None) -> Tensor:
-    """The forward of the L layer steps: the aggregate, each step's workspace appended to ``workspaces`` if given."""
-    L, S, N, G = gates.shape
-    r = G // 3
-    h, total = h0, None
-    for i in range(L):
+def _layer_steps(states: Iterable[Tensor], w_t: Tensor, bih: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor,
+                 mean: bool, workspaces: list[Tensor] | None) -> Tensor:
+    """The forward of the layer steps: the aggregate, each step's workspace appended to ``workspaces`` if given."""
+    S, N, r = h0.shape
+    h, total, layers = h0, None, 0
+    for u in states:
+        gx = input_gates(u, w_t, bih)  # (S, N, 3 r), contiguous
         gh = torch.baddbmm(bhh, h, whh_t)  # (S, N, 3 r), contiguous
-        hy, workspace = _cell(gates[i].view(S * N, G), gh.view(S * N, G), h.reshape(S * N, r))
-        h = hy.view(S, N, r)
+        hy, workspace = _cell(gx.view(S * N, 3 * r), gh.view(S * N, 3 * r), h.reshape(S * N, r))
+        h, layers = hy.view(S, N, r), layers + 1
         if workspaces is not None:
             workspaces.append(workspace)
+        del gx, gh, workspace  # not alive while the next step makes its own (an evaluation batch's are large)
         if mean:
             total = h if total is None else total + h
-    return total / L if total is not None else h
+    return total / layers if total is not None else h
 
 
 class GruRecurrence(torch.autograd.Function):
-    """The L layer steps of one side for S seeds, as one autograd node: the aggregate a (S, N, r), the mean of
-    h_1 .. h_L (``mean``) or h_L.
+    """The L layer steps of one side for S seeds, input projection included, as one autograd node: the aggregate
+    a (S, N, r), the mean of h_1 .. h_L (``mean``) or h_L.
 
-    gates (L, S, N, 3 r) contiguous: every layer's input gates, b_ih added; h0 (S, N, r); whh_t (S, r, 3 r), W_hh
-    transposed; bhh (S, 1, 3 r). The forward is the composite step's, layer by layer, up to float rounding (on
-    CUDA the kernel fuses multiply-adds). One node instead of one per layer: the backward accumulates the W_hh and
-    b_hh gradients and carries h's from layer to layer itself, where autograd would add them up a node at a time.
+    w_t (S, d, 3 r), bih (S, 1, 3 r): ``input_gates``'s; h0 (S, N, r); whh_t (S, r, 3 r), W_hh transposed; bhh (S, 1,
+    3 r); then the L layers' normalised states (N, d), which get no gradient. The forward is the composite step's,
+    layer by layer, up to float rounding (on CUDA the kernel fuses multiply-adds). One node instead of one per
+    layer: the backward accumulates the W_ih, b_ih, W_hh and b_hh gradients in place and carries h's from layer to
+    layer itself, where autograd would add them up a node at a time; each layer's gate gradients are used and
+    dropped, never all L layers' at once.
     """
 
     @staticmethod
-    def forward(ctx: Any, gates: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool) -> Tensor:
+    def forward(ctx: Any, w_t: Tensor, bih: Tensor, h0: Tensor, whh_t: Tensor, bhh: Tensor, mean: bool,
+                *states: Tensor) -> Tensor:
         workspaces: list[Tensor] = []
-        a = _layer_steps(gates, h0, whh_t, bhh, mean, workspaces)
-        ctx.mean = mean
-        ctx.save_for_backward(whh_t, *workspaces)
+        a = _layer_steps(states, w_t, bih, h0, whh_t, bhh, mean, workspaces)
+        ctx.mean, ctx.layers = mean, len(states)
+        ctx.save_for_backward(whh_t, *states, *workspaces)
         return a
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        whh_t, *workspaces = ctx.saved_tensors
-        L, S, r = len(workspaces), whh_t.shape[0], whh_t.shape[1]
+        whh_t, *saved = ctx.saved_tensors
+        L = ctx.layers
+        states, workspaces = saved[:L], saved[L:]
+        S, r = whh_t.shape[0], whh_t.shape[1]
         N, G = workspaces[0].shape[0] // S, 3 * r
-        need_gates, need_h0, need_w, need_b, _ = ctx.needs_input_grad
+        need_wih, need_bih, need_h0, need_whh, need_bhh = ctx.needs_input_grad[:5]
         from_mean = grad / L if ctx.mean else None  # what every h_i gets from the aggregate
         carry: Tensor | None = None  # the gradient of h_i from the layers above it
-        g_gates, g_whh, g_bhh = [], None, None
+        g_wih = g_bih = g_whh = g_bhh = None
         for i in reversed(range(L)):
             if ctx.mean:
                 g = from_mean if carry is None else carry + from_mean
             else:
                 g = grad if carry is None else carry
             g_input, g_hidden, g_hx = _cell_backward(g.reshape(S * N, r).contiguous(), workspaces[i])
-            g_hidden = g_hidden.view(S, N, G)
-            g_gates.append(g_input.view(S, N, G))
-            if need_w:
+            g_input, g_hidden = g_input.view(S, N, G), g_hidden.view(S, N, G)
+            if need_wih:
+                u_t = states[i].expand(S, *states[i].shape).transpose(1, 2)  # (S, d, N)
+                g_wih = torch.bmm(u_t, g_input) if g_wih is None else g_wih.baddbmm_(u_t, g_input)
+            if need_whh:
                 hx = workspaces[i].view(S, N, WORKSPACE_BLOCKS, r).select(2, _HX_BLOCK).transpose(1, 2)  # h_(i-1)^T
                 g_whh = torch.bmm(hx, g_hidden) if g_whh is None else g_whh.baddbmm_(hx, g_hidden)
-            if need_b:
-                g_bhh = g_hidden if g_bhh is None else g_bhh.add_(g_hidden)  # into the top layer's, used up by now
+            # The bias gradients add up into the top layer's gate gradients, used up by then; summed over N at the end.
+            if need_bih:
+                g_bih = g_input if g_bih is None else g_bih.add_(g_input)
+            if need_bhh:
+                g_bhh = g_hidden if g_bhh is None else g_bhh.add_(g_hidden)
             if i > 0 or need_h0:
                 carry = torch.baddbmm(g_hx.view(S, N, r), g_hidden, whh_t.transpose(1, 2))
-        return (torch.stack(g_gates[::-1]) if need_gates else None, carry if need_h0 else None, g_whh,
-                None if g_bhh is None else g_bhh.sum(1, keepdim=True), None)
+        return (g_wih, None if g_bih is None else g_bih.sum(1, keepdim=True), carry if need_h0 else None, g_whh,
+                None if g_bhh is None else g_bhh.sum(1, keepdim=True), None, *(None,) * L)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,19 @@ def segment_mean(
 def _rms_norm(x: Tensor) -> Tensor:
     """RMSNorm without weight (the learned weight is per seed, applied by the caller)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _RMS_EPS)
+
+
+def normalised_layers(layers: Tensor) -> Sequence[Tensor] | Iterator[Tensor]:
+    """Each layer's states (N, L, d), normalised in float32: L tensors (N, d), one after another.
+
+    In training the backward keeps them all anyway (the input projection's weight gradient needs them), so they are
+    normalised in one go, a few operators for all layers. Without gradients (evaluation, inference, often on
+    batches of hundreds of examples) each is made when its layer step needs it, so that only one layer's float32
+    states exist at a time, not L of them.
+    """
+    if torch.is_grad_enabled():
+        return _rms_norm(layers.transpose(0, 1).to(torch.float32)).unbind(0)
+    return (_rms_norm(layers[:, i].to(torch.float32)) for i in range(layers.shape[1]))
 
 
 # --------------------------------------------------------------------------------- dropout streams
@@ -243,23 +256,16 @@ class SideNet(nn.Module):
         ``_DropoutStreams``, outside any compiled graph). h0: (S, N, r) from the caller (seq2seq join), else
         zero or the embedding projection, per the module's configuration.
         """
-        x = x.to(torch.float32)
         S, r = self.num_seeds, self.rnn_dim
-        emb = x[:, 0] if has_embedding else None  # (N, d)
-        layers = x[:, 1:] if has_embedding else x  # (N, L, d)
-        N, L, d = layers.shape
+        emb = x[:, 0].to(torch.float32) if has_embedding else None  # (N, d)
+        layers = x[:, 1:] if has_embedding else x  # (N, L, d), the stored dtype: widened a layer at a time
+        N, L = layers.shape[:2]
         if L < 1:
             raise ValueError(f"the side network needs at least one layer state, got n_states={x.shape[1]}")
-        xn = _rms_norm(layers.transpose(0, 1).reshape(L * N, d))  # (L N, d), layer-major, shared by all seeds
-        # The norm weight is folded into W_ih, so the input projection of every seed is one GEMM over the
-        # shared normalised states: no (S, L N, d) tensor, and no gradient w.r.t. the states (frozen data).
-        w = (self.weight_ih * self.norm_weight.unsqueeze(1)).reshape(S * self.weight_ih.shape[1], d)  # (S G r, d)
-        gi = (xn @ w.T).view(L, N, S, -1)  # (L, N, S, G r)
-        fused = self.cell == "gru" and fused_gru.applies(x)  # CUDA, eager: torch's fused GRU cell kernels
-        if fused:  # every layer's gates contiguous (L, S, N, G r), as the kernels take them: one copy
-            gates = gi.transpose(1, 2).contiguous().add_(self.bias_ih.unsqueeze(1))
-        else:  # unbind, not gi[i]: the backward of L selects would zero-fill a full-size gradient L times.
-            gi_layers = [g.transpose(0, 1) + self.bias_ih.unsqueeze(1) for g in gi.unbind(0)]  # L x (S, N, G r)
+        # The norm weight is folded into W_ih, so the input projection of every seed is one product over the
+        # shared normalised states: no (S, N, d) tensor, and no gradient w.r.t. the states (frozen data).
+        w_t = (self.weight_ih * self.norm_weight.unsqueeze(1)).transpose(1, 2)  # (S, d, G r)
+        bih = self.bias_ih.unsqueeze(1)  # (S, 1, G r)
 
         if h0 is not None:
             h = h0  # (S, N, r)
@@ -268,17 +274,18 @@ class SideNet(nn.Module):
             u0 = _rms_norm(emb).unsqueeze(0) * self.norm_weight.unsqueeze(1)  # (S, N, d)
             h = torch.tanh(torch.baddbmm(self.h0_bias.unsqueeze(1), u0, self.h0_weight.transpose(1, 2)))
         else:
-            h = x.new_zeros(S, N, r)
-        c = x.new_zeros(S, N, r) if self.cell == "lstm" else None  # LSTM cell state starts at 0
+            h = x.new_zeros((S, N, r), dtype=torch.float32)
+        c = x.new_zeros((S, N, r), dtype=torch.float32) if self.cell == "lstm" else None  # the LSTM's starts at 0
 
         whh_t = self.weight_hh.transpose(1, 2)  # (S, r, G r)
         bhh = self.bias_hh.unsqueeze(1)  # (S, 1, G r)
-        if fused:  # every layer step: the W_hh product and one kernel, one autograd node for the side
-            a = fused_gru.recurrence(gates, h, whh_t, bhh, self.aggregate == "mean")
+        states = normalised_layers(layers)
+        if self.cell == "gru" and fused_gru.applies(x):  # CUDA, eager: torch's fused GRU cell kernels, one node
+            a = fused_gru.recurrence(states, w_t, bih, h, whh_t, bhh, self.aggregate == "mean")
             return a if mask is None else a * mask
         total: Tensor | None = None
-        for i in range(L):
-            h, c = self._step(gi_layers[i], torch.baddbmm(bhh, h, whh_t), h, c)
+        for u in states:  # one layer's input gates at a time: never all L layers' (S, N, G r) at once
+            h, c = self._step(fused_gru.input_gates(u, w_t, bih), torch.baddbmm(bhh, h, whh_t), h, c)
             if self.aggregate == "mean":
                 total = h if total is None else total + h
         a = total / L if self.aggregate == "mean" else h  # (S, N, r)
