@@ -12,7 +12,7 @@ and measures on the task's train split (``--limit`` examples, default all):
 2. extraction of the train split into a per-token and a pooled store (``Extraction.run_split``, the
    loaded model reused through ``Extraction(cfg, backbone=...)``);
 3. stage two for 1 and ``--seeds`` seeds on each store: reading the store (``Trainer`` construction)
-   and one epoch (``Trainer.train_epoch``, timed after one warm-up epoch);
+   then one epoch (``Trainer.train_epoch``, timed after one warm-up epoch), then an evaluation (``Trainer.evaluate``);
 4. one epoch of full fine-tuning of the same model (every weight trained, AdamW, bf16 autocast on CUDA);
 5. last, the paths that first run here: stage two streamed from pinned host memory (``memory_budget=0``,
    ``--seeds`` seeds), and (unless ``--no-compiled``) stage two with ``--cuda-graphs --tf32``, then with
@@ -71,6 +71,7 @@ from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
 from pipeline.extraction.shapes import build_random_backbone  # noqa: E402
 from pipeline.extraction.stage import gather_splits  # noqa: E402
 from pipeline.training import Trainer, fused_gru  # noqa: E402
+from pipeline.training.trainer import EVAL_BATCH_EXAMPLES  # noqa: E402
 
 SECTION = "## GPU"
 
@@ -128,13 +129,14 @@ def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.d
     optimizer, scheduler = trainer.optimizer()
     warm_up, _ = measured(device, lambda: trainer.train_epoch(1, optimizer, scheduler))
     epoch, _ = measured(device, lambda: trainer.train_epoch(2, optimizer, scheduler))
+    evaluation, _ = measured(device, trainer.evaluate)  # what a run does after each epoch: its peak counts too
     # Of "reading it": the seconds spent reading the store's states (decoding and checking them) for the training
     # and evaluation splits; the rest is opening the store, the copy to the device and building the model.
     splits = [trainer.train_data, *trainer.eval_data.values()]
     store_reads = sum(data.read_seconds for data in splits)
     copies = sum(data.copy_seconds for data in splits)
     return {"read": {**read, "store_reads_s": store_reads, "copies_s": copies}, "warm_up": warm_up, "epoch": epoch,
-            "in_memory": trainer.train_data.in_memory, "on_device": str(trainer.train_data.device)}
+            "evaluation": evaluation, "in_memory": trainer.train_data.in_memory, "on_device": str(trainer.train_data.device)}
 
 
 @contextmanager
@@ -338,7 +340,10 @@ def render(r: dict[str, Any], command: str) -> str:
                 row(f"{name}: warm-up epoch, {seeds} seed(s)", t["warm_up"], "first epoch: allocator, kernels"
                     + (", the compile" if key.startswith(("compiled", "graphs")) else "")
                     + (", a graph per token bucket" if key.startswith("graphs") else "")),
-                row(f"{name}: one epoch, {seeds} seed(s)", t["epoch"], where)]
+                row(f"{name}: one epoch, {seeds} seed(s)", t["epoch"], where),
+                *([row(f"{name}: evaluation, {seeds} seed(s)", t["evaluation"],
+                       f"selection and validation splits, batches of {max(a.batch_size, EVAL_BATCH_EXAMPLES)} examples")]
+                  if "evaluation" in t else [])]  # runs before 2026-11-28 (later) had no evaluation phase
 
     lines = [SECTION, "",
              f"Card: **{card}**; {r['machine']}; torch {r['torch']}; {r['date']}. Model: random `{a.shape}` shape "
@@ -402,7 +407,8 @@ def render(r: dict[str, Any], command: str) -> str:
         if ft and "epoch" in t and "wall" in ext:
             read = (ext["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]
                     + 9 * t["epoch"]["wall"])  # the warm-up epoch is the first of the ten
-            peak = max(m["peak_mb"] or 0 for m in (ext, t["read"], t["warm_up"], t["epoch"]))
+            phases = (ext, t["read"], t["warm_up"], t["epoch"], t.get("evaluation", {}))
+            peak = max(m.get("peak_mb") or 0 for m in phases)
             ft_peak = max(ft["peak_mb"] or 0, ft_warm["peak_mb"] or 0)
             memory = (f", peak memory **{peak / ft_peak:.0%}** of full fine-tuning's (target <= 25%)"
                       if ft_peak else "")

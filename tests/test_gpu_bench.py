@@ -37,6 +37,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
     assert f"codec {field_of(ExtractConfig, 'codec').default}." in text  # the stores' codec: the pipeline's default
     for phase in ("plain forward epoch", "extraction, per-token store", "extraction, pooled store",
                   "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 2 seed(s)",
+                  "per-token store: evaluation, 2 seed(s)",
                   "| stage two, pooled store, 1 seed(s) | failed: RuntimeError: CUDA error: injected second line |",
                   "per-token store streamed (memory_budget=0): one epoch, 2 seed(s) |",
                   "GRU steps in torch operators (no fused cell kernels): one epoch, 2 seed(s) |",
@@ -51,6 +52,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
     assert 0 < results["train_all_2"]["read"]["store_reads_s"] <= results["train_all_2"]["read"]["wall"]
     assert "of which reading the states: " in text and ", copying them to the device: " in text
     assert results["train_all_2"]["read"]["copies_s"] >= 0
+    assert results["train_all_2"]["evaluation"]["wall"] > 0
     assert "failing_once" in results["train_pooled_1"]["trace"]  # the traceback, for whoever reads the file
     results["extract_pooled"] = {"error": "OSError: disk full"}
     results["args"]["compiled"] = True

@@ -42,6 +42,7 @@ from pipeline.training.selection import SELECTION, carve, describe
 log = logging.getLogger(__name__)
 FINITE_CHECK_EVERY = 64  # steps between loss checks: each is a host sync on an accelerator
 NEVER = 2**62  # "no non-finite loss yet" in the per-seed first-bad-step record
+EVAL_BATCH_EXAMPLES = 256  # at least this many examples per evaluation batch
 
 
 def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> ReadConfig:
@@ -265,6 +266,11 @@ class Trainer:
                 "with `pipeline verify`"
             )
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Examples per evaluation batch: no gradients are kept, so larger than training's."""
+        return max(self.cfg.batch_size, EVAL_BATCH_EXAMPLES)
+
     @torch.no_grad()
     def predict(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Predictions (S, n) in split order, and the labels (n,), of an eval split or of ``selection``."""
@@ -273,7 +279,7 @@ class Trainer:
         preds = np.zeros((len(self.cfg.seeds), len(data)),
                          dtype=np.float32 if self.task.kind == "regression" else np.int64)
         indices, values = [], []  # kept on the device until the end: one transfer, no sync per batch
-        for index, batch in data.epoch(max(self.cfg.batch_size, 256), shuffle=False):
+        for index, batch in data.epoch(self.eval_batch_size, shuffle=False):
             out = self.model(batch.to(self.device, non_blocking=True))
             indices.append(index)
             values.append(out if self.task.kind == "regression" else out.argmax(-1))
