@@ -427,3 +427,32 @@ def test_label_rows_that_miss_the_models_own_logits_are_refused(model, tmp_path,
     with pytest.raises(UnsupportedModelError, match=r"label rows of the LM head do not reproduce the model's own "
                                                     r"logits \(max difference"):
         ext.run_split("validation")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_t5", "tiny_t5_untied", "tiny_gpt2", "minilm"])
+def test_linear_weights_stored_in_the_autocast_dtype_give_the_same_states(request, fixture, glue_dir):
+    # On CUDA the frozen backbone runs in bf16 autocast, which casts every linear weight at every call: stored cast
+    # (half the weights' memory), the forward must compute exactly what it did. Checked here in the CPU's autocast.
+    from pipeline.extraction.backbones import linear_weights_to
+
+    backbone = load_backbone(str(request.getfixturevalue(fixture)), device="cpu")
+    backbone.autocast_dtype = torch.bfloat16
+    task = get_task("rte")
+    token_ids = backbone.tokenize(task, load_split(task, "validation", glue_dir, limit=6).texts, 64)
+
+    def states() -> dict[str, list[torch.Tensor]]:
+        out = backbone.forward(token_ids)
+        return {side: [h.clone() for h in out[side]] for side in ("encoder", "decoder") if side in out}
+
+    before = states()
+    output = backbone.model.get_output_embeddings()
+    output_weight = None if output is None else output.weight.detach().clone()
+    float32_bytes = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+    saved = linear_weights_to(backbone.model, torch.bfloat16)
+    assert 0 < saved == float32_bytes - sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+    after = states()
+    for side in before:
+        for a, b in zip(before[side], after[side]):
+            assert torch.equal(a, b), side
+    if output_weight is not None:  # the label rows are read from the output embeddings: still float32
+        assert torch.equal(output.weight, output_weight)

@@ -317,6 +317,32 @@ class Backbone:
             return {"encoder": list(out.hidden_states), "lengths": {"encoder": lengths}}
 
 
+def linear_weights_to(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen model's linear layers in ``dtype``, the autocast dtype it always runs in; the bytes saved.
+
+    Autocast casts a float32 weight to its dtype at every call, rounding to nearest even as ``Tensor.to`` does, so
+    a weight stored already cast computes exactly the same (tests/test_extract.py compares every state bit for bit)
+    in about half the memory (T5-base: 850 -> 472 MiB of weights), and the per-call casts go. Left in float32: everything
+    but linear layers (embeddings, norms: they do not run in the autocast dtype), the output embeddings (the label
+    rows are read from them) and any weight a linear layer shares with another module (tied embeddings).
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (an addmm)
+
+    linear = (nn.Linear, Conv1D)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kept = {id(p) for m in model.modules() if not isinstance(m, linear) or m is output
+            for p in m.parameters(recurse=False)}
+    saved = 0
+    for module in model.modules():
+        if isinstance(module, linear) and module is not output:
+            for param in module.parameters(recurse=False):
+                if id(param) not in kept and param.dtype != dtype:
+                    saved += param.numel() * (param.element_size() - dtype.itemsize)
+                    param.data = param.data.to(dtype)
+    return saved
+
+
 def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -> Backbone:
     """Load a frozen backbone offline-friendly; refuse float16 for T5 (it overflows)."""
     from transformers import (
@@ -354,6 +380,8 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
     autocast_dtype = None
     if torch_device.type == "cuda" and dtype in ("bfloat16", "float16"):
         autocast_dtype = torch.bfloat16 if (dtype == "bfloat16" or family == "seq2seq") else torch.float16
+    if autocast_dtype is not None:
+        linear_weights_to(model, autocast_dtype)
     d_model = int(getattr(config, "d_model", None) or config.hidden_size)
     if family == "seq2seq":
         n_enc = int(config.num_layers) + 1
