@@ -10,7 +10,8 @@ and measures on the task's train split (``--limit`` examples, default all):
 
 1. a plain forward epoch: the frozen model over the extraction's own batches, nothing kept;
 2. extraction of the train split into a per-token and a pooled store (``Extraction.run_split``, the
-   loaded model reused through ``Extraction(cfg, backbone=...)``);
+   loaded model reused through ``Extraction(cfg, backbone=...)``), and into a pooled store in batches of
+   fine-tuning's size (``--finetune-batch-tokens``), for a peak memory at the same batch;
 3. stage two for 1 and ``--seeds`` seeds on each store: reading the store (``Trainer`` construction)
    then one epoch (``Trainer.train_epoch``, timed after one warm-up epoch), then an evaluation (``Trainer.evaluate``);
 4. one epoch of full fine-tuning of the same model (every weight trained, AdamW, bf16 autocast on CUDA);
@@ -102,9 +103,11 @@ def disk_write_mib_s(folder: Path, mib: int = 1024) -> float:
     return max(1, mib // 64) * 64 / seconds
 
 
-def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: str) -> ExtractConfig:
+def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: str,
+                      batch_tokens: int | None = None) -> ExtractConfig:
     return ExtractConfig(model=str(model), task=args.task, out=str(out), glue_dir=args.glue_dir,
-                         splits=("train", "validation"), max_length=args.max_length, batch_tokens=args.batch_tokens,
+                         splits=("train", "validation"), max_length=args.max_length,
+                         batch_tokens=batch_tokens or args.batch_tokens,
                          dtype="bfloat16", device=args.device, tokens=tokens, limit=args.limit, overwrite=True,
                          writers=args.writers)
 
@@ -234,6 +237,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keep("codec", extraction_config(args, model_path, work / "x.zarr", "all").codec)  # the pipeline's default
     keep("disk_mib_s", disk_write_mib_s(work, args.disk_probe_mib))
     extractions = {}
+
+    def extract(ext: Extraction) -> dict[str, Any]:
+        clock = Clock()  # the writer threads' busy seconds, summed: near writers x wall means they are the limit
+        ext.writer.write_block = clock.wrap("write", ext.writer.write_block)
+        figures = measured(device, lambda: ext.run_split("train"))[0]
+        busy = clock.wall.get("write", 0.0)
+        ext.run_split("validation")
+        store = Path(ext.cfg.out_path)
+        return {**figures, "writers_busy_s": busy,
+                "disk_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file())}
+
     for tokens in ("all", "pooled"):
         ext = Extraction(extraction_config(args, model_path, work / f"{tokens}.zarr", tokens), progress=False,
                          data=data, backbone=backbone)
@@ -246,18 +260,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             plain_forward(backbone, batches)
             keep("plain", measured(device, lambda batches=batches: plain_forward(backbone, batches))[0])
 
-        def extract(ext: Extraction = ext) -> dict[str, Any]:
-            clock = Clock()  # the writer threads' busy seconds, summed: near writers x wall means they are the limit
-            ext.writer.write_block = clock.wrap("write", ext.writer.write_block)
-            figures = measured(device, lambda: ext.run_split("train"))[0]
-            busy = clock.wall.get("write", 0.0)
-            ext.run_split("validation")
-            store = Path(ext.cfg.out_path)
-            return {**figures, "writers_busy_s": busy,
-                    "disk_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file())}
-
-        if attempt(f"extract_{tokens}", extract):
+        if attempt(f"extract_{tokens}", lambda ext=ext: extract(ext)):
             extractions[tokens] = Path(ext.cfg.out_path)
+    # Peak memory is compared with fine-tuning's, whose batches are smaller: the pooled store (where stage two is
+    # small) extracted in batches of fine-tuning's size says what READ needs at the same batch.
+    in_ft_batches = Extraction(extraction_config(args, model_path, work / "pooled-ft-batches.zarr", "pooled",
+                                                 batch_tokens=args.finetune_batch_tokens),
+                               progress=False, data=data, backbone=backbone)
+    attempt("extract_pooled_ft_batches", lambda: extract(in_ft_batches))
     for tokens, cache in extractions.items():
         for seeds in (1, args.seeds):
             attempt(f"train_{tokens}_{seeds}", lambda cache=cache, seeds=seeds: stage_two(args, cache, seeds, device))
@@ -357,6 +367,10 @@ def render(r: dict[str, Any], command: str) -> str:
              row("plain forward epoch (frozen, nothing kept)", r["plain"]),
              row("extraction, per-token store", r.get("extract_all"), f"{disk('all'):,.0f} MiB on disk" + busy("all")),
              row("extraction, pooled store", r.get("extract_pooled"), f"{disk('pooled'):,.1f} MiB on disk" + busy("pooled"))]
+    if "extract_pooled_ft_batches" in r:  # runs before 2026-11-28 (later) had no such phase
+        lines.append(row(f"extraction, pooled store, batches of <= {a.finetune_batch_tokens} padded tokens "
+                         "(fine-tuning's)", r["extract_pooled_ft_batches"],
+                         "for its memory; its time includes the first meeting of these batch shapes"))
     for tokens, name in (("all", "per-token"), ("pooled", "pooled")):
         for seeds in (1, S):
             lines += stage_two_rows(f"train_{tokens}_{seeds}", f"stage two, {name} store", seeds)
@@ -397,13 +411,17 @@ def render(r: dict[str, Any], command: str) -> str:
                      f"**{fused['wall'] / composite['wall']:.2f}** ({fused['wall']:.2f} s against "
                      f"{composite['wall']:.2f} s).")
     ft = ft_epoch if ft_epoch and "wall" in ft_epoch else None
-    for prefix, how in (("train_all", "eager"), ("streamed_all", "eager, streamed: rows not held on the device"),
-                        ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32"),
-                        ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm"),
-                        ("graphs_streamed_all", "--cuda-graphs --tf32, streamed 2 blocks at a time"),
-                        ("train_pooled", "eager, pooled store")):
+    per_token = "extract_all"
+    for prefix, how, extraction in (
+            ("train_all", "eager", per_token),
+            ("streamed_all", "eager, streamed: rows not held on the device", per_token),
+            ("compiled_all", "--compile", per_token), ("graphs_all", "--cuda-graphs --tf32", per_token),
+            ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm", per_token),
+            ("graphs_streamed_all", "--cuda-graphs --tf32, streamed 2 blocks at a time", per_token),
+            ("train_pooled", "eager, pooled store", "extract_pooled"),
+            ("train_pooled", "eager, pooled store extracted in fine-tuning's batch size", "extract_pooled_ft_batches")):
         t = r.get(f"{prefix}_{S}", {})
-        ext = r.get("extract_pooled" if prefix == "train_pooled" else "extract_all") or {}
+        ext = r.get(extraction) or {}
         if ft and "epoch" in t and "wall" in ext:
             read = (ext["wall"] + t["read"]["wall"] + t["warm_up"]["wall"]
                     + 9 * t["epoch"]["wall"])  # the warm-up epoch is the first of the ten

@@ -38,6 +38,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
     for phase in ("plain forward epoch", "extraction, per-token store", "extraction, pooled store",
                   "per-token store: one epoch, 2 seed(s)", "pooled store: one epoch, 2 seed(s)",
                   "per-token store: evaluation, 2 seed(s)",
+                  "extraction, pooled store, batches of <= ", "pooled store extracted in fine-tuning's batch size",
                   "| stage two, pooled store, 1 seed(s) | failed: RuntimeError: CUDA error: injected second line |",
                   "per-token store streamed (memory_budget=0): one epoch, 2 seed(s) |",
                   "GRU steps in torch operators (no fused cell kernels): one epoch, 2 seed(s) |",
