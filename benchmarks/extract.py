@@ -14,7 +14,8 @@ What it measures, in one process and on the same length-sorted batches:
    taken per round, next to its neighbour, then the median: the machines here are shared, so absolute
    times drift. Wall clock and process CPU time (all threads) are both reported.
    A breakdown says where the extraction's time goes: the model's own forward, the gather/convert/copy
-   of hidden states into the block, tokenization, waiting on the writer thread, and how busy the writer
+   of hidden states into the block (inside the forward: each state as it is made), the rest of the batch loop,
+   tokenization, waiting on the writer thread, and how busy the writer
    thread itself was (overlapped with the forward).
 2. Bytes on disk per token per layer, against the raw 2*d bytes of bfloat16, for each codec
    (every choice of ``--codec``; the timed runs write the default) on the real activations; the number of files in each store; and the pooled
@@ -52,6 +53,7 @@ import torch  # noqa: E402
 from pipeline.common.config import ExtractConfig  # noqa: E402
 from pipeline.common.settings import field_of  # noqa: E402
 from pipeline.extraction import Extraction, length_batches  # noqa: E402
+from pipeline.extraction import stage as extraction_stage  # noqa: E402
 from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
 from pipeline.store import CacheStore, plan_blocks  # noqa: E402
 
@@ -162,6 +164,8 @@ def run_extraction(cfg: ExtractConfig, backbone: Backbone) -> tuple[Extraction, 
     backbone.tokenize = clock.wrap("tokenize", bb_tokenize)  # type: ignore[method-assign]
     ext._compute_block = clock.wrap("compute_block", ext._compute_block)  # type: ignore[method-assign]
     ext.writer.write_block = clock.wrap("writer", ext.writer.write_block)  # type: ignore[method-assign]
+    copy_states = extraction_stage.copy_states  # called for each state as the forward makes it (inside "model")
+    extraction_stage.copy_states = clock.wrap("gather", copy_states)
     try:
         w0, c0 = time.perf_counter(), time.process_time()
         ext.run()
@@ -171,6 +175,7 @@ def run_extraction(cfg: ExtractConfig, backbone: Backbone) -> tuple[Extraction, 
     finally:
         undo()
         del backbone.tokenize
+        extraction_stage.copy_states = copy_states
     return ext, {"wall": wall, "cpu": cpu, "clock": clock}
 
 
@@ -258,8 +263,9 @@ def render(result: dict[str, Any]) -> str:
     ]
     total = r["breakdown"]["total"]
     for key, name in [
-        ("model", "model forward (the same compute as the plain run, with output_hidden_states)"),
-        ("gather", "gather/convert to bf16/copy into the block (rest of the batch loop)"),
+        ("model", "model forward (the same compute as the plain run)"),
+        ("gather", "gather/convert to bf16/copy into the block, each state as the forward makes it"),
+        ("loop", "rest of the batch loop (token ids, the label rows' check)"),
         ("tokenize", "tokenization"),
         ("wait", "waiting on the writer + store bookkeeping (run minus the above)"),
     ]:
@@ -375,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         # It also records the batches the pipeline forms, to check that the plain run gets the same ones.
         recorded: list[list[int]] = []
         fwd = backbone.forward
-        backbone.forward = lambda ids: (recorded.append([len(x) for x in ids]), fwd(ids))[1]  # type: ignore[method-assign]
+        backbone.forward = lambda ids, *rest: (recorded.append([len(x) for x in ids]), fwd(ids, *rest))[1]  # type: ignore[method-assign]
         try:
             ext, _ = run_extraction(make_config(args, tmp_path / "warm.zarr"), backbone)
         finally:
@@ -416,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
             return med([getattr(x["clock"], kind).get(label, 0.0) for x in runs])
 
         total = med(extract_wall)
-        model = part(extract_runs, "model")
+        model = part(extract_runs, "model")  # the forward, with each state's gather inside it
+        gather = part(extract_runs, "gather")
         compute = part(extract_runs, "compute_block")
         tok = part(extract_runs, "tokenize")
         breakdown = {
-            "total": total, "model": model, "gather": compute - model, "tokenize": tok,
+            "total": total, "model": model - gather, "gather": gather, "loop": compute - model, "tokenize": tok,
             "wait": total - compute - tok, "writer": part(extract_runs, "writer"),
             "plain_model": part(plain_runs, "model"), "plain_total": med(plain_wall),
         }

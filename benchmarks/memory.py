@@ -9,7 +9,7 @@ A randomly initialised model of a named shape (``--shape``, t5-base by default: 
 allocated) reads the task's train split tokenised as extraction tokenises it. For each ``--batch-tokens``, the
 batch with the most padded tokens (where an epoch's memory peaks) runs once on the CPU in bf16 autocast, as on
 CUDA: the plain frozen forward (nothing kept), then extraction's batch (the forward with every hidden state, then
-the states copied into the block's buffer as on a GPU). torch's profiler records every allocation
+each state copied into the block's buffer as the forward makes it, as on a GPU). torch's profiler records every allocation
 (``pipeline.common.resources.peak_tensor_bytes``); the most bytes alive at once, plus the weights, is what
 ``torch.cuda.max_memory_allocated`` says on a GPU for the same operators, less what the CUDA libraries allocate
 for themselves (cuBLAS workspaces: tens of MiB). ``benchmarks/gpu.py`` measured the 16,384-token case on an H200
@@ -19,6 +19,7 @@ for themselves (cuBLAS workspaces: tens of MiB). ``benchmarks/gpu.py`` measured 
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import sys
 import tempfile
@@ -29,8 +30,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
-
 from extract import plain_forward, planned_batches  # noqa: E402
+
 from pipeline.common.config import ExtractConfig  # noqa: E402
 from pipeline.common.resources import peak_tensor_bytes  # noqa: E402
 from pipeline.common.settings import field_of  # noqa: E402
@@ -45,17 +46,22 @@ MIB = 2**20
 
 
 def extraction_batch(ext: Extraction, batch: list[list[int]]) -> None:
-    """One batch as extraction runs it on a GPU: the forward with its hidden states, then each kept state's rows
-    gathered, converted and placed in the block's buffer (allocated here: it lives as long as its block)."""
+    """One batch as extraction runs it on a GPU: each state, as the forward makes it, gathered, converted and
+    placed in the block's buffer (allocated here: it lives as long as its block), as ``Extraction`` does."""
     bb, cfg = ext.backbone, ext.cfg
-    out = bb.forward(batch)
-    for side, layers in ext.layers.items():
-        lengths = out["lengths"][side]
-        rows = lengths if ext.per_token[side] else [1] * len(batch)
-        block = torch.zeros((ext.limits[side], len(layers), bb.d_model), dtype=torch_dtype(cfg.dtype))
-        starts = [sum(rows[:k]) for k in range(len(rows))]
-        copy_states(block, cfg.dtype, out[side], layers, lengths, starts, pooled=not ext.per_token[side],
-                    on_device=True)
+    lengths = bb.state_lengths(batch)
+    blocks = {side: torch.zeros((ext.limits[side], len(layers), bb.d_model), dtype=torch_dtype(cfg.dtype))
+              for side, layers in ext.layers.items()}
+    starts = {side: list(itertools.accumulate(lengths[side] if ext.per_token[side] else [1] * len(batch),
+                                              initial=0))[:-1] for side in ext.layers}
+
+    def take(side: str, state: int, values: torch.Tensor) -> None:
+        if state in ext.layers[side]:
+            j = ext.layers[side].index(state)
+            copy_states(blocks[side][:, j : j + 1], cfg.dtype, [values], [0], lengths[side], starts[side],
+                        pooled=not ext.per_token[side], on_device=True)
+
+    bb.forward(batch, take)
 
 
 def main() -> None:

@@ -456,3 +456,28 @@ def test_linear_weights_stored_in_the_autocast_dtype_give_the_same_states(reques
             assert torch.equal(a, b), side
     if output_weight is not None:  # the label rows are read from the output embeddings: still float32
         assert torch.equal(output.weight, output_weight)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_t5", "tiny_t5_untied", "tiny_gpt2", "minilm"])
+def test_states_are_caught_as_the_model_makes_them_equal_to_its_hidden_states(request, fixture, glue_dir,
+                                                                             monkeypatch):
+    # Each state is caught on its way into a block (and out of the stack) and handed over at once, so a forward
+    # never holds every layer's states; they must be the very tensors output_hidden_states collects.
+    from pipeline.extraction.backbones import Backbone
+
+    backbone = load_backbone(str(request.getfixturevalue(fixture)), device="cpu")
+    task = get_task("rte")
+    token_ids = backbone.tokenize(task, load_split(task, "validation", glue_dir, limit=5).texts, 64)
+    assert backbone._stacks() is not None  # the hooks are what runs here
+    taken: dict[str, list[tuple[int, torch.Tensor]]] = {side: [] for side in backbone.sides}
+    out = backbone.forward(token_ids, lambda side, i, h: taken[side].append((i, h.clone())))
+    assert not any(side in out for side in backbone.sides)  # handed over, not kept
+    collected = backbone.forward(token_ids)
+    monkeypatch.setattr(Backbone, "_stacks", lambda self: None)  # the model's own output_hidden_states
+    own = backbone.forward(token_ids)
+    for side in backbone.sides:
+        expected = backbone.n_layers_encoder if side == "encoder" else backbone.n_layers_decoder
+        assert [i for i, _ in taken[side]] == list(range(expected))
+        assert len(collected[side]) == len(own[side]) == expected
+        for (_, a), b, c in zip(taken[side], collected[side], own[side]):
+            assert torch.equal(a, c) and torch.equal(b, c), side

@@ -6,10 +6,12 @@ arrays (per-layer states, label rows) and the metadata this module puts in the s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -265,8 +267,36 @@ class Backbone:
         return rows.numpy().astype(np.float32)
 
     # ---- forward ----------------------------------------------------------------------------
+    def state_lengths(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, list[int]]:
+        """Rows of each example in each side's states: its tokens (encoder), or one position (decoder)."""
+        lengths = {"encoder": [len(ids) for ids in batch_ids], "decoder": [1] * len(batch_ids)}
+        return {side: lengths[side] for side in self.sides}
+
+    @property
+    def sides(self) -> list[str]:
+        return [side for side, n in (("encoder", self.n_layers_encoder), ("decoder", self.n_layers_decoder)) if n]
+
+    def _stacks(self) -> dict[str, tuple[torch.nn.Module, torch.nn.ModuleList]] | None:
+        """Each side's stack of blocks: the module whose output[0] is the last hidden state, and its blocks (the
+        shallowest ``ModuleList`` with one block per layer); None if some side has no such list."""
+        if self.family == "seq2seq":
+            roots = {"encoder": self.model.get_encoder(), "decoder": self.model.get_decoder()}
+        else:
+            roots = {"decoder" if self.family == "decoder" else "encoder": self.model.base_model}
+        stacks = {}
+        for side, root in roots.items():
+            blocks = (self.n_layers_encoder if side == "encoder" else self.n_layers_decoder) - 1
+            found = [(name.count("."), name, m) for name, m in root.named_modules()
+                     if isinstance(m, torch.nn.ModuleList) and len(m) == blocks]
+            if not found or [depth for depth, _, _ in found].count(min(found)[0]) > 1:
+                return None
+            _, name, modules = min(found, key=lambda f: f[0])
+            stacks[side] = (root.get_submodule(name.rpartition(".")[0]), modules)
+        return stacks
+
     @torch.inference_mode()
-    def forward(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, Any]:
+    def forward(self, batch_ids: Sequence[Sequence[int]],
+                take: Callable[[str, int, torch.Tensor], None] | None = None) -> dict[str, Any]:
         """Per-layer states for a batch, left where the model put them (no stacking, no copies).
 
         Returns ``{side: [per state (B, T_side, d) tensor on the model's device]}`` for each side the
@@ -276,6 +306,13 @@ class Backbone:
         prompt token, or decoder position 0. Callers copy the rows they keep straight into their own
         buffers (see ``pipeline.extraction.copy_states``): a (B, T, L+1, d) float32 stack would cost
         a full extra pass over padded memory per batch.
+
+        ``take(side, i, state)``: each state is handed over as the model makes it, in order, and not kept (the
+        returned dict then has no state lists). Otherwise the forward would hold every layer's states of the batch
+        until its end, as ``output_hidden_states`` does: for T5-base and 16,384 padded tokens, 0.6 GB of float32
+        encoder states. The states are caught on their way into each block and out of the stack, the very
+        tensors ``output_hidden_states`` collects (tests compare them bit for bit); a model whose blocks cannot
+        be found that way is run with ``output_hidden_states`` instead.
         """
         lengths = [len(ids) for ids in batch_ids]
         width = max(lengths)
@@ -291,30 +328,73 @@ class Backbone:
             if self.autocast_dtype is not None
             else torch.autocast(self.device.type, enabled=False)
         )
-        ones = [1] * len(lengths)
-        with autocast:
+        if self.family == "decoder":  # one position per example: the last prompt token
+            last = torch.tensor([n - 1 for n in lengths], device=self.device)
+            rows = torch.arange(len(lengths), device=self.device)
+
+        def select(side: str, h: torch.Tensor) -> torch.Tensor:
+            if side == "encoder":
+                return h
+            return h[:, :1] if self.family == "seq2seq" else h[rows, last][:, None]
+
+        result: dict[str, Any] = {"lengths": self.state_lengths(batch_ids)}
+        seen = {side: 0 for side in self.sides}
+        if take is None:
+            result.update({side: [] for side in self.sides})
+
+        def give(side: str, h: torch.Tensor) -> None:
+            state = select(side, h)
+            if take is None:
+                result[side].append(state)
+            else:
+                take(side, seen[side], state)
+            seen[side] += 1
+
+        stacks = self._stacks()
+        with autocast, _catching_states(stacks, give) if stacks else contextlib.nullcontext():
+            kept = {"output_hidden_states": stacks is None}
             if self.family == "seq2seq":
                 start = torch.full((len(batch_ids), 1), self.model.config.decoder_start_token_id, device=self.device)
-                out = self.model(
-                    input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=True
-                )
-                return {
-                    "encoder": list(out.encoder_hidden_states),
-                    "decoder": [h[:, :1] for h in out.decoder_hidden_states],
-                    "lengths": {"encoder": lengths, "decoder": ones},
-                    "logits": out.logits[:, 0],  # left on the device: read once per run, no sync per batch
-                }
-            if self.family == "decoder":
-                # The base model alone: the LM head over every position would cost B x T x V.
-                out = self.model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-                last = torch.tensor([n - 1 for n in lengths], device=self.device)
-                rows = torch.arange(len(lengths), device=self.device)
-                return {
-                    "decoder": [h[rows, last][:, None] for h in out.hidden_states],
-                    "lengths": {"decoder": ones},
-                }
-            out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-            return {"encoder": list(out.hidden_states), "lengths": {"encoder": lengths}}
+                out = self.model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, **kept)
+                result["logits"] = out.logits[:, 0]  # left on the device: read once per run, no sync per batch
+                caught = {"encoder": out.encoder_hidden_states, "decoder": out.decoder_hidden_states}
+            elif self.family == "decoder":  # the base model alone: the LM head over every position costs B x T x V
+                out = self.model.base_model(input_ids=input_ids, attention_mask=mask, **kept)
+                caught = {"decoder": out.hidden_states}
+            else:
+                out = self.model(input_ids=input_ids, attention_mask=mask, **kept)
+                caught = {"encoder": out.hidden_states}
+        if stacks is None:
+            for side, states in caught.items():
+                for h in states:
+                    give(side, h)
+        expected = {"encoder": self.n_layers_encoder, "decoder": self.n_layers_decoder}
+        for side, count in seen.items():
+            if count != expected[side]:
+                raise UnsupportedModelError(f"{self.name}: {count} {side} states came out of a forward, "
+                                            f"{expected[side]} were expected; this architecture is not supported")
+        return result
+
+
+@contextlib.contextmanager
+def _catching_states(stacks: Mapping[str, tuple[torch.nn.Module, torch.nn.ModuleList]],
+                     give: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Hooks that hand ``give`` each side's states in order: each block's input, then the stack's output."""
+    handles = []
+    for side, (stack, blocks) in stacks.items():
+        def before(module: Any, args: tuple, kwargs: dict, side: str = side) -> None:
+            give(side, args[0] if args else kwargs["hidden_states"])
+
+        def after(module: Any, args: tuple, output: Any, side: str = side) -> None:
+            give(side, output[0])
+
+        handles += [block.register_forward_pre_hook(before, with_kwargs=True) for block in blocks]
+        handles.append(stack.register_forward_hook(after))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def linear_weights_to(model: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -340,19 +340,27 @@ class Extraction:
         }
         ids_out = {side: np.full(plan.capacity[side], -1, dtype=np.int32) for side in self.layers if self.per_token[side]}
         base = {side: block * plan.capacity[side] for side in self.layers}
+        columns = {side: {state: j for j, state in enumerate(layers)} for side, layers in self.layers.items()}
         for batch in length_batches([len(t) for t in token_ids], cfg.batch_tokens):
             batch_ids = [token_ids[i] for i in batch]
-            out = bb.forward(batch_ids)
-            self._check_label_rows(out, batch_ids)
-            for side, layers in self.layers.items():
-                starts = [int(plan.offsets[side][first + i, 0]) - base[side] for i in batch]
-                copy_states(
-                    hidden[side], cfg.dtype, out[side], layers, out["lengths"][side], starts,
-                    pooled=not self.per_token[side],
-                )
-                if side in ids_out:
-                    for start, ids in zip(starts, batch_ids):
-                        ids_out[side][start : start + len(ids)] = ids
+            lengths = bb.state_lengths(batch_ids)
+            starts = {side: [int(plan.offsets[side][first + i, 0]) - base[side] for i in batch] for side in self.layers}
+            final: list[torch.Tensor] = []  # the decoder's last state, for the label rows' check
+
+            def take(side: str, state: int, values: torch.Tensor) -> None:
+                """A state as the model makes it: its kept rows go straight into the block, and nothing holds it."""
+                if side == "decoder" and state == bb.n_layers_decoder - 1:
+                    final.append(values)
+                j = columns[side].get(state)
+                if j is not None:
+                    copy_states(hidden[side][:, j : j + 1], cfg.dtype, [values], [0], lengths[side], starts[side],
+                                pooled=not self.per_token[side])
+
+            out = bb.forward(batch_ids, take)
+            self._check_label_rows(final, out.get("logits"), batch_ids)
+            for side in ids_out:
+                for start, ids in zip(starts[side], batch_ids):
+                    ids_out[side][start : start + len(ids)] = ids
             del out
         if not on_device:
             return hidden, ids_out, None
@@ -363,16 +371,17 @@ class Extraction:
         copied.record(torch.cuda.current_stream(bb.device))  # the copies' stream: the backbone's device, maybe not 0
         return {side: stored_view(rows, cfg.dtype) for side, rows in host.items()}, ids_out, copied
 
-    def _check_label_rows(self, out: dict[str, Any], batch: list[list[int]]) -> None:
-        """Once per run: the stored label rows must reproduce the model's own label logits."""
+    def _check_label_rows(self, decoder_final: Sequence[torch.Tensor], logits: torch.Tensor | None,
+                          batch: list[list[int]]) -> None:
+        """Once per run: the stored label rows must reproduce the model's own label logits (``logits``, the
+        seq2seq model's at decoder position 0, or computed here) from the decoder's last state."""
         if self.checked_label_rows or self.label_rows is None:
             return
         self.checked_label_rows = True
-        side = "decoder"
-        final = out[side][-1][: min(4, len(batch)), 0].float().cpu()  # (b, d): last state, one position
+        final = decoder_final[0][: min(4, len(batch)), 0].float().cpu()  # (b, d): last state, one position
         ours = final @ torch.from_numpy(self.label_rows).T
-        if "logits" in out:
-            theirs = out["logits"][: len(final)][:, self.label_ids].float().cpu()
+        if logits is not None:
+            theirs = logits[: len(final)][:, self.label_ids].float().cpu()
         else:
             theirs = model_label_logits(self.backbone, batch[: len(final)], self.label_ids)
         tol = 1e-2 * (1 + theirs.abs().max().item()) if self.backbone.autocast_dtype else 1e-3 * (1 + theirs.abs().max().item())

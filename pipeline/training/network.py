@@ -16,8 +16,8 @@ computation (bmm / matmul), so one read of the cached states serves every seed. 
 initialisation comes from ``torch.Generator().manual_seed(seed_k)`` and its dropout masks from its own
 generator, so seed k trains exactly as it would alone (up to float rounding), whatever other seeds
 share the stack. The RMS normalisation of the states is shared by all seeds and each seed's norm weight
-is folded into its W_ih, so the input projection of all seeds is one GEMM with no gradient w.r.t. the
-(frozen) states; dropout therefore acts on ``a``, not on ``u`` (a per-seed mask on ``u`` would need an
+is folded into its W_ih, so a layer's input projection for all seeds is one batched product, with no gradient
+w.r.t. the (frozen) states, made when that layer's step needs it (never every layer's gates at once); dropout therefore acts on ``a``, not on ``u`` (a per-seed mask on ``u`` would need an
 (S, L*N, d) tensor and cost 2x in time, measured). ``torch.nn.GRU`` cannot batch over parameter sets, hence the
 hand-written cells (PyTorch's equations and gate order, so weights map one-to-one onto ``nn.GRUCell`` & co.). On
 CUDA, outside a compiled graph, the GRU's layer steps run through torch's fused GRU cell kernels instead
