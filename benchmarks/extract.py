@@ -164,8 +164,8 @@ def run_extraction(cfg: ExtractConfig, backbone: Backbone) -> tuple[Extraction, 
     backbone.tokenize = clock.wrap("tokenize", bb_tokenize)  # type: ignore[method-assign]
     ext._compute_block = clock.wrap("compute_block", ext._compute_block)  # type: ignore[method-assign]
     ext.writer.write_block = clock.wrap("writer", ext.writer.write_block)  # type: ignore[method-assign]
-    copy_states = extraction_stage.copy_states  # called for each state as the forward makes it (inside "model")
-    extraction_stage.copy_states = clock.wrap("gather", copy_states)
+    sink = extraction_stage.StateSink.__call__  # called for each state as the forward makes it (inside "model")
+    extraction_stage.StateSink.__call__ = clock.wrap("gather", sink)  # type: ignore[method-assign]
     try:
         w0, c0 = time.perf_counter(), time.process_time()
         ext.run()
@@ -175,7 +175,7 @@ def run_extraction(cfg: ExtractConfig, backbone: Backbone) -> tuple[Extraction, 
     finally:
         undo()
         del backbone.tokenize
-        extraction_stage.copy_states = copy_states
+        extraction_stage.StateSink.__call__ = sink  # type: ignore[method-assign]
     return ext, {"wall": wall, "cpu": cpu, "clock": clock}
 
 

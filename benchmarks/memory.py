@@ -39,7 +39,7 @@ from pipeline.common.tasks import get_task  # noqa: E402
 from pipeline.extraction import Extraction  # noqa: E402
 from pipeline.extraction.backbones import Backbone, linear_weights_to, load_backbone  # noqa: E402
 from pipeline.extraction.shapes import build_random_backbone  # noqa: E402
-from pipeline.extraction.stage import copy_states, gather_splits  # noqa: E402
+from pipeline.extraction.stage import StateSink, gather_splits  # noqa: E402
 from pipeline.store.format import torch_dtype  # noqa: E402
 
 MIB = 2**20
@@ -50,16 +50,16 @@ def extraction_batch(ext: Extraction, batch: list[list[int]]) -> None:
     placed in the block's buffer (allocated here: it lives as long as its block), as ``Extraction`` does."""
     bb, cfg = ext.backbone, ext.cfg
     lengths = bb.state_lengths(batch)
-    blocks = {side: torch.zeros((ext.limits[side], len(layers), bb.d_model), dtype=torch_dtype(cfg.dtype))
-              for side, layers in ext.layers.items()}
-    starts = {side: list(itertools.accumulate(lengths[side] if ext.per_token[side] else [1] * len(batch),
-                                              initial=0))[:-1] for side in ext.layers}
+    sinks = {}
+    for side, layers in ext.layers.items():
+        block = torch.zeros((ext.limits[side], len(layers), bb.d_model), dtype=torch_dtype(cfg.dtype))
+        rows = lengths[side] if ext.per_token[side] else [1] * len(batch)
+        starts = list(itertools.accumulate(rows, initial=0))[:-1]
+        sinks[side] = StateSink(block, cfg.dtype, lengths[side], starts, pooled=not ext.per_token[side])
 
     def take(side: str, state: int, values: torch.Tensor) -> None:
         if state in ext.layers[side]:
-            j = ext.layers[side].index(state)
-            copy_states(blocks[side][:, j : j + 1], cfg.dtype, [values], [0], lengths[side], starts[side],
-                        pooled=not ext.per_token[side], on_device=True)
+            sinks[side](ext.layers[side].index(state), values)
 
     bb.forward(batch, take)
 

@@ -17,7 +17,7 @@ from synthetic import ensure_split, tree_bytes
 
 from pipeline.common.config import ExtractConfig, TrainConfig
 from pipeline.common.errors import TrainingError
-from pipeline.extraction.stage import copy_states, extract
+from pipeline.extraction.stage import StateSink, copy_states, extract
 from pipeline.store import STORED_DTYPES, CacheStore, stored_view, torch_dtype
 from pipeline.training import Trainer
 from pipeline.training.trainer import NEVER
@@ -98,7 +98,11 @@ def check_block_buffer(pooled: bool, device: str) -> None:
     gathered_to_host = np.zeros(shape, dtype=STORED_DTYPES[dtype])  # gathered on the device, one copy to the host
     copy_states(gathered_to_host, dtype, [s.to(device) for s in states], layers, lengths, starts, pooled=pooled,
                 on_device=True)
-    for device_rows in (stored_view(block.cpu(), dtype), gathered_to_host):
+    one_at_a_time = torch.zeros(shape, dtype=torch_dtype(dtype), device=device)  # as the forward hands them over
+    sink = StateSink(one_at_a_time, dtype, lengths, starts, pooled=pooled)
+    for j, layer in enumerate(layers):
+        sink(j, states[layer].to(device))
+    for device_rows in (stored_view(block.cpu(), dtype), gathered_to_host, stored_view(one_at_a_time.cpu(), dtype)):
         if pooled:  # float32 means summed in another order: equal up to one bf16 rounding step
             np.testing.assert_allclose(torch.from_numpy(device_rows.view(np.int16)).view(torch.bfloat16).float(),
                                        torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).float(), rtol=1e-2)
@@ -300,3 +304,18 @@ def test_cuda_graphs_without_cuda_say_so_and_train_compiled(synthetic_store, tmp
     assert "--cuda-graphs: no CUDA device (cpu), so no graphs; the step is compiled" in result.output
     assert "--compile: the first steps build the compiled step" in result.output
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_states_handed_over_one_at_a_time_share_one_set_of_indices(monkeypatch):
+    # Each index tensor crosses from host memory, which may wait for the device; a batch's states (13 for T5-base)
+    # must not pay that once each.
+    from pipeline.extraction import stage
+
+    made = []
+    rows = stage.DeviceRows
+    monkeypatch.setattr(stage, "DeviceRows", lambda *a, **k: made.append(1) or rows(*a, **k))
+    block = torch.zeros((20, 4, 8), dtype=torch.bfloat16)
+    sink = StateSink(block, "bfloat16", [5, 3], [0, 5], pooled=False)
+    for j in range(4):
+        sink(j, torch.randn(2, 5, 8))
+    assert len(made) == 1 and block[:8].abs().sum() > 0

@@ -132,39 +132,74 @@ def copy_states(
                 else:
                     target[start : start + n, j] = h[k, :n]
         return
-    device = states[0].device
-    batch, width = states[0].shape[:2]
-    if pooled:
-        valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        counts = valid.sum(dim=1, keepdim=True).float()
-        rows = [1] * batch
-
-        def kept_rows(layer: int) -> torch.Tensor:  # (B, d), the mean over each example's tokens in float32
-            return (states[layer].float() * valid[..., None]).sum(dim=1) / counts
-    else:
-        index = torch.from_numpy(np.concatenate([k * width + np.arange(n) for k, n in enumerate(lengths)]))
-        index = index.to(device, non_blocking=True)
-        rows = list(lengths)
-
-        def kept_rows(layer: int) -> torch.Tensor:  # (sum of lengths, d), the real tokens' rows
-            return states[layer].flatten(0, 1).index_select(0, index)
+    kept = DeviceRows(lengths, states[0].shape[1], pooled=pooled, device=states[0].device)
     # A layer at a time: a (rows, layers, d) stack of the model's float32 states would cost, for a batch of 16,384
     # tokens of 13 T5-base states, 0.6 GB, twice over while it is stacked, on top of the forward's own memory.
     if isinstance(dest, torch.Tensor):
-        places = np.concatenate([np.arange(start, start + n) for n, start in zip(rows, starts)])
-        places_t = torch.from_numpy(places).to(dest.device, non_blocking=True)
+        places = kept.places(starts, dest.device)
         for j, layer in enumerate(layers):
-            dest[:, j].index_copy_(0, places_t, kept_rows(layer).to(dest.dtype))
+            dest[:, j].index_copy_(0, places, kept.of(states[layer]).to(dest.dtype))
         return
-    packed = torch.empty((sum(rows), len(layers), states[0].shape[-1]), dtype=torch_dtype(dtype), device=device)
+    packed = torch.empty((sum(kept.rows), len(layers), states[0].shape[-1]), dtype=torch_dtype(dtype),
+                         device=states[0].device)
     for j, layer in enumerate(layers):
-        packed[:, j] = kept_rows(layer)  # converted on the way, as ``Tensor.to`` converts
+        packed[:, j] = kept.of(states[layer])  # converted on the way, as ``Tensor.to`` converts
     target = logical_view(dest, dtype)
     host = logical_view(packed.cpu())
     offset = 0
-    for n, start in zip(rows, starts):
+    for n, start in zip(kept.rows, starts):
         target[start : start + n] = host[offset : offset + n]
         offset += n
+
+
+class DeviceRows:
+    """The rows a batch keeps of each state, taken on the accelerator: the real tokens' rows (per-token) or each
+    example's mean over them in float32 (pooled). Its index tensors are made once, for every state of the batch:
+    each is a copy from host memory, which may wait for the device, where the forward is queued ahead."""
+
+    def __init__(self, lengths: Sequence[int], width: int, *, pooled: bool, device: torch.device) -> None:
+        self.pooled = pooled
+        if pooled:
+            self.valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+            self.counts = self.valid.sum(dim=1, keepdim=True).float()
+            self.rows = [1] * len(lengths)
+        else:
+            index = torch.from_numpy(np.concatenate([k * width + np.arange(n) for k, n in enumerate(lengths)]))
+            self.index = index.to(device, non_blocking=True)
+            self.rows = list(lengths)
+
+    def of(self, state: torch.Tensor) -> torch.Tensor:
+        """(kept rows, d) of a (B, T, d) state: (sum of lengths, d), or (B, d) means in float32."""
+        if self.pooled:
+            return (state.float() * self.valid[..., None]).sum(dim=1) / self.counts
+        return state.flatten(0, 1).index_select(0, self.index)
+
+    def places(self, starts: Sequence[int], device: torch.device) -> torch.Tensor:
+        """The block rows they go to, each example's from its start."""
+        places = np.concatenate([np.arange(start, start + n) for n, start in zip(self.rows, starts)])
+        return torch.from_numpy(places).to(device, non_blocking=True)
+
+
+class StateSink:
+    """``copy_states`` for states that come one at a time, as the forward makes them (``Backbone.forward``'s
+    ``take``): ``sink(column, state)`` places a state's kept rows in the block's ``column``. On an accelerator the
+    index tensors are made at the batch's first state and serve all of them."""
+
+    def __init__(self, dest: np.ndarray | torch.Tensor, dtype: str, lengths: Sequence[int], starts: Sequence[int],
+                 *, pooled: bool) -> None:
+        self.dest, self.dtype, self.lengths, self.starts, self.pooled = dest, dtype, lengths, starts, pooled
+        self._kept: tuple[DeviceRows, torch.Tensor] | None = None
+
+    def __call__(self, column: int, state: torch.Tensor) -> None:
+        if not isinstance(self.dest, torch.Tensor):  # a host block: copy_states's per-slice host path
+            copy_states(self.dest[:, column : column + 1], self.dtype, [state], [0], self.lengths, self.starts,
+                        pooled=self.pooled)
+            return
+        if self._kept is None:
+            kept = DeviceRows(self.lengths, state.shape[1], pooled=self.pooled, device=state.device)
+            self._kept = kept, kept.places(self.starts, self.dest.device)
+        kept, places = self._kept
+        self.dest[:, column].index_copy_(0, places, kept.of(state).to(self.dest.dtype))
 
 
 def select_layers(layers: Sequence[int] | None, num_states: int) -> list[int]:
@@ -345,16 +380,16 @@ class Extraction:
             batch_ids = [token_ids[i] for i in batch]
             lengths = bb.state_lengths(batch_ids)
             starts = {side: [int(plan.offsets[side][first + i, 0]) - base[side] for i in batch] for side in self.layers}
+            sinks = {side: StateSink(hidden[side], cfg.dtype, lengths[side], starts[side],
+                                     pooled=not self.per_token[side]) for side in self.layers}
             final: list[torch.Tensor] = []  # the decoder's last state, for the label rows' check
 
             def take(side: str, state: int, values: torch.Tensor) -> None:
                 """A state as the model makes it: its kept rows go straight into the block, and nothing holds it."""
                 if side == "decoder" and state == bb.n_layers_decoder - 1:
                     final.append(values)
-                j = columns[side].get(state)
-                if j is not None:
-                    copy_states(hidden[side][:, j : j + 1], cfg.dtype, [values], [0], lengths[side], starts[side],
-                                pooled=not self.per_token[side])
+                if state in columns[side]:
+                    sinks[side](columns[side][state], values)
 
             out = bb.forward(batch_ids, take)
             self._check_label_rows(final, out.get("logits"), batch_ids)
