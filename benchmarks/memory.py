@@ -39,7 +39,7 @@ from pipeline.common.tasks import get_task  # noqa: E402
 from pipeline.extraction import Extraction  # noqa: E402
 from pipeline.extraction.backbones import Backbone, linear_weights_to, load_backbone  # noqa: E402
 from pipeline.extraction.shapes import build_random_backbone  # noqa: E402
-from pipeline.extraction.stage import StateSink, gather_splits  # noqa: E402
+from pipeline.extraction.stage import StateSink, gather_splits, into_sinks  # noqa: E402
 from pipeline.store.format import torch_dtype  # noqa: E402
 
 MIB = 2**20
@@ -56,12 +56,7 @@ def extraction_batch(ext: Extraction, batch: list[list[int]]) -> None:
         rows = lengths[side] if ext.per_token[side] else [1] * len(batch)
         starts = list(itertools.accumulate(rows, initial=0))[:-1]
         sinks[side] = StateSink(block, cfg.dtype, lengths[side], starts, pooled=not ext.per_token[side])
-
-    def take(side: str, state: int, values: torch.Tensor) -> None:
-        if state in ext.layers[side]:
-            sinks[side](ext.layers[side].index(state), values)
-
-    bb.forward(batch, take)
+    bb.forward(batch, into_sinks(sinks, ext.layers))
 
 
 def main() -> None:

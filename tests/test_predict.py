@@ -141,7 +141,7 @@ def test_adapters_share_one_forward_and_stack_by_config(trained, glue_dir, monke
     assert len(predictor.groups) == 1 and predictor.groups[0][0].seeds == [0, 1]
     calls = []
     forward = predictor.backbone.forward
-    monkeypatch.setattr(predictor.backbone, "forward", lambda ids: calls.append(len(ids)) or forward(ids))
+    monkeypatch.setattr(predictor.backbone, "forward", lambda ids, *rest: calls.append(len(ids)) or forward(ids, *rest))
     texts = load_split(task, "validation", glue_dir, limit=LIMIT).texts
     predictor.predict(texts, batch_tokens=10**6, progress=False)
     assert calls == [LIMIT]  # one batch, one forward, both seeds
@@ -323,3 +323,22 @@ def test_reading_texts_keeps_an_index_column(tmp_path):
     assert texts.format == "tsv" and len(read_texts(str(source), rte, limit=1)) == 1
     with pytest.raises(InputFormatError, match="line 2"):
         read_texts("-", rte, stdin=io.StringIO('{"sentence1": "a", "sentence2": "b"}\n[1]\n'))
+
+
+@pytest.mark.parametrize("case, dtype", [("t5-rte", "bfloat16"), ("minilm-rte-pooled", "float32")])
+def test_states_gathered_on_the_device_are_the_host_s_rows(trained, glue_dir, case, dtype):
+    # On an accelerator the live states go into device buffers (run here on CPU tensors; tests/test_cuda.py's
+    # block-buffer test runs the same gather on a GPU) and must be the rows the host path builds.
+    _, run, task = trained(case, dtype)
+    predictor = Predictor.load(load_adapters([run]), device="cpu")
+    batch_ids = predictor.tokenize(load_split(task, "validation", glue_dir, limit=6).texts)
+    host, device = (predictor.side_batch(batch_ids, on_device=flag) for flag in (False, True))
+    for field in ("encoder", "decoder", "encoder_segment", "encoder_first"):
+        a, b = getattr(host, field), getattr(device, field)
+        assert (a is None) == (b is None), field
+        if a is None:
+            continue
+        if dtype == "float32" and a.is_floating_point():  # pooled means, summed in another order
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b), field

@@ -13,10 +13,11 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,6 +203,20 @@ class StateSink:
         self.dest[:, column].index_copy_(0, places, kept.of(state).to(self.dest.dtype))
 
 
+def into_sinks(sinks: Mapping[str, StateSink],
+               layers: Mapping[str, Sequence[int]]) -> Callable[[str, int, torch.Tensor], None]:
+    """``Backbone.forward``'s ``take``: each state a side keeps (``layers``) into that side's sink, at its column;
+    the others pass by."""
+    columns = {side: {state: j for j, state in enumerate(kept)} for side, kept in layers.items()}
+
+    def take(side: str, state: int, values: torch.Tensor) -> None:
+        column = columns.get(side, {}).get(state)
+        if column is not None:
+            sinks[side](column, values)
+
+    return take
+
+
 def select_layers(layers: Sequence[int] | None, num_states: int) -> list[int]:
     """Resolve --layers against one side's L+1 states; the final state must stay (heads read it)."""
     if layers is None:
@@ -375,21 +390,20 @@ class Extraction:
         }
         ids_out = {side: np.full(plan.capacity[side], -1, dtype=np.int32) for side in self.layers if self.per_token[side]}
         base = {side: block * plan.capacity[side] for side in self.layers}
-        columns = {side: {state: j for j, state in enumerate(layers)} for side, layers in self.layers.items()}
         for batch in length_batches([len(t) for t in token_ids], cfg.batch_tokens):
             batch_ids = [token_ids[i] for i in batch]
             lengths = bb.state_lengths(batch_ids)
             starts = {side: [int(plan.offsets[side][first + i, 0]) - base[side] for i in batch] for side in self.layers}
             sinks = {side: StateSink(hidden[side], cfg.dtype, lengths[side], starts[side],
                                      pooled=not self.per_token[side]) for side in self.layers}
+            keep = into_sinks(sinks, self.layers)
             final: list[torch.Tensor] = []  # the decoder's last state, for the label rows' check
 
             def take(side: str, state: int, values: torch.Tensor) -> None:
                 """A state as the model makes it: its kept rows go straight into the block, and nothing holds it."""
                 if side == "decoder" and state == bb.n_layers_decoder - 1:
                     final.append(values)
-                if state in columns[side]:
-                    sinks[side](columns[side][state], values)
+                keep(side, state, values)
 
             out = bb.forward(batch_ids, take)
             self._check_label_rows(final, out.get("logits"), batch_ids)

@@ -3,7 +3,7 @@ the store would hold, and every adapter's side network on them.
 
 Parity with stage two is the point: the side network was trained on stored rows (the kept layers, every
 token or the pooled mean, rounded to the storage dtype), so the live states go through the same
-``copy_states`` into the stored representation and the same ``Chunk.batch`` into a ``SideBatch``. The
+``StateSink`` into the stored representation and the same ``Chunk.batch`` into a ``SideBatch``. The
 backbone is loaded as the extraction loaded it (same dtype: bfloat16 autocast on CUDA), and refused
 when its content hash differs from the one the adapter was trained on.
 """
@@ -14,7 +14,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +22,9 @@ from pipeline.common.errors import AdapterError, AdapterNotFoundError, ConfigErr
 from pipeline.common.progress import progress_bar
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.extraction.backbones import Backbone, load_backbone
-from pipeline.extraction.stage import copy_states, length_batches
+from pipeline.extraction.stage import StateSink, into_sinks, length_batches
 from pipeline.store import STORED_DTYPES
-from pipeline.store.format import torch_view
+from pipeline.store.format import torch_dtype, torch_view
 from pipeline.training.adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -222,26 +221,37 @@ class Predictor:
     def tokenize(self, texts: Sequence[dict[str, str]]) -> list[list[int]]:
         return self.backbone.tokenize(self.task, texts, self.extraction.max_length)
 
-    def side_batch(self, out: dict[str, Any], batch_size: int) -> SideBatch:
-        """A forward pass's states as the store would hold them, batched as training batches them."""
-        ext, d = self.extraction, self.backbone.d_model
-        states, counts = {}, {}
+    def side_batch(self, batch_ids: Sequence[Sequence[int]], *, on_device: bool | None = None) -> SideBatch:
+        """A forward pass's states as the store would hold them, batched as training batches them.
+
+        Each state's kept rows go into the batch's buffers as the forward makes it (``Backbone.forward``'s
+        ``take``), as extraction's do into a block. On an accelerator (``on_device``; by default where the backbone
+        is) the buffers are on the device, so the states never cross to host memory and back; on a CPU, numpy
+        arrays.
+        """
+        ext, bb = self.extraction, self.backbone
+        on_device = bb.device.type != "cpu" if on_device is None else on_device
+        lengths = bb.state_lengths(batch_ids)
+        buffers: dict[str, np.ndarray | torch.Tensor] = {}
+        sinks, counts = {}, {}
         for side, kept in ext.layers.items():
-            lengths = out["lengths"][side]
-            rows = np.asarray(lengths if ext.per_token(side) else [1] * batch_size, dtype=np.int64)
-            buffer = np.zeros((int(rows.sum()), len(kept), d), dtype=STORED_DTYPES[ext.dtype])
+            rows = np.asarray(lengths[side] if ext.per_token(side) else [1] * len(batch_ids), dtype=np.int64)
+            shape = (int(rows.sum()), len(kept), bb.d_model)
+            buffers[side] = (torch.zeros(shape, dtype=torch_dtype(ext.dtype), device=bb.device) if on_device
+                             else np.zeros(shape, dtype=STORED_DTYPES[ext.dtype]))
             starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
-            copy_states(buffer, ext.dtype, out[side], kept, lengths, starts, pooled=not ext.per_token(side))
-            states[side], counts[side] = torch_view(buffer, ext.dtype), rows
-        examples = np.arange(batch_size)
-        return Chunk.from_rows(examples, torch.zeros(batch_size), states, counts).batch(examples)
+            sinks[side] = StateSink(buffers[side], ext.dtype, lengths[side], starts, pooled=not ext.per_token(side))
+            counts[side] = rows
+        bb.forward(batch_ids, into_sinks(sinks, ext.layers))
+        states = {side: b if isinstance(b, torch.Tensor) else torch_view(b, ext.dtype) for side, b in buffers.items()}
+        examples = np.arange(len(batch_ids))
+        labels = torch.zeros(len(batch_ids), device=bb.device if on_device else "cpu")
+        return Chunk.from_rows(examples, labels, states, counts).batch(examples)
 
     @torch.inference_mode()
     def predict_batch(self, batch_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Outputs of every adapter for one batch: (A, B, K) logits or (A, B) scores, float32."""
-        out = self.backbone.forward(batch_ids)
-        batch = self.side_batch(out, len(batch_ids)).to(self.backbone.device)
-        del out
+        batch = self.side_batch(batch_ids).to(self.backbone.device)
         results: list[np.ndarray | None] = [None] * len(self.adapters)
         for model, group in self.groups:
             values = model(batch).float().cpu().numpy()  # (S, B, ...)
