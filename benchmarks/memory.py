@@ -8,8 +8,8 @@ Run from the repository root (a few minutes on a CPU):
 A randomly initialised model of a named shape (``--shape``, t5-base by default: the values do not change what is
 allocated) reads the task's train split tokenised as extraction tokenises it. For each ``--batch-tokens``, the
 batch with the most padded tokens (where an epoch's memory peaks) runs once on the CPU in bf16 autocast, as on
-CUDA: the plain frozen forward (nothing kept), then extraction's batch (the forward with every hidden state, then
-each state copied into the block's buffer as the forward makes it, as on a GPU). torch's profiler records every allocation
+CUDA: the plain frozen forward (nothing kept), then extraction's batch (the forward, each state copied into the
+block's buffer as the forward makes it, as on a GPU). torch's profiler records every allocation
 (``pipeline.common.resources.peak_tensor_bytes``); the most bytes alive at once, plus the weights, is what
 ``torch.cuda.max_memory_allocated`` says on a GPU for the same operators, less what the CUDA libraries allocate
 for themselves (cuBLAS workspaces: tens of MiB). ``benchmarks/gpu.py`` measured the 16,384-token case on an H200
@@ -92,7 +92,8 @@ def main() -> None:
     blocks = sum(rows * len(ext.layers[side]) * backbone.d_model * torch_dtype(cfg.dtype).itemsize
                  for side, rows in ext.limits.items())
     print(f"\nRandom `{args.shape}` shape, {args.task} train, weights {weights / MIB:,.0f} MiB (linear layers in bf16, "
-          f"the rest float32, as loaded for CUDA; counted in both columns), the block buffers {blocks / MIB:,.0f} MiB (in the extraction column); bf16 autocast; "
+          f"the rest float32, as loaded for CUDA; counted in both columns), the block buffers {blocks / MIB:,.0f} "
+          "MiB (in the extraction column); bf16 autocast; "
           f"torch {torch.__version__}, {platform.machine()}. Command: "
           f"`.venv/bin/python benchmarks/memory.py {' '.join(sys.argv[1:])}`")
 

@@ -472,7 +472,8 @@ def test_states_are_caught_as_the_model_makes_them_equal_to_its_hidden_states(re
     taken: dict[str, list[tuple[int, torch.Tensor]]] = {side: [] for side in backbone.sides}
     out = backbone.forward(token_ids, lambda side, i, h: taken[side].append((i, h.clone())))
     assert not any(side in out for side in backbone.sides)  # handed over, not kept
-    collected = backbone.forward(token_ids)
+    assert backbone.catching_checked is True  # the first forward found them equal to output_hidden_states
+    collected = backbone.forward(token_ids)  # caught alone from now on
     monkeypatch.setattr(Backbone, "_stacks", lambda self: None)  # the model's own output_hidden_states
     own = backbone.forward(token_ids)
     for side in backbone.sides:
@@ -481,3 +482,24 @@ def test_states_are_caught_as_the_model_makes_them_equal_to_its_hidden_states(re
         assert len(collected[side]) == len(own[side]) == expected
         for (_, a), b, c in zip(taken[side], collected[side], own[side]):
             assert torch.equal(a, c) and torch.equal(b, c), side
+
+
+def test_states_caught_at_the_wrong_modules_are_noticed_and_the_model_s_own_are_used(minilm, glue_dir, monkeypatch):
+    # An architecture whose shallowest list of blocks is not where its hidden states flow must not store wrong
+    # states: the first forward compares what the hooks caught with output_hidden_states and falls back for good.
+    from pipeline.extraction.backbones import Backbone
+
+    backbone = load_backbone(str(minilm), device="cpu")
+    task = get_task("rte")
+    token_ids = backbone.tokenize(task, load_split(task, "validation", glue_dir, limit=4).texts, 64)
+    right = backbone._stacks()
+    monkeypatch.setattr(Backbone, "_stacks", lambda self: None)
+    own = backbone.forward(token_ids)["encoder"]
+    stack, blocks = right["encoder"]
+    wrong = torch.nn.ModuleList([block.intermediate for block in blocks])  # inside each block: other tensors
+    monkeypatch.setattr(Backbone, "_stacks", lambda self: {"encoder": (stack, wrong)})
+    for _ in range(2):  # the checking forward, then one after it
+        taken: list[torch.Tensor] = []
+        backbone.forward(token_ids, lambda side, i, h: taken.append(h))
+        assert backbone.catching_checked is False
+        assert len(taken) == len(own) and all(torch.equal(a, b) for a, b in zip(taken, own))

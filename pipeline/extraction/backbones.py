@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from pipeline.common.resources import pick_device
 from pipeline.common.tasks import TaskSpec
 from pipeline.extraction.glue import hub_unreachable, offline_flag
 from pipeline.store import BackboneInfo
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("seq2seq", "encoder", "decoder")
 
@@ -197,6 +200,9 @@ class Backbone:
     n_layers_encoder: int  # hidden states per token including the embedding output (L + 1)
     n_layers_decoder: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # Whether forward's hooks catch exactly what output_hidden_states collects: None until the first forward has
+    # compared them, then True, or False (the model's own output_hidden_states from then on).
+    catching_checked: bool | None = field(default=None, init=False, repr=False)
 
     def info(self) -> BackboneInfo:
         """The backbone as the store records it (stage two reads this, never the model)."""
@@ -311,8 +317,9 @@ class Backbone:
         returned dict then has no state lists). Otherwise the forward would hold every layer's states of the batch
         until its end, as ``output_hidden_states`` does: for T5-base and 16,384 padded tokens, 0.6 GB of float32
         encoder states. The states are caught on their way into each block and out of the stack, the very
-        tensors ``output_hidden_states`` collects (tests compare them bit for bit); a model whose blocks cannot
-        be found that way is run with ``output_hidden_states`` instead.
+        tensors ``output_hidden_states`` collects. The first forward checks it once, on its first example's first
+        8 tokens, catching the states and collecting them both; a model whose blocks cannot be found that way,
+        or whose caught states are not its hidden states, is run with ``output_hidden_states`` instead.
         """
         lengths = [len(ids) for ids in batch_ids]
         width = max(lengths)
@@ -350,9 +357,15 @@ class Backbone:
                 take(side, seen[side], state)
             seen[side] += 1
 
-        stacks = self._stacks()
-        with autocast, _catching_states(stacks, give) if stacks else contextlib.nullcontext():
-            kept = {"output_hidden_states": stacks is None}
+        stacks = self._stacks() if self.catching_checked is not False else None
+        if stacks is not None and self.catching_checked is None and (len(batch_ids) > 1 or len(batch_ids[0]) > 8):
+            type(self).forward(self, [list(batch_ids[0][:8])])  # the check below, on a batch too small to cost memory
+            stacks = stacks if self.catching_checked else None
+        checking = stacks is not None and self.catching_checked is None  # catch and collect once, and compare
+        caught_once: dict[str, list[torch.Tensor]] = {side: [] for side in self.sides}
+        catch = (lambda side, h: caught_once[side].append(h)) if checking else give
+        with autocast, _catching_states(stacks, catch) if stacks else contextlib.nullcontext():
+            kept = {"output_hidden_states": stacks is None or checking}
             if self.family == "seq2seq":
                 start = torch.full((len(batch_ids), 1), self.model.config.decoder_start_token_id, device=self.device)
                 out = self.model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, **kept)
@@ -364,7 +377,16 @@ class Backbone:
             else:
                 out = self.model(input_ids=input_ids, attention_mask=mask, **kept)
                 caught = {"encoder": out.hidden_states}
-        if stacks is None:
+        if checking:
+            self.catching_checked = all(
+                len(caught_once[side]) == len(states) and all(a is b or torch.equal(a, b)
+                                                              for a, b in zip(caught_once[side], states))
+                for side, states in caught.items())
+            if not self.catching_checked:
+                log.warning("%s: the states caught at its blocks are not its own hidden states; extraction runs "
+                            "with output_hidden_states (the whole batch's states held to the end of each forward)",
+                            self.name)
+        if stacks is None or checking:
             for side, states in caught.items():
                 for h in states:
                     give(side, h)
@@ -402,9 +424,10 @@ def linear_weights_to(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
     Autocast casts a float32 weight to its dtype at every call, rounding to nearest even as ``Tensor.to`` does, so
     a weight stored already cast computes exactly the same (tests/test_extract.py compares every state bit for bit)
-    in about half the memory (T5-base: 850 -> 472 MiB of weights), and the per-call casts go. Left in float32: everything
-    but linear layers (embeddings, norms: they do not run in the autocast dtype), the output embeddings (the label
-    rows are read from them) and any weight a linear layer shares with another module (tied embeddings).
+    in about half the memory (T5-base: 850 -> 472 MiB of weights), and the per-call casts go. Left in float32:
+    everything but linear layers (embeddings, norms: they do not run in the autocast dtype), the output embeddings
+    (the label rows are read from them) and any weight a linear layer shares with another module (tied
+    embeddings).
     """
     from torch import nn
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (an addmm)

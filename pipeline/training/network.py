@@ -17,8 +17,9 @@ initialisation comes from ``torch.Generator().manual_seed(seed_k)`` and its drop
 generator, so seed k trains exactly as it would alone (up to float rounding), whatever other seeds
 share the stack. The RMS normalisation of the states is shared by all seeds and each seed's norm weight
 is folded into its W_ih, so a layer's input projection for all seeds is one batched product, with no gradient
-w.r.t. the (frozen) states, made when that layer's step needs it (never every layer's gates at once); dropout therefore acts on ``a``, not on ``u`` (a per-seed mask on ``u`` would need an
-(S, L*N, d) tensor and cost 2x in time, measured). ``torch.nn.GRU`` cannot batch over parameter sets, hence the
+w.r.t. the (frozen) states, made when that layer's step needs it (never every layer's gates at once); dropout
+therefore acts on ``a``, not on ``u`` (a per-seed mask on ``u`` would need an (S, L*N, d) tensor and cost 2x in
+time, measured). ``torch.nn.GRU`` cannot batch over parameter sets, hence the
 hand-written cells (PyTorch's equations and gate order, so weights map one-to-one onto ``nn.GRUCell`` & co.). On
 CUDA, outside a compiled graph, the GRU's layer steps run through torch's fused GRU cell kernels instead
 (``pipeline.training.fused_gru``): the same values up to float rounding, in a fraction of the launches.
