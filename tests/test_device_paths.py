@@ -92,17 +92,17 @@ def check_block_buffer(pooled: bool, device: str) -> None:
     starts = [int(s) for s in np.cumsum([0, *rows[:-1]]) + 3]  # not from row 0: the scatter must place them
     shape = (sum(rows) + 5, len(layers), 16)
     host = np.zeros(shape, dtype=STORED_DTYPES[dtype])
-    copy_states(host, dtype, states, layers, lengths, starts, pooled=pooled, on_device=False)
+    copy_states(host, dtype, states, layers, lengths, starts, pooled=pooled)
     block = torch.zeros(shape, dtype=torch_dtype(dtype), device=device)
-    copy_states(block, dtype, [s.to(device) for s in states], layers, lengths, starts, pooled=pooled, on_device=True)
-    gathered_to_host = np.zeros(shape, dtype=STORED_DTYPES[dtype])  # gathered on the device, one copy to the host
-    copy_states(gathered_to_host, dtype, [s.to(device) for s in states], layers, lengths, starts, pooled=pooled,
-                on_device=True)
+    copy_states(block, dtype, [s.to(device) for s in states], layers, lengths, starts, pooled=pooled)
+    from_device_to_host = np.zeros(shape, dtype=STORED_DTYPES[dtype])  # a device's states into a host block
+    copy_states(from_device_to_host, dtype, [s.to(device) for s in states], layers, lengths, starts, pooled=pooled)
     one_at_a_time = torch.zeros(shape, dtype=torch_dtype(dtype), device=device)  # as the forward hands them over
     sink = StateSink(one_at_a_time, dtype, lengths, starts, pooled=pooled)
     for j, layer in enumerate(layers):
         sink(j, states[layer].to(device))
-    for device_rows in (stored_view(block.cpu(), dtype), gathered_to_host, stored_view(one_at_a_time.cpu(), dtype)):
+    for device_rows in (stored_view(block.cpu(), dtype), from_device_to_host,
+                        stored_view(one_at_a_time.cpu(), dtype)):
         if pooled:  # float32 means summed in another order: equal up to one bf16 rounding step
             np.testing.assert_allclose(torch.from_numpy(device_rows.view(np.int16)).view(torch.bfloat16).float(),
                                        torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).float(), rtol=1e-2)
@@ -126,7 +126,7 @@ def test_the_device_gather_holds_one_layer_s_rows_at_a_time():
     lengths = [T] * B
     block = torch.zeros((B * T, n_states, d), dtype=torch.bfloat16)
     peak = peak_tensor_bytes(lambda: copy_states(block, "bfloat16", states, list(range(n_states)), lengths,
-                                                 [k * T for k in range(B)], pooled=False, on_device=True))
+                                                 [k * T for k in range(B)], pooled=False))
     one_layer = B * T * d * 4  # float32 rows of one layer
     assert peak < 2 * one_layer, peak / one_layer
 

@@ -310,7 +310,7 @@ class Backbone:
         right padding), and for seq2seq ``"logits"`` (B, V) at decoder position 0 (on the model's device).
         Decoder-family and seq2seq decoder states are one position per example (T_side = 1): the last
         prompt token, or decoder position 0. Callers copy the rows they keep straight into their own
-        buffers (see ``pipeline.extraction.copy_states``): a (B, T, L+1, d) float32 stack would cost
+        buffers (see ``pipeline.extraction.stage.StateSink``): a (B, T, L+1, d) float32 stack would cost
         a full extra pass over padded memory per batch.
 
         ``take(side, i, state)``: each state is handed over as the model makes it, in order, and not kept (the

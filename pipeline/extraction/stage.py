@@ -105,52 +105,12 @@ def copy_states(
     starts: Sequence[int],
     *,
     pooled: bool,
-    on_device: bool | None = None,
 ) -> None:
-    """Place one batch's kept states into a block buffer (stored representation, e.g. bf16 bits).
-
-    ``states`` are the model's per-state (B, T, d) tensors, real tokens first. Per-token: example k
-    fills rows ``[starts[k], starts[k] + lengths[k])``; pooled: one row at ``starts[k]``, the mean
-    over the example's tokens in float32.
-
-    On CPU each (example, layer) slice goes straight from the model's output into the block, converted
-    on the way (numpy/ml_dtypes casts: round to nearest even, bit-identical to ``Tensor.to``): one pass,
-    no temporaries, and no torch intra-op threads — thousands of small parallel torch copies stall
-    on thread hand-offs, worst of all on a busy machine. On an accelerator the kept rows are gathered
-    and converted there; ``dest`` is then either a block buffer on the device (one scatter, no host
-    sync: the block crosses to the host once, whole) or a host array (one transfer per batch; many
-    small device-to-host copies would each synchronise).
-    """
-    if on_device is None:
-        on_device = states[0].device.type != "cpu"
-    if not on_device:
-        target = logical_view(dest, dtype)
-        for j, layer in enumerate(layers):
-            h = logical_view(states[layer])
-            for k, (n, start) in enumerate(zip(lengths, starts)):
-                if pooled:
-                    target[start, j] = h[k, :n].astype(np.float32, copy=False).mean(axis=0) if n > 1 else h[k, 0]
-                else:
-                    target[start : start + n, j] = h[k, :n]
-        return
-    # A layer at a time: a (rows, layers, d) stack of the model's float32 states would cost, for a batch of 16,384
-    # tokens of 13 T5-base states, 0.6 GB, twice over while it is stacked, on top of the forward's own memory.
-    if isinstance(dest, torch.Tensor):
-        sink = StateSink(dest, dtype, lengths, starts, pooled=pooled)
-        for j, layer in enumerate(layers):
-            sink(j, states[layer])
-        return
-    kept = DeviceRows(lengths, states[0].shape[1], pooled=pooled, device=states[0].device)
-    packed = torch.empty((sum(kept.rows), len(layers), states[0].shape[-1]), dtype=torch_dtype(dtype),
-                         device=states[0].device)
-    for j, layer in enumerate(layers):
-        packed[:, j] = kept.of(states[layer])  # converted on the way, as ``Tensor.to`` converts
-    target = logical_view(dest, dtype)
-    host = logical_view(packed.cpu())
-    offset = 0
-    for n, start in zip(kept.rows, starts):
-        target[start : start + n] = host[offset : offset + n]
-        offset += n
+    """Place one batch's kept states (``states[l]`` for l in ``layers``) into a block buffer: ``StateSink`` for
+    states that are all there at once."""
+    sink = StateSink(dest, dtype, lengths, starts, pooled=pooled)
+    for column, layer in enumerate(layers):
+        sink(column, states[layer])
 
 
 class DeviceRows:
@@ -182,9 +142,18 @@ class DeviceRows:
 
 
 class StateSink:
-    """``copy_states`` for states that come one at a time, as the forward makes them (``Backbone.forward``'s
-    ``take``): ``sink(column, state)`` places a state's kept rows in the block's ``column``. On an accelerator the
-    index tensors are made at the batch's first state and serve all of them."""
+    """Places a batch's states into a block buffer (stored representation, e.g. bf16 bits) one at a time, as the
+    forward makes them (``Backbone.forward``'s ``take``): ``sink(column, state)`` puts a (B, T, d) state's kept
+    rows in the block's ``column``. Per-token: example k fills rows ``[starts[k], starts[k] + lengths[k])`` (real
+    tokens first); pooled: one row at ``starts[k]``, the mean over the example's tokens in float32.
+
+    A host block (numpy) takes each (example, state) slice straight from the model's output, converted on the way
+    (numpy/ml_dtypes casts: round to nearest even, bit-identical to ``Tensor.to``): one pass, no temporaries, and
+    no torch intra-op threads (thousands of small parallel torch copies stall on thread hand-offs, worst of all
+    on a busy machine). A block on a device (a tensor) is filled there: gathered, converted and scattered, a state
+    at a time (a (rows, layers, d) stack of T5-base's 13 float32 states would cost 0.6 GB for a batch of 16,384
+    tokens, twice over while stacked), with index tensors made at the batch's first state for all of them.
+    """
 
     def __init__(self, dest: np.ndarray | torch.Tensor, dtype: str, lengths: Sequence[int], starts: Sequence[int],
                  *, pooled: bool) -> None:
@@ -192,10 +161,18 @@ class StateSink:
         self._kept: tuple[DeviceRows, torch.Tensor] | None = None
 
     def __call__(self, column: int, state: torch.Tensor) -> None:
-        if not isinstance(self.dest, torch.Tensor):  # a host block: copy_states's per-slice host path
-            copy_states(self.dest[:, column : column + 1], self.dtype, [state], [0], self.lengths, self.starts,
-                        pooled=self.pooled)
+        if isinstance(self.dest, torch.Tensor):
+            self._on_device(column, state)
             return
+        target = logical_view(self.dest, self.dtype)
+        h = logical_view(state.cpu())  # (not the pipeline's way: a device's states go into a device block)
+        for k, (n, start) in enumerate(zip(self.lengths, self.starts)):
+            if self.pooled:
+                target[start, column] = h[k, :n].astype(np.float32, copy=False).mean(axis=0) if n > 1 else h[k, 0]
+            else:
+                target[start : start + n, column] = h[k, :n]
+
+    def _on_device(self, column: int, state: torch.Tensor) -> None:
         if self._kept is None:
             kept = DeviceRows(self.lengths, state.shape[1], pooled=self.pooled, device=state.device)
             self._kept = kept, kept.places(self.starts, self.dest.device)
