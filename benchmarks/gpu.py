@@ -15,13 +15,13 @@ and measures on the task's train split (``--limit`` examples, default all):
 3. stage two for 1 and ``--seeds`` seeds on each store: reading the store (``Trainer`` construction)
    then one epoch (``Trainer.train_epoch``, timed after one warm-up epoch), then an evaluation (``Trainer.evaluate``);
 4. one epoch of full fine-tuning of the same model (every weight trained, AdamW, bf16 autocast on CUDA);
-5. last, the paths that first run here: stage two streamed from pinned host memory (``memory_budget=0``,
-   ``--seeds`` seeds), and (unless ``--no-compiled``) stage two with ``--cuda-graphs --tf32``, then with
-   ``--compile`` (full float32, as the eager rows), for ``--seeds`` and 1 seeds, whose warm-up epoch
-   pays the compile (and records the graphs); ``--cuda-graphs`` once more for ``--seeds`` seeds after
-   ``torch._dynamo.reset()``, whose warm-up compiles from the on-disk caches alone, as a second run on
-   the same machine would, and once more streamed two blocks at a time (``memory_budget=0``,
-   ``shuffle_buffer=2``: the rows not held on the GPU, for its memory; the compiled code is reused).
+5. last, the paths that first run here: stage two with ``--cuda-graphs`` (the eager step recorded as CUDA
+   graphs; full float32, as the eager rows) on both stores for 1 and ``--seeds`` seeds, then with ``--tf32``,
+   and streamed two blocks at a time (``memory_budget=0``, ``shuffle_buffer=2``: the rows not held on the GPU,
+   for its memory); the eager step with GRU layer steps in torch operators; the per-token store streamed
+   (``memory_budget=0``); and (unless ``--no-compiled``) ``--compile --cuda-graphs --tf32`` (torch.compile's
+   own graphs) held and streamed, and ``--compile`` for ``--seeds`` and 1 seeds, whose warm-up epochs pay the
+   compile.
 
 A phase that fails (after the plain forward: the extractions, every stage-two row, fine-tuning) is reported
 in its row, its traceback goes to stderr and into ``--results``, and the run goes on with the phases that do
@@ -114,13 +114,10 @@ def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: 
 
 def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device, compiled: bool = False,
               cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB", shuffle_buffer: int = 8,
-              forget_compiled: bool = False, fused_gru_cell: bool = True) -> dict[str, Any]:
+              fused_gru_cell: bool = True) -> dict[str, Any]:
     """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile, the
-    recording of the graphs). ``forget_compiled``: drop this process's compiled code first, so the warm-up
-    compiles again from the on-disk caches alone, as a second run on the same machine does.
-    ``fused_gru_cell=False``: eager GRU layer steps in torch operators, as before the fused kernels."""
-    if forget_compiled:
-        torch._dynamo.reset()
+    recording of the graphs), then an evaluation. ``fused_gru_cell=False``: eager GRU layer steps in torch operators,
+    as before the fused kernels."""
     if not fused_gru_cell:
         with _composite_gru_steps():
             return stage_two(args, cache, seeds, device, compiled, cuda_graphs, tf32, memory_budget, shuffle_buffer)
@@ -289,19 +286,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     attempt("finetune", lambda: finetune(backbone, model_path, ft_batches, ft_labels, device))
     if "all" not in extractions:
         return result
-    # Then the paths that first run here.
-    optional = {f"composite_all_{args.seeds}": dict(seeds=args.seeds, fused_gru_cell=False),  # the eager step before
-                f"streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0)}  # pinned copies, side stream
-    if args.compiled:  # the most promising first: a run cut short keeps them
-        graphs = dict(cuda_graphs=True, tf32=True)
-        optional.update({f"graphs_all_{args.seeds}": dict(seeds=args.seeds, **graphs),
-                         f"graphs_warm_all_{args.seeds}": dict(seeds=args.seeds, forget_compiled=True, **graphs),
-                         f"graphs_streamed_all_{args.seeds}": dict(seeds=args.seeds, memory_budget=0,
-                                                                    shuffle_buffer=2, **graphs),
-                         "graphs_all_1": dict(seeds=1, **graphs)})
-        optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (args.seeds, 1)})
+    # Then the paths that first run here, the most promising first: a run cut short keeps them. Recorded CUDA graphs
+    # (--cuda-graphs) in full float32, as the eager rows, for both stores; then with --tf32, and streamed.
+    S = args.seeds
+    optional: dict[str, dict[str, Any]] = {
+        **{f"recorded_{tokens}_{seeds}": dict(seeds=seeds, cuda_graphs=True, tokens=tokens)
+           for tokens in ("all", "pooled") if tokens in extractions for seeds in (S, 1)},
+        f"recorded_tf32_all_{S}": dict(seeds=S, cuda_graphs=True, tf32=True),
+        f"recorded_streamed_all_{S}": dict(seeds=S, cuda_graphs=True, memory_budget=0, shuffle_buffer=2),
+        f"composite_all_{S}": dict(seeds=S, fused_gru_cell=False),  # the eager step before the fused cell kernels
+        f"streamed_all_{S}": dict(seeds=S, memory_budget=0)}  # pinned copies, side stream
+    if args.compiled:  # torch.compile's own graphs (reduce-overhead), and the compiled step alone
+        optional.update({f"graphs_all_{S}": dict(seeds=S, compiled=True, cuda_graphs=True, tf32=True),
+                         f"graphs_streamed_all_{S}": dict(seeds=S, compiled=True, cuda_graphs=True, tf32=True,
+                                                          memory_budget=0, shuffle_buffer=2)})
+        optional.update({f"compiled_all_{seeds}": dict(seeds=seeds, compiled=True) for seeds in (S, 1)})
     for key, options in optional.items():
-        attempt(key, lambda options=options: stage_two(args, extractions["all"], device=device, **options))
+        cache = extractions[options.pop("tokens", "all")]
+        attempt(key, lambda options=options, cache=cache: stage_two(args, cache, device=device, **options))
     return result
 
 
@@ -349,7 +351,9 @@ def render(r: dict[str, Any], command: str) -> str:
                     + ("" if copies is None else f", copying them to the device: {copies:.2f} s")),
                 row(f"{name}: warm-up epoch, {seeds} seed(s)", t["warm_up"], "first epoch: allocator, kernels"
                     + (", the compile" if key.startswith(("compiled", "graphs")) else "")
-                    + (", a graph per token bucket" if key.startswith("graphs") else "")),
+                    + (", a graph per token bucket" if key.startswith("graphs") else "")
+                    + (", each batch shape's first step eager, its second recorded" if key.startswith("recorded")
+                       else "")),
                 row(f"{name}: one epoch, {seeds} seed(s)", t["epoch"], where),
                 *([row(f"{name}: evaluation, {seeds} seed(s)", t["evaluation"],
                        f"selection and validation splits, batches of {max(a.batch_size, EVAL_BATCH_EXAMPLES)} examples")]
@@ -378,13 +382,26 @@ def render(r: dict[str, Any], command: str) -> str:
         lines += stage_two_rows(f"composite_all_{S}", "stage two, per-token store, GRU steps in torch operators (no "
                                 "fused cell kernels)", S)
     lines += stage_two_rows(f"streamed_all_{S}", "stage two, per-token store streamed (memory_budget=0)", S)
+    for key, name in ((f"recorded_all_{seeds}", "stage two --cuda-graphs, per-token store") for seeds in (1, S)):
+        if key in r:  # runs before 2026-11-28 (third) had no recorded graphs
+            lines += stage_two_rows(key, name, int(key.rsplit("_", 1)[1]))
+    for key, name in ((f"recorded_pooled_{seeds}", "stage two --cuda-graphs, pooled store") for seeds in (1, S)):
+        if key in r:
+            lines += stage_two_rows(key, name, int(key.rsplit("_", 1)[1]))
+    for key, name in ((f"recorded_tf32_all_{S}", "stage two --cuda-graphs --tf32, per-token store"),
+                      (f"recorded_streamed_all_{S}", "stage two --cuda-graphs, per-token store streamed "
+                       "(memory_budget=0, --shuffle-buffer 2)")):
+        if key in r:
+            lines += stage_two_rows(key, name, S)
     if a.compiled:
-        for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
+        for prefix, name in (("compiled_all", "--compile"), ("graphs_all", "--compile --cuda-graphs --tf32")):
             for seeds in (1, S):
-                lines += stage_two_rows(f"{prefix}_{seeds}", f"stage two {name}, per-token store", seeds)
-        lines += stage_two_rows(f"graphs_warm_all_{S}", "stage two --cuda-graphs --tf32 again, compile caches warm "
-                                "(a second run on this machine)", S)
-        lines += stage_two_rows(f"graphs_streamed_all_{S}", "stage two --cuda-graphs --tf32, streamed "
+                if f"{prefix}_{seeds}" in r or prefix == "compiled_all":
+                    lines += stage_two_rows(f"{prefix}_{seeds}", f"stage two {name}, per-token store", seeds)
+        if f"graphs_warm_all_{S}" in r:  # runs before 2026-11-28 (third) timed a second compile
+            lines += stage_two_rows(f"graphs_warm_all_{S}", "stage two --compile --cuda-graphs --tf32 again, compile "
+                                    "caches warm (a second run on this machine)", S)
+        lines += stage_two_rows(f"graphs_streamed_all_{S}", "stage two --compile --cuda-graphs --tf32, streamed "
                                 "(memory_budget=0, --shuffle-buffer 2)", S)
     ft_run = r.get("finetune")
     # Runs before the warm-up epoch was added timed only a first epoch ("wall"): it stands for all ten.
@@ -400,7 +417,8 @@ def render(r: dict[str, Any], command: str) -> str:
             lines.append(f"Extraction throughput / plain forward, {name} store: "
                          f"**{plain / r[f'extract_{tokens}']['wall']:.2f}**{target}.")
     for prefix, how in (("train_all", "eager"), ("train_pooled", "eager, pooled store"),
-                        ("compiled_all", "--compile"), ("graphs_all", "--cuda-graphs --tf32")):
+                        ("recorded_all", "--cuda-graphs"), ("recorded_pooled", "--cuda-graphs, pooled store"),
+                        ("compiled_all", "--compile"), ("graphs_all", "--compile --cuda-graphs --tf32")):
         one, many = r.get(f"{prefix}_1", {}).get("epoch"), r.get(f"{prefix}_{S}", {}).get("epoch")
         if one and many:
             lines.append(f"Stage two ({how}): a {S}-seed epoch / a plain forward epoch **{many['wall'] / plain:.2f}** "
@@ -415,11 +433,16 @@ def render(r: dict[str, Any], command: str) -> str:
     for prefix, how, extraction in (
             ("train_all", "eager", per_token),
             ("streamed_all", "eager, streamed: rows not held on the device", per_token),
-            ("compiled_all", "--compile", per_token), ("graphs_all", "--cuda-graphs --tf32", per_token),
-            ("graphs_warm_all", "--cuda-graphs --tf32, compile caches warm", per_token),
-            ("graphs_streamed_all", "--cuda-graphs --tf32, streamed 2 blocks at a time", per_token),
+            ("recorded_all", "--cuda-graphs", per_token), ("recorded_tf32_all", "--cuda-graphs --tf32", per_token),
+            ("recorded_streamed_all", "--cuda-graphs, streamed 2 blocks at a time", per_token),
+            ("compiled_all", "--compile", per_token), ("graphs_all", "--compile --cuda-graphs --tf32", per_token),
+            ("graphs_warm_all", "--compile --cuda-graphs --tf32, compile caches warm", per_token),
+            ("graphs_streamed_all", "--compile --cuda-graphs --tf32, streamed 2 blocks at a time", per_token),
             ("train_pooled", "eager, pooled store", "extract_pooled"),
-            ("train_pooled", "eager, pooled store extracted in fine-tuning's batch size", "extract_pooled_ft_batches")):
+            ("train_pooled", "eager, pooled store extracted in fine-tuning's batch size", "extract_pooled_ft_batches"),
+            ("recorded_pooled", "--cuda-graphs, pooled store", "extract_pooled"),
+            ("recorded_pooled", "--cuda-graphs, pooled store extracted in fine-tuning's batch size",
+             "extract_pooled_ft_batches")):
         t = r.get(f"{prefix}_{S}", {})
         ext = r.get(extraction) or {}
         if ft and "epoch" in t and "wall" in ext:

@@ -2,8 +2,9 @@
 
 tests/test_device_paths.py checks the logic of these paths on the CPU; what only an accelerator runs is
 checked here: a split's batches, held on the device or streamed (pinned host memory, a copy stream, events),
-equal the CPU's bit for bit; training (fused AdamW, the deferred finite check) and its ``--cuda-graphs``
-form reach the CPU's losses and weights up to float rounding, with no step left out of the graphs; torch's fused
+equal the CPU's bit for bit; training (fused AdamW, the deferred finite check) reaches the CPU's losses and
+weights up to float rounding, and its ``--cuda-graphs`` forms (the eager step recorded, held or streamed; the
+compiled step, with no step left out of its graphs) the eager weights; torch's fused
 GRU cell kernels, which the eager step runs there, compute what their CPU stand-ins compute;
 extraction's device-side block buffer and its pinned copy hold what the CPU writes, up to float rounding.
 
@@ -118,11 +119,37 @@ def test_an_eager_step_on_the_device_runs_the_fused_gru_kernels(synthetic_store,
     assert (len(calls) > 0 and set(calls) == {"cuda"}) if DEVICE == "cuda" else calls == []
 
 
-def test_cuda_graphs_train_the_eager_weights_with_every_step_graphed(synthetic_store, tmp_path):
+@pytest.mark.parametrize("memory_budget", [2**40, 0], ids=["held", "streamed"])
+def test_recorded_cuda_graphs_train_the_eager_weights(synthetic_store, tmp_path, monkeypatch, memory_budget):
+    # The whole step (forward, backward, clipping, fused AdamW with its learning rate as a tensor) recorded per
+    # batch shape and replayed; streamed: the reader copies the next blocks from another thread during recordings.
+    from pipeline.training import graphs as step_graphs
+
+    replays = []
+    record = step_graphs.CudaGraphRecorder.record
+
+    def counted(self, run):
+        replay, out = record(self, run)
+        return (lambda: replays.append(1) or replay()), out
+
+    monkeypatch.setattr(step_graphs.CudaGraphRecorder, "record", counted)
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, block_tokens=40).path
+    eager = trainer(cache, tmp_path / "eager", DEVICE, memory_budget=memory_budget, shuffle_buffer=2)
+    graphs = trainer(cache, tmp_path / "graphs", DEVICE, memory_budget=memory_budget, shuffle_buffer=2,
+                     cuda_graphs=True)
+    on_cuda = DEVICE == "cuda"
+    assert not graphs.compiled and (graphs.recorder is not None) == graphs.pad_tokens == on_cuda
+    expected, got = trained(eager), trained(graphs)
+    if on_cuda:
+        assert graphs._step_graphs[1].recordings >= 1 and len(replays) >= 3
+    assert_trained_alike(expected, got)
+
+
+def test_compiled_cuda_graphs_train_the_eager_weights_with_every_step_graphed(synthetic_store, tmp_path):
     cache = synthetic_store(splits={"train": 60, "validation": 20}).path
     eager = trainer(cache, tmp_path / "eager", DEVICE)
-    graphs = trainer(cache, tmp_path / "graphs", DEVICE, cuda_graphs=True)
-    assert graphs.compiled and graphs.cuda_graphs == graphs.pad_tokens == (DEVICE == "cuda")
+    graphs = trainer(cache, tmp_path / "graphs", DEVICE, compile=True, cuda_graphs=True)
+    assert graphs.compiled and graphs.recorder is None and graphs.cuda_graphs == graphs.pad_tokens == (DEVICE == "cuda")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     expected, got = trained(eager), trained(graphs)

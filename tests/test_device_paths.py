@@ -148,10 +148,10 @@ def test_a_pool_of_writers_writes_the_same_bytes_as_one(tiny_t5, tmp_path, glue_
 def test_a_compiled_step_trains_the_eager_weights(synthetic_store, tmp_path, family, padded):
     # --compile changes how the step runs, not what it computes: same dropout masks, same batches, so the
     # weights after an epoch agree with the eager ones up to float rounding (fused kernels sum differently).
-    # padded: --cuda-graphs on this CPU (compiled, no graphs), its batches padded as they are on CUDA.
+    # padded: --compile --cuda-graphs on this CPU (compiled, no graphs), its batches padded as they are on CUDA.
     cache = synthetic_store(family=family, splits={"train": 60, "validation": 20}).path
     eager = trainer(cache, tmp_path / "a")
-    compiled = trainer(cache, tmp_path / "b", **({"cuda_graphs": True} if padded else {"compile": True}))
+    compiled = trainer(cache, tmp_path / "b", compile=True, cuda_graphs=padded)
     assert compiled.step_loss is not eager.step_loss and compiled.compiled and not eager.compiled
     assert not compiled.cuda_graphs and not compiled.pad_tokens  # no CUDA here
     compiled.pad_tokens = padded
@@ -291,7 +291,8 @@ def test_a_cuda_graph_failure_is_one_line_that_names_the_way_out(synthetic_store
 
 
 @pytest.mark.slow
-def test_cuda_graphs_without_cuda_say_so_and_train_compiled(synthetic_store, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graphs_without_cuda_say_so_and_train(synthetic_store, tmp_path, compiled):
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -299,10 +300,12 @@ def test_cuda_graphs_without_cuda_say_so_and_train_compiled(synthetic_store, tmp
     cache = synthetic_store(splits={"train": 30, "validation": 10}).path
     result = CliRunner().invoke(main, ["train", "--cache", cache, "--out", str(tmp_path / "run"), "--cuda-graphs",
                                        "--epochs", "1", "--rnn-dim", "16", "--seeds", "0,1", "--batch-size", "8",
-                                       "--device", "cpu"])  # the compiled tests' shapes: their compile serves
+                                       "--device", "cpu", *(["--compile"] if compiled else [])])
+    # (the compiled tests' shapes: their compile serves)
     assert result.exit_code == 0, (result.output, result.exception)
-    assert "--cuda-graphs: no CUDA device (cpu), so no graphs; the step is compiled" in result.output
-    assert "--compile: the first steps build the compiled step" in result.output
+    said = "the step is compiled" if compiled else "eager steps"
+    assert f"--cuda-graphs: no CUDA device (cpu), so no graphs; {said}" in result.output
+    assert ("--compile: the first steps build the compiled step" in result.output) == compiled
     assert (tmp_path / "run" / "metrics.json").is_file()
 
 

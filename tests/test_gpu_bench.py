@@ -43,6 +43,10 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
                   "per-token store streamed (memory_budget=0): one epoch, 2 seed(s) |",
                   "GRU steps in torch operators (no fused cell kernels): one epoch, 2 seed(s) |",
                   "Eager GRU layer steps through the fused cell kernels / in torch operators, a 2-seed epoch: **",
+                  "stage two --cuda-graphs, per-token store: one epoch, 2 seed(s) |",
+                  "stage two --cuda-graphs, pooled store: warm-up epoch, 2 seed(s) |",
+                  "stage two --cuda-graphs --tf32, per-token store: one epoch, 2 seed(s) |",
+                  "READ from the cache (--cuda-graphs, pooled store), 2 seeds",
                   "full fine-tuning: warm-up epoch", "full fine-tuning, one epoch", "Disk: sequential write", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
         assert phase in text, phase
     assert (REPO / "BENCHMARKS.md").read_bytes() == real
@@ -68,14 +72,14 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
     assert "stage two --compile, per-token store: one epoch, 1 seed(s)" in rendered
     assert "| extraction, pooled store | failed: OSError: disk full |" in rendered
     assert "stage two --compile, per-token store, 2 seed(s) | failed: BackendCompilerFailed: no compiler" in rendered
-    assert "stage two --cuda-graphs --tf32, per-token store: warm-up epoch, 2 seed(s)" in rendered
-    assert "Stage two (--cuda-graphs --tf32): a 2-seed epoch" in rendered
-    assert "READ from the cache (--cuda-graphs --tf32)" in rendered
+    assert "stage two --compile --cuda-graphs --tf32, per-token store: warm-up epoch, 2 seed(s)" in rendered
+    assert "Stage two (--compile --cuda-graphs --tf32): a 2-seed epoch" in rendered
+    assert "READ from the cache (--compile --cuda-graphs --tf32)" in rendered
     assert "READ from the cache (eager, pooled store)" not in rendered  # its extraction failed above
     assert "Extraction throughput / plain forward, per-token store: **" in rendered
-    assert "READ from the cache (--cuda-graphs --tf32, compile caches warm)" in rendered
+    assert "READ from the cache (--compile --cuda-graphs --tf32, compile caches warm)" in rendered
     assert "READ from the cache (eager, streamed: rows not held on the device)" in rendered
-    assert "READ from the cache (--cuda-graphs --tf32, streamed 2 blocks at a time)" in rendered
+    assert "READ from the cache (--compile --cuda-graphs --tf32, streamed 2 blocks at a time)" in rendered
     assert "compile caches warm (a second run on this machine): one epoch, 2 seed(s)" in rendered
     t, ft = results["train_all_2"], results["finetune"]
     read = results["extract_all"]["wall"] + t["read"]["wall"] + t["warm_up"]["wall"] + 9 * t["epoch"]["wall"]

@@ -173,10 +173,11 @@ class TrainConfig(SideConfig):
         "step fuse into a few kernels. A one-off compile (about a minute) per run; for GPUs, where the eager step "
         "is bound by kernel launches, not arithmetic. Evaluation stays eager.")
     cuda_graphs: bool = setting(
-        False, "On a CUDA device, also replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead; "
-        "implies --compile): one launch per step instead of one per kernel. Each batch's tokens are padded with "
-        "dropped rows up to one of a few sizes (at most 1/8 more), so that a few recorded graphs serve every batch. "
-        "Ignored, with a note, without CUDA.")
+        False, "On a CUDA device, replay each training step (forward, backward, clipping, AdamW) as a CUDA graph "
+        "recorded from the eager step: one launch per step instead of one per kernel, with no compile (each batch "
+        "shape's first step runs eagerly, its second is recorded). With --compile: the compiled step in "
+        "torch.compile's reduce-overhead mode instead. Each batch's tokens are padded with dropped rows up to one of "
+        "a few sizes (at most 1/8 more), so that a few graphs serve every batch. Ignored, with a note, without CUDA.")
     tf32: bool = setting(
         False, "On a CUDA device, float32 matrix products on TensorFloat-32 tensor cores (10-bit mantissa in the "
         "products, float32 sums; several times float32's speed from Ampere on), as Hugging Face's --tf32. Off: full "

@@ -10,8 +10,10 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from pipeline.store import CacheStore
 from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
+from pipeline.training.graphs import CudaGraphRecorder, Recorder, StepGraphs
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.model import (
     ReadConfig,
@@ -121,7 +124,9 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 class Trainer:
     """Everything one `pipeline train` needs: store, data, model, optimiser, bookkeeping."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, recorder: Recorder | None = None) -> None:
+        """``recorder``: records whole training steps for replay (default: CUDA graphs under --cuda-graphs on a CUDA
+        device, unless --compile records them its own way); the tests give a CPU stand-in."""
         self.cfg = cfg
         self.progress = progress
         self.store = CacheStore(cfg.cache)
@@ -157,13 +162,17 @@ class Trainer:
         rows = self.store.label_rows()
         rows_t = torch.from_numpy(rows) if rows is not None and self.read_config.uses_label_rows else None
         self.model = ReadModel(self.read_config, list(cfg.seeds), label_rows=rows_t).to(self.device)
-        # CUDA graphs replay fixed shapes: batches are padded to a few token counts (pipeline.training.buckets).
+        # CUDA graphs: the whole eager step recorded per batch shape (pipeline.training.graphs), or under --compile
+        # the compiled step in torch's reduce-overhead mode. Graphs replay fixed shapes: batches are padded to a few
+        # token counts (pipeline.training.buckets).
         self.cuda_graphs = cfg.cuda_graphs and self.device.type == "cuda"
-        self.pad_tokens = self.cuda_graphs
+        self.recorder = recorder or (CudaGraphRecorder(self.device) if self.cuda_graphs and not cfg.compile else None)
+        self.pad_tokens = self.cuda_graphs or self.recorder is not None
+        self._step_graphs: tuple[torch.optim.Optimizer, StepGraphs] | None = None
         # The training forward and loss over the model's parameters, compiled or not. Dynamic shapes: one compile
         # serves every token count (and under CUDA graphs, one recording per token bucket).
         self.eager_loss = StepLoss(self.model, self.task.kind)
-        self.compiled = cfg.compile or cfg.cuda_graphs
+        self.compiled = cfg.compile
         self.step_loss = (torch.compile(self.eager_loss, dynamic=True,
                                         mode="reduce-overhead" if self.cuda_graphs else None)
                           if self.compiled else self.eager_loss)
@@ -175,11 +184,19 @@ class Trainer:
 
         On CUDA the fused AdamW updates every parameter in one kernel, not a few kernels per tensor (the
         step is launch-bound there); elsewhere torch's default implementation, so CPU runs are unchanged.
+        Recorded steps (``recorder``) read the learning rate from a tensor on the device, which the schedule
+        fills between steps: a float would stay in a recorded update at its value when recorded.
         """
         cfg = self.cfg
         steps = (epochs or cfg.epochs) * math.ceil(len(self.train_data) / cfg.batch_size)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=True if self.device.type == "cuda" else None)
+        recorded = self.recorder is not None
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=torch.tensor(cfg.lr, device=self.device) if recorded else cfg.lr,
+            weight_decay=cfg.weight_decay, fused=True if self.device.type == "cuda" or recorded else None,
+            capturable=recorded and self.device.type == "cuda")
+        if recorded:
+            for group in optimizer.param_groups:  # the schedule's base as a float: filling the tensor never waits
+                group["initial_lr"] = cfg.lr
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, cfg.warmup_ratio))
 
     # ---- one epoch -----------------------------------------------------------------------------
@@ -190,8 +207,8 @@ class Trainer:
         Losses are summed on the device and checked for finiteness every ``FINITE_CHECK_EVERY`` steps
         and at the end (a host sync each time, not every step); a non-finite loss names the seed(s)
         whose loss first went non-finite, as a check every step would. ``phase``, when given, is called
-        as each part of a step ends ("batch", "forward", "backward", "step"), so a benchmark can time the
-        parts of this very loop.
+        as each part of a step ends ("batch", "forward", "backward", "step"; a recorded step is one part,
+        "step"), so a benchmark can time the parts of this very loop.
         """
         mark = phase or (lambda _: None)
         self.model.train()
@@ -201,28 +218,61 @@ class Trainer:
         count = 0
         batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self.cfg.data_seed * 100_003 + epoch)
         steps = math.ceil(len(self.train_data) / self.cfg.batch_size)
+        graphs = self._graphs_for(optimizer) if self.recorder is not None else None
         for step, (_, batch) in enumerate(progress_bar(batches, total=steps, desc=f"epoch {epoch}", unit="batch",
                                                        enabled=self.progress, leave=False)):
             batch = batch.to(self.device, non_blocking=True)
             mark("batch")
-            with self._compiled_step_errors():
-                losses = self._losses(batch)  # (S,)
+            if graphs is not None:
+                with self._compiled_step_errors():
+                    losses = self._recorded_step(graphs, batch)
+            else:
+                with self._compiled_step_errors():
+                    losses = self._losses(batch)  # (S,)
+                mark("forward")
+                with self._compiled_step_errors():
+                    losses.sum().backward()  # seeds share no parameters: each gets its own gradient
+                mark("backward")
+                clip_grad_norm_per_seed(self.model, self.cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            mark("step")
             first_bad = torch.where(~torch.isfinite(losses) & (first_bad == NEVER), step, first_bad)
             if (step + 1) % FINITE_CHECK_EVERY == 0:
                 self._check_finite(first_bad, epoch)
-            mark("forward")
-            with self._compiled_step_errors():
-                losses.sum().backward()  # seeds share no parameters: each gets its own gradient
-            mark("backward")
-            clip_grad_norm_per_seed(self.model, self.cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            mark("step")
             totals += losses.detach().double() * batch.num_examples
             count += batch.num_examples
         self._check_finite(first_bad, epoch)
         return totals.cpu().numpy() / max(count, 1)
+
+    def _graphs_for(self, optimizer: torch.optim.Optimizer) -> StepGraphs:
+        """The recorded steps that update through ``optimizer``: kept from epoch to epoch, new for a new optimizer."""
+        if self._step_graphs is None or self._step_graphs[0] is not optimizer:
+            assert self.recorder is not None
+            self._step_graphs = optimizer, StepGraphs(partial(self._whole_step, optimizer), self.recorder)
+        return self._step_graphs[1]
+
+    def _whole_step(self, optimizer: torch.optim.Optimizer, batch: SideBatch,
+                    masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Everything a recorded step does, the per-seed losses out: the gradients are zeroed in place (not set
+        to None), so that every recording and every eager step accumulates into the same tensors."""
+        optimizer.zero_grad(set_to_none=False)
+        losses = self.eager_loss(batch, masks)
+        losses.sum().backward()
+        clip_grad_norm_per_seed(self.model, self.cfg.max_grad_norm)
+        with warnings.catch_warnings():  # a capturable AdamW warns when a step runs unrecorded, as some must
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            optimizer.step()
+        return losses
+
+    def _recorded_step(self, graphs: StepGraphs, batch: SideBatch) -> torch.Tensor:
+        """One whole step through ``graphs``: replayed for a full batch, padded to its token bucket; eager for a
+        smaller one (an epoch's last), whose shape would need recordings of its own."""
+        masks = self.model.dropout_masks(batch)
+        if batch.num_examples != self.cfg.batch_size:
+            return graphs.eager(batch, masks)
+        return graphs(*pad_tokens(batch, masks))
 
     def _losses(self, batch: SideBatch) -> torch.Tensor:
         """The training forward and per-seed losses: compiled under --compile, padded and replayed under --cuda-graphs.
@@ -347,7 +397,8 @@ class Trainer:
             history: list[dict[str, Any]] = [self._history_row(0, None, start)]
             self._say(0, None, start)
             if cfg.cuda_graphs and not self.cuda_graphs:
-                self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs; the step is compiled")
+                self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs"
+                           + ("; the step is compiled" if cfg.compile else "; eager steps"))
             if self.compiled:  # the first step is silent for a while: say why
                 self._note("--compile: the first steps build the compiled step (about a minute, once per run)")
             for epoch in range(1, cfg.epochs + 1):
