@@ -118,3 +118,24 @@ def test_each_shape_runs_eagerly_once_then_is_recorded_then_replayed_from_shared
     assert [shape[1][1] for shape in graphs.graphs] == [(16, 3, 4)]
     assert call(8, 5.0) == 480.0 and graphs.recordings == 4  # 8 rows recorded again, from the new buffer
     assert call(8, 6.0) == 576.0 and graphs.recordings == 4
+
+
+def test_a_step_s_losses_outlive_the_next_graph_that_runs():
+    # Graphs share one memory pool: the next graph's replay overwrites the last one's output, so a step hands out a
+    # copy of its losses, good after any later step.
+    w = torch.ones(3)
+
+    def step(batch: SideBatch, masks) -> torch.Tensor:
+        assert batch.encoder is not None
+        return (batch.encoder.sum() * w).sum().reshape(1)
+
+    graphs = StepGraphs(step, TapeRecorder())
+
+    def call(rows: int) -> torch.Tensor:
+        return graphs(SideBatch(labels=torch.zeros(2), encoder=torch.ones(rows, 2)), {})
+
+    for rows in (8, 8, 4, 4):  # both shapes recorded, the larger first: one input buffer serves both
+        call(rows)
+    four = call(4)  # replayed
+    call(8)  # the other graph's replay
+    assert four.tolist() == [24.0]
