@@ -34,15 +34,20 @@ def two_epochs(t: Trainer) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     return losses, {name: p.detach().clone() for name, p in t.model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["seq2seq", "encoder", "decoder"])
-def test_replayed_steps_train_the_eager_weights(synthetic_store, tmp_path, family):
+@pytest.mark.parametrize("family, memory_budget", [("seq2seq", "8GB"), ("encoder", "8GB"), ("decoder", "8GB"),
+                                                   ("seq2seq", 0)])
+def test_replayed_steps_train_the_eager_weights(synthetic_store, tmp_path, family, memory_budget):
     # Per-token batches of several token counts (several graphs), dropout on (masks drawn outside the graphs),
     # a warm-up schedule (the learning rate changes every step, read from a tensor at each replay) and an
     # epoch's smaller last batch (eager, between replays): the weights are the eager ones up to float rounding.
-    cache = synthetic_store(family=family, splits={"train": 100, "validation": 20}, max_tokens=6).path
-    eager = trainer(cache, tmp_path / "eager", warmup_ratio=0.5)
+    # memory_budget=0: the rows streamed by block, each block's last batch smaller (eager) too.
+    cache = synthetic_store(family=family, splits={"train": 100, "validation": 20}, max_tokens=6,
+                            block_tokens=120).path
+    options = dict(warmup_ratio=0.5, memory_budget=memory_budget, shuffle_buffer=2)
+    eager = trainer(cache, tmp_path / "eager", **options)
     tape = TapeRecorder()
-    replayed = trainer(cache, tmp_path / "replayed", tape, warmup_ratio=0.5)
+    replayed = trainer(cache, tmp_path / "replayed", tape, **options)
+    assert replayed.train_data.in_memory == (memory_budget != 0)
     assert replayed.pad_tokens and not eager.pad_tokens and eager.recorder is None
     assert len(replayed.train_data) % 8 and replayed.model.config.dropout > 0
     loss_a, weights_a = two_epochs(eager)
