@@ -17,9 +17,10 @@ and measures on the task's train split (``--limit`` examples, default all):
 4. one epoch of full fine-tuning of the same model (every weight trained, AdamW, bf16 autocast on CUDA);
 5. last, the paths that first run here: stage two with ``--cuda-graphs`` (the eager step recorded as CUDA
    graphs; full float32, as the eager rows) on both stores for 1 and ``--seeds`` seeds, then with ``--tf32``,
-   and streamed two blocks at a time (``memory_budget=0``, ``shuffle_buffer=2``: the rows not held on the GPU,
-   for its memory); the eager step with GRU layer steps in torch operators; the per-token store streamed
-   (``memory_budget=0``); and (unless ``--no-compiled``) ``--compile --cuda-graphs --tf32`` (torch.compile's
+   and streamed two blocks at a time from pinned host memory (``memory_budget=0``, ``shuffle_buffer=2``: the rows
+   not held on the GPU, for its memory); the eager step streamed from pinned host memory; the eager step with GRU
+   layer steps in torch operators; the per-token store streamed from the store, decoded every epoch
+   (``memory_budget=0``, ``host_memory_budget=0``); and (unless ``--no-compiled``) ``--compile --cuda-graphs --tf32`` (torch.compile's
    own graphs) held and streamed, and ``--compile`` for ``--seeds`` and 1 seeds, whose warm-up epochs pay the
    compile.
 
@@ -114,16 +115,18 @@ def extraction_config(args: argparse.Namespace, model: Path, out: Path, tokens: 
 
 def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.device, compiled: bool = False,
               cuda_graphs: bool = False, tf32: bool = False, memory_budget: str | int = "8GB", shuffle_buffer: int = 8,
-              fused_gru_cell: bool = True) -> dict[str, Any]:
+              fused_gru_cell: bool = True, host_memory_budget: str | int = "16GB") -> dict[str, Any]:
     """Reading the store, then one timed epoch after a warm-up epoch (allocator, kernels; the compile, the
     recording of the graphs), then an evaluation. ``fused_gru_cell=False``: eager GRU layer steps in torch operators,
     as before the fused kernels."""
     if not fused_gru_cell:
         with _composite_gru_steps():
-            return stage_two(args, cache, seeds, device, compiled, cuda_graphs, tf32, memory_budget, shuffle_buffer)
+            return stage_two(args, cache, seeds, device, compiled, cuda_graphs, tf32, memory_budget, shuffle_buffer,
+                             host_memory_budget=host_memory_budget)
     cfg = TrainConfig(cache=str(cache), out=str(cache.parent / f"run-{cache.stem}-{seeds}"), seeds=tuple(range(seeds)),
                       epochs=2, device=args.device, patience=None, rnn_dim=args.rnn_dim, batch_size=args.batch_size,
                       compile=compiled, cuda_graphs=cuda_graphs, tf32=tf32, memory_budget=memory_budget,
+                      host_memory_budget=host_memory_budget,
                       shuffle_buffer=shuffle_buffer)
     read, trainer = measured(device, lambda: Trainer(cfg, progress=False))
     optimizer, scheduler = trainer.optimizer()
@@ -136,7 +139,8 @@ def stage_two(args: argparse.Namespace, cache: Path, seeds: int, device: torch.d
     store_reads = sum(data.read_seconds for data in splits)
     copies = sum(data.copy_seconds for data in splits)
     return {"read": {**read, "store_reads_s": store_reads, "copies_s": copies}, "warm_up": warm_up, "epoch": epoch,
-            "evaluation": evaluation, "in_memory": trainer.train_data.in_memory, "on_device": str(trainer.train_data.device)}
+            "evaluation": evaluation, "in_memory": trainer.train_data.in_memory, "on_device": str(trainer.train_data.device),
+            "host_held": trainer.train_data.host_held}
 
 
 @contextmanager
@@ -294,8 +298,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            for tokens in ("all", "pooled") if tokens in extractions for seeds in (S, 1)},
         f"recorded_tf32_all_{S}": dict(seeds=S, cuda_graphs=True, tf32=True),
         f"recorded_streamed_all_{S}": dict(seeds=S, cuda_graphs=True, memory_budget=0, shuffle_buffer=2),
+        f"host_all_{S}": dict(seeds=S, memory_budget=0),  # from pinned host memory: copies on a side stream
         f"composite_all_{S}": dict(seeds=S, fused_gru_cell=False),  # the eager step before the fused cell kernels
-        f"streamed_all_{S}": dict(seeds=S, memory_budget=0)}  # pinned copies, side stream
+        f"streamed_all_{S}": dict(seeds=S, memory_budget=0, host_memory_budget=0)}  # the store decoded every epoch
     if args.compiled:  # torch.compile's own graphs (reduce-overhead), and the compiled step alone
         optional.update({f"graphs_all_{S}": dict(seeds=S, compiled=True, cuda_graphs=True, tf32=True),
                          f"graphs_streamed_all_{S}": dict(seeds=S, compiled=True, cuda_graphs=True, tf32=True,
@@ -344,7 +349,8 @@ def render(r: dict[str, Any], command: str) -> str:
         t = r.get(key)
         if t is None or "error" in t:
             return [row(f"{name}, {seeds} seed(s)", t)]
-        where = f"rows on {t['on_device']}" if t["in_memory"] else "streamed"
+        where = (f"rows on {t['on_device']}" if t["in_memory"] else
+                 "streamed from pinned host memory" if t.get("host_held") else "streamed from the store")
         reads, copies = t["read"].get("store_reads_s"), t["read"].get("copies_s")
         return [row(f"{name}: reading it, {seeds} seed(s)", t["read"],
                     ("" if reads is None else f"of which reading the states: {reads:.2f} s")
@@ -381,7 +387,11 @@ def render(r: dict[str, Any], command: str) -> str:
     if f"composite_all_{S}" in r:  # runs before the fused GRU cell kernels had no such phase
         lines += stage_two_rows(f"composite_all_{S}", "stage two, per-token store, GRU steps in torch operators (no "
                                 "fused cell kernels)", S)
-    lines += stage_two_rows(f"streamed_all_{S}", "stage two, per-token store streamed (memory_budget=0)", S)
+    if f"host_all_{S}" in r:  # runs before 2026-11-28 (third) streamed from the store alone
+        lines += stage_two_rows(f"host_all_{S}", "stage two, per-token store streamed from pinned host memory "
+                                "(memory_budget=0)", S)
+    lines += stage_two_rows(f"streamed_all_{S}", "stage two, per-token store streamed from the store (memory_budget=0)",
+                            S)
     for key, name in ((f"recorded_all_{seeds}", "stage two --cuda-graphs, per-token store") for seeds in (1, S)):
         if key in r:  # runs before 2026-11-28 (third) had no recorded graphs
             lines += stage_two_rows(key, name, int(key.rsplit("_", 1)[1]))
@@ -389,8 +399,8 @@ def render(r: dict[str, Any], command: str) -> str:
         if key in r:
             lines += stage_two_rows(key, name, int(key.rsplit("_", 1)[1]))
     for key, name in ((f"recorded_tf32_all_{S}", "stage two --cuda-graphs --tf32, per-token store"),
-                      (f"recorded_streamed_all_{S}", "stage two --cuda-graphs, per-token store streamed "
-                       "(memory_budget=0, --shuffle-buffer 2)")):
+                      (f"recorded_streamed_all_{S}", "stage two --cuda-graphs, per-token store streamed from pinned "
+                       "host memory (memory_budget=0, --shuffle-buffer 2)")):
         if key in r:
             lines += stage_two_rows(key, name, S)
     if a.compiled:
@@ -432,11 +442,13 @@ def render(r: dict[str, Any], command: str) -> str:
     per_token = "extract_all"
     for prefix, how, extraction in (
             ("train_all", "eager", per_token),
-            ("streamed_all", "eager, streamed: rows not held on the device", per_token),
+            ("streamed_all", "eager, streamed from the store: rows not held on the device", per_token),
+            ("host_all", "eager, streamed from pinned host memory: rows not held on the device", per_token),
             ("recorded_all", "--cuda-graphs", per_token), ("recorded_tf32_all", "--cuda-graphs --tf32", per_token),
-            ("recorded_streamed_all", "--cuda-graphs, streamed 2 blocks at a time", per_token),
+            ("recorded_streamed_all", "--cuda-graphs, streamed 2 blocks at a time from pinned host memory", per_token),
             ("compiled_all", "--compile", per_token), ("graphs_all", "--compile --cuda-graphs --tf32", per_token),
             ("graphs_warm_all", "--compile --cuda-graphs --tf32, compile caches warm", per_token),
+            # streamed from the store in runs before 2026-11-28 (third), from pinned host memory since (its rows say)
             ("graphs_streamed_all", "--compile --cuda-graphs --tf32, streamed 2 blocks at a time", per_token),
             ("train_pooled", "eager, pooled store", "extract_pooled"),
             ("train_pooled", "eager, pooled store extracted in fine-tuning's batch size", "extract_pooled_ft_batches"),

@@ -1,12 +1,12 @@
 """The CUDA paths, where there is a GPU: the same work on the accelerator and on the CPU, compared.
 
 tests/test_device_paths.py checks the logic of these paths on the CPU; what only an accelerator runs is
-checked here: a split's batches, held on the device or streamed (pinned host memory, a copy stream, events),
-equal the CPU's bit for bit; training (fused AdamW, the deferred finite check) reaches the CPU's losses and
-weights up to float rounding, and its ``--cuda-graphs`` forms (the eager step recorded, held or streamed; the
-compiled step, with no step left out of its graphs) the eager weights; torch's fused
-GRU cell kernels, which the eager step runs there, compute what their CPU stand-ins compute;
-extraction's device-side block buffer and its pinned copy hold what the CPU writes, up to float rounding.
+checked here: a split's batches, held on the device or streamed (from the store or from pinned host memory, a
+copy stream, events), equal the CPU's bit for bit; training (fused AdamW, the deferred finite check) reaches the
+CPU's losses and weights up to float rounding, and its ``--cuda-graphs`` forms (the eager step recorded, held or
+streamed; the compiled step, with no step left out of its graphs) the eager weights; torch's fused GRU cell
+kernels, which the eager step runs there, compute what their CPU stand-ins compute; extraction's device-side
+block buffer and its pinned copy hold what the CPU writes, up to float rounding.
 
 Skipped without CUDA. ``READ_TEST_DEVICE=cpu`` runs them with the CPU standing in for the accelerator, which
 checks the tests themselves. On a GPU machine: ``python -m pytest tests/test_cuda.py`` (the command that
@@ -50,14 +50,18 @@ def batches(t: Trainer) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     return out + [(index, host(b)) for index, b in t.eval_data["validation"].epoch(16, shuffle=False)]
 
 
-@pytest.mark.parametrize("memory_budget", [2**40, 0], ids=["held", "streamed"])
-def test_a_split_yields_the_cpu_batches_bit_for_bit(synthetic_store, tmp_path, memory_budget):
-    # Several blocks, streamed two at a time: the next group is read and copied while the current one is used.
+@pytest.mark.parametrize("memory_budget, host_memory_budget", [(2**40, 0), (0, 2**40), (0, 0)],
+                         ids=["held", "streamed-from-host-memory", "streamed-from-the-store"])
+def test_a_split_yields_the_cpu_batches_bit_for_bit(synthetic_store, tmp_path, memory_budget, host_memory_budget):
+    # Several blocks, streamed two at a time: the next group is read (or taken from pinned host memory) and copied
+    # while the current one is used.
     cache = synthetic_store(splits={"train": 80, "validation": 30}, block_tokens=40).path
-    on_cpu = trainer(cache, tmp_path / "cpu", "cpu", memory_budget=memory_budget, shuffle_buffer=2)
-    on_device = trainer(cache, tmp_path / "dev", DEVICE, memory_budget=memory_budget, shuffle_buffer=2)
+    budgets = dict(memory_budget=memory_budget, host_memory_budget=host_memory_budget, shuffle_buffer=2)
+    on_cpu = trainer(cache, tmp_path / "cpu", "cpu", **budgets)
+    on_device = trainer(cache, tmp_path / "dev", DEVICE, **budgets)
     assert on_device.train_data.device.type == DEVICE and on_device.train_data.split.num_blocks >= 4
     assert on_device.train_data.in_memory == bool(memory_budget)
+    assert on_device.train_data.host_held == (DEVICE == "cuda" and bool(host_memory_budget) and not memory_budget)
     expected, got = batches(on_cpu), batches(on_device)
     assert len(expected) == len(got) > 10
     for (index_a, a), (index_b, b) in zip(expected, got):

@@ -131,6 +131,42 @@ def test_the_device_gather_holds_one_layer_s_rows_at_a_time():
     assert peak < 2 * one_layer, peak / one_layer
 
 
+@pytest.mark.parametrize("family", ["seq2seq", "encoder"])
+def test_rows_held_on_the_host_stream_the_chunks_the_store_gives_reading_it_once(synthetic_store, monkeypatch,
+                                                                                 family):
+    # A streamed split that fits the host budget is read once; every epoch's chunks, copied from the host's rows,
+    # are the ones read from the store again, bit for bit, in the same order; a subset shares the rows.
+    from pipeline.training import batches as module
+    from pipeline.training.batches import SplitBatches
+
+    loads = []
+    load_chunk = module.load_chunk
+    monkeypatch.setattr(module, "load_chunk", lambda split, blocks, labels: loads.append(list(blocks))
+                        or load_chunk(split, blocks, labels))
+    split = CacheStore(synthetic_store(family=family, splits={"train": 90}, block_tokens=40).path).split("train")
+    labels = torch.from_numpy(np.asarray(split.labels))
+    from_store = SplitBatches(split, labels, memory_budget=0, shuffle_buffer=2)
+    from_host = SplitBatches(split, labels, memory_budget=0, shuffle_buffer=2, host_budget=2**40)
+    assert from_host.host_held and not from_store.host_held and not from_host.in_memory
+    assert split.num_blocks >= 5
+    picks = np.arange(0, 90, 3)
+    for data in (from_host, from_host.subset(picks)):
+        store_side = from_store if data is from_host else from_store.subset(picks)
+        for epoch in (1, 2):
+            loads.clear()
+            want = list(store_side.epoch(8, shuffle=True, seed=epoch))
+            assert len(loads) >= 3  # read from the store, a group of blocks at a time
+            loads.clear()
+            got = list(data.epoch(8, shuffle=True, seed=epoch))
+            assert loads == []  # the host's rows, read once before
+            assert len(got) == len(want) >= 4
+            for (index_a, a), (index_b, b) in zip(want, got):
+                np.testing.assert_array_equal(index_a, index_b)
+                for name in ("labels", "encoder", "encoder_segment", "encoder_first", "decoder"):
+                    x, y = getattr(a, name), getattr(b, name)
+                    assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
+
+
 def test_a_pool_of_writers_writes_the_same_bytes_as_one(tiny_t5, tmp_path, glue_dir):
     stores = {}
     for writers in (1, 4):

@@ -40,7 +40,8 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
                   "per-token store: evaluation, 2 seed(s)",
                   "extraction, pooled store, batches of <= ", "pooled store extracted in fine-tuning's batch size",
                   "| stage two, pooled store, 1 seed(s) | failed: RuntimeError: CUDA error: injected second line |",
-                  "per-token store streamed (memory_budget=0): one epoch, 2 seed(s) |",
+                  "per-token store streamed from the store (memory_budget=0): one epoch, 2 seed(s) |",
+                  "per-token store streamed from pinned host memory (memory_budget=0): one epoch, 2 seed(s) |",
                   "GRU steps in torch operators (no fused cell kernels): one epoch, 2 seed(s) |",
                   "Eager GRU layer steps through the fused cell kernels / in torch operators, a 2-seed epoch: **",
                   "stage two --cuda-graphs, per-token store: one epoch, 2 seed(s) |",
@@ -78,7 +79,7 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
     assert "READ from the cache (eager, pooled store)" not in rendered  # its extraction failed above
     assert "Extraction throughput / plain forward, per-token store: **" in rendered
     assert "READ from the cache (--compile --cuda-graphs --tf32, compile caches warm)" in rendered
-    assert "READ from the cache (eager, streamed: rows not held on the device)" in rendered
+    assert "READ from the cache (eager, streamed from the store: rows not held on the device)" in rendered
     assert "READ from the cache (--compile --cuda-graphs --tf32, streamed 2 blocks at a time)" in rendered
     assert "compile caches warm (a second run on this machine): one epoch, 2 seed(s)" in rendered
     t, ft = results["train_all_2"], results["finetune"]

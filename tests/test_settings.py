@@ -96,7 +96,8 @@ def test_to_dict_is_unchanged():
         "aggregate": "mean", "h0": "zero", "pooling": "mean", "encoder_side": True, "out_init": "zeros",
         "out_scale": 1.0, "dropout": 0.1, "lr": 1e-3,
         "weight_decay": 0.01, "warmup_ratio": 0.06, "batch_size": 32, "patience": 5, "max_grad_norm": 1.0,
-        "device": "auto", "compile": False, "cuda_graphs": False, "tf32": False, "memory_budget": 8 * 1024**3, "train_split": "train", "eval_splits": None,
+        "device": "auto", "compile": False, "cuda_graphs": False, "tf32": False, "memory_budget": 8 * 1024**3,
+        "host_memory_budget": 16 * 1024**3, "train_split": "train", "eval_splits": None,
         "select_on": "selection", "data_seed": 0,
         "shuffle_buffer": 8, "threads": None,
     }

@@ -52,6 +52,12 @@ def device_setting() -> Any:
                    pattern=r"auto|cpu|cuda(:\d+)?|mps", allowed="auto, cpu, cuda, cuda:N or mps")
 
 
+def size_setting(default: str, help: str) -> Any:
+    """A number of bytes, given as a size such as 8GB or 512MiB."""
+    return setting(default, help, parse=parse_size, allowed="a size such as 8GB or 512MiB, or a number of bytes",
+                   metavar="SIZE")
+
+
 def _parse_part(value: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
     if not match or not int(match.group(1)) < int(match.group(2)):
@@ -182,9 +188,12 @@ class TrainConfig(SideConfig):
         False, "On a CUDA device, float32 matrix products on TensorFloat-32 tensor cores (10-bit mantissa in the "
         "products, float32 sums; several times float32's speed from Ampere on), as Hugging Face's --tf32. Off: full "
         "float32, as on a CPU, which this setting leaves alone.")
-    memory_budget: str | int = setting("8GB", "Splits larger than this are streamed from the store by block.",
-                                       parse=parse_size, allowed="a size such as 8GB or 512MiB, or a number of bytes",
-                                       metavar="SIZE")
+    memory_budget: str | int = size_setting(
+        "8GB", "Splits larger than this are streamed by block, not held on the training device (on a CPU: in memory).")
+    host_memory_budget: str | int = size_setting(
+        "16GB", "On an accelerator, a streamed split (larger than --memory-budget) that fits this is read from the "
+        "store once into pinned host memory, and each epoch copies its blocks to the device from there; a larger one "
+        "is read and decoded from the store every epoch. Unused on a CPU, where --memory-budget is the host's.")
     train_split: str = setting("train", "Split to train on.")
     eval_splits: tuple[str, ...] | None = setting(None, "Splits to evaluate on, comma-separated.",
                                                   none="the task's validation split(s)", example="validation")

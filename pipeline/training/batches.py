@@ -8,6 +8,10 @@ and half the bytes into a CUDA graph's input buffer). On CPU that device is
 the host (the rows are the store's own buffers); on CUDA a split that fits the budget is copied there
 once, and a streamed chunk crosses from pinned host memory with a non-blocking copy on a side stream,
 overlapping the previous chunk's compute. One gather path serves both.
+
+A streamed split that fits ``host_budget`` (given for an accelerator) is read from the store once, into pinned
+host memory, and each epoch copies its groups of blocks from there: the same chunks, in the same order, as
+reading them again, without decoding the store every epoch.
 """
 
 from __future__ import annotations
@@ -145,19 +149,22 @@ class SplitBatches:
     in a seeded order.
 
     ``memory_budget`` bounds the rows held at once on ``device`` (the host when it is the CPU): a split
-    that fits stays there in the stored dtype for the whole run; a larger one is streamed.
+    that fits stays there in the stored dtype for the whole run; a larger one is streamed, from the host's memory
+    when it fits ``host_budget`` (``host_held``; the trainer gives one for an accelerator only), else from the store.
     """
 
     def __init__(self, split: CachedSplit, labels: torch.Tensor, *, memory_budget: int, shuffle_buffer: int = 8,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", host_budget: int = 0) -> None:
         self.split = split
         self.labels = labels
         nbytes = sum(split.nbytes(side) for side in split.sides)
         self.in_memory = nbytes <= memory_budget
+        self.host_held = not self.in_memory and nbytes <= host_budget
         self.shuffle_buffer = shuffle_buffer
         self.nbytes = nbytes
         self.device = torch.device(device)
         self._all: Chunk | None = None
+        self._host: Chunk | None = None  # every block, in order, in (pinned) host memory: host_held
         self._reads = [0.0]  # seconds spent reading, shared with every subset of this split
         self._copy_seconds = [0.0]  # seconds spent copying held rows to the device, shared likewise
         self.examples: np.ndarray | None = None  # sorted indices into the split; None: every example
@@ -198,12 +205,38 @@ class SplitBatches:
         return labels if self.examples is None else labels[self.examples]
 
     def preload(self) -> None:
-        """Read a split that is held in memory now rather than at its first epoch (streamed: nothing)."""
+        """Read a split that is held in memory (on the device, or on the host) now rather than at its first epoch
+        (streamed from the store: nothing)."""
         if self.in_memory and self._all is None:
             chunk = self._timed_load(list(range(self.split.num_blocks)))
             started = time.perf_counter()
             self._all = chunk.to(self.device)  # from pageable memory: the call returns once the copy is done
             self._copy_seconds[0] += time.perf_counter() - started
+        elif self.host_held and self._host is None:
+            chunk = self._timed_load(list(range(self.split.num_blocks)))
+            self._host = chunk.pin_memory() if self._copies is not None else chunk
+
+    def _from_host(self, blocks: Sequence[int]) -> Chunk:
+        """The chunk ``load_chunk`` would read for ``blocks``, copied from the rows held on the host (each block's
+        rows are one contiguous run there) into one dense chunk on the device."""
+        host = self._host
+        assert host is not None
+        starts = np.asarray(self.split.block_starts)
+        runs = [(int(starts[j]), int(starts[j + 1])) for j in blocks if starts[j + 1] > starts[j]]
+        examples = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, dtype=np.int64)
+        states, counts = {}, {}
+        for side, rows in host.states.items():
+            first, count = host.starts[side], host.counts[side]
+            spans = [(int(first[a]), int(first[b - 1] + count[b - 1])) for a, b in runs]
+            out = torch.empty((sum(end - start for start, end in spans), *rows.shape[1:]), dtype=rows.dtype,
+                              device=self.device)
+            at = 0
+            for start, end in spans:  # from pinned memory: each copy is asynchronous on a CUDA stream
+                out[at : at + end - start].copy_(rows[start:end], non_blocking=True)
+                at += end - start
+            states[side], counts[side] = out, count[examples]
+        labels = host.labels[torch.from_numpy(examples)].to(self.device, non_blocking=True)
+        return Chunk.from_rows(examples, labels, states, counts)
 
     def _timed_load(self, blocks: Sequence[int]) -> Chunk:
         started = time.perf_counter()
@@ -213,12 +246,15 @@ class SplitBatches:
         return chunk
 
     def _streamed(self, blocks: Sequence[int]) -> tuple[Chunk, torch.cuda.Event | None]:
-        """A group of blocks read on the prefetch thread; for CUDA, pinned and sent on the copy stream."""
-        chunk = self._timed_load(blocks)
+        """A group of blocks on the prefetch thread, read from the store or (host_held) taken from the host's
+        memory; for CUDA, pinned and sent on the copy stream."""
         if self._copies is None:
-            return chunk, None
+            return (self._from_host(blocks) if self._host is not None else self._timed_load(blocks)), None
         with torch.cuda.stream(self._copies):
-            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            if self._host is not None:
+                chunk = self._from_host(blocks)
+            else:
+                chunk = self._timed_load(blocks).pin_memory().to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._copies)
         return chunk, done
@@ -237,8 +273,8 @@ class SplitBatches:
         """(example indices into the split, batch) pairs covering the (sub)set once."""
         rng = np.random.default_rng(seed)
         blocks = np.arange(self.split.num_blocks)
+        self.preload()
         if self.in_memory:
-            self.preload()
             yield from _chunk_batches(self._all, batch_size, rng if shuffle else None, self._keep)
             return
         if self._keep is not None:  # only the blocks that hold an example of the subset

@@ -144,7 +144,8 @@ class Trainer:
             split = self.store.split(name)
             labels = torch.from_numpy(np.asarray(split.labels)).to(label_dtype)
             return SplitBatches(split, labels, memory_budget=cfg.memory_budget, shuffle_buffer=cfg.shuffle_buffer,
-                                device=self.device)
+                                device=self.device,
+                                host_budget=cfg.host_memory_budget if self.device.type != "cpu" else 0)
 
         if SELECTION in self.eval_splits:
             raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
