@@ -141,8 +141,8 @@ def test_rows_held_on_the_host_stream_the_chunks_the_store_gives_reading_it_once
 
     loads = []
     load_chunk = module.load_chunk
-    monkeypatch.setattr(module, "load_chunk", lambda split, blocks, labels: loads.append(list(blocks))
-                        or load_chunk(split, blocks, labels))
+    monkeypatch.setattr(module, "load_chunk", lambda split, blocks, labels, **kw: loads.append(list(blocks))
+                        or load_chunk(split, blocks, labels, **kw))
     split = CacheStore(synthetic_store(family=family, splits={"train": 90}, block_tokens=40).path).split("train")
     labels = torch.from_numpy(np.asarray(split.labels))
     from_store = SplitBatches(split, labels, memory_budget=0, shuffle_buffer=2)

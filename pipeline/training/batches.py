@@ -17,6 +17,7 @@ reading them again, without decoding the store every epoch.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 import time
@@ -106,16 +107,22 @@ def all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def read_side(split: CachedSplit, blocks: Sequence[int], side: str) -> np.ndarray:
+def read_side(split: CachedSplit, blocks: Sequence[int], side: str, *, pinned: bool = False) -> np.ndarray:
     """One side's rows of ``blocks``, densely in block order, in the stored dtype.
 
     Each block is decoded straight into its place and checked there, against its checksum (a damaged
     shard raises one line) and for non-finite values, by up to one thread a core: reading, decompression,
-    hashing and the check release the GIL, and no block is copied again to join the others.
+    hashing and the check release the GIL, and no block is copied again to join the others. ``pinned``: into
+    page-locked memory (CUDA only), which copies to the device can read asynchronously, with no pinned copy made.
     """
     spans = [split.block_rows(j, side) for j in blocks]
     first = np.cumsum([0, *(end - start for start, end in spans)])
-    raw = np.empty((int(first[-1]), *split.hidden(side).shape[1:]), dtype=STORED_DTYPES[split.dtype])
+    shape, dtype = (int(first[-1]), *split.hidden(side).shape[1:]), np.dtype(STORED_DTYPES[split.dtype])
+    if pinned:  # the array's base is the pinned tensor, which stays alive with it
+        raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8, pin_memory=True).numpy()
+        raw = raw.view(dtype).reshape(shape)
+    else:
+        raw = np.empty(shape, dtype=dtype)
 
     def read(k: int) -> bool:
         part = split.read_block(blocks[k], side, out=raw[first[k] : first[k + 1]])
@@ -133,14 +140,15 @@ def read_side(split: CachedSplit, blocks: Sequence[int], side: str) -> np.ndarra
     return raw
 
 
-def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor) -> Chunk:
-    """Read whole blocks (one shard each per side, ``read_side``) into one dense chunk."""
+def load_chunk(split: CachedSplit, blocks: Sequence[int], labels: torch.Tensor, *, pinned: bool = False) -> Chunk:
+    """Read whole blocks (one shard each per side, ``read_side``) into one dense chunk (``pinned``: its states in
+    page-locked memory)."""
     examples = np.concatenate([np.arange(split.block_starts[j], split.block_starts[j + 1]) for j in blocks])
     states, counts = {}, {}
     for side in split.sides:
         off = split.offsets[side][examples]
         counts[side] = off[:, 1] - off[:, 0]
-        states[side] = torch_view(read_side(split, blocks, side), split.dtype)
+        states[side] = torch_view(read_side(split, blocks, side, pinned=pinned), split.dtype)
     return Chunk.from_rows(examples, labels[examples], states, counts)
 
 
@@ -212,9 +220,8 @@ class SplitBatches:
             started = time.perf_counter()
             self._all = chunk.to(self.device)  # from pageable memory: the call returns once the copy is done
             self._copy_seconds[0] += time.perf_counter() - started
-        elif self.host_held and self._host is None:
-            chunk = self._timed_load(list(range(self.split.num_blocks)))
-            self._host = chunk.pin_memory() if self._copies is not None else chunk
+        elif self.host_held and self._host is None:  # on CUDA decoded straight into pinned memory
+            self._host = self._timed_load(list(range(self.split.num_blocks)), pinned=self._copies is not None)
 
     def _from_host(self, blocks: Sequence[int]) -> Chunk:
         """The chunk ``load_chunk`` would read for ``blocks``, copied from the rows held on the host (each block's
@@ -238,9 +245,9 @@ class SplitBatches:
         labels = host.labels[torch.from_numpy(examples)].to(self.device, non_blocking=True)
         return Chunk.from_rows(examples, labels, states, counts)
 
-    def _timed_load(self, blocks: Sequence[int]) -> Chunk:
+    def _timed_load(self, blocks: Sequence[int], *, pinned: bool = False) -> Chunk:
         started = time.perf_counter()
-        chunk = load_chunk(self.split, blocks, self.labels)
+        chunk = load_chunk(self.split, blocks, self.labels, pinned=pinned)
         with _lock:
             self._reads[0] += time.perf_counter() - started
         return chunk
