@@ -4,7 +4,8 @@ An eager step on a GPU is bound by kernel launches: some hundreds of operators f
 AdamW, each costing host time, for a side network of a few million parameters. A CUDA graph records the kernels
 of one step once and replays them with one launch. torch.compile's reduce-overhead mode does this too
 (``--compile --cuda-graphs``), but compiles first: about 30 s for one seed and 100 s for five on an H200, more than
-the nine epochs after it save. Recording the eager step costs about one eager step per batch shape.
+the nine epochs after it save. Recording the eager step runs its Python once more per batch shape, and compiles
+nothing.
 
 What is recorded is everything from zeroing the gradients to the optimiser's update (``Recorder`` does the
 recording: CUDA graphs on a GPU, a stand-in in the CPU tests). A graph replays fixed shapes at fixed addresses,
