@@ -19,8 +19,11 @@ the step as the CPU runs it and as CUDA runs it (the fused GRU cell kernels, her
 ``--host-time`` instead times that bound itself: the host's milliseconds per eager step at a tiny width, where the
 arithmetic is negligible, the composite step against the step as on CUDA with kernels that do no arithmetic.
 ``--peaks`` instead measures the most memory a training step and an evaluation batch hold at once (from the CPU
-allocator's events: the tensors a GPU would hold), composite and as on CUDA. Appends nothing to BENCHMARKS.md;
-prints a table to paste.
+allocator's events: the tensors a GPU would hold), composite and as on CUDA. ``--launches`` instead counts the
+operators a whole step of ``Trainer.train_epoch`` dispatches (the batch's gather, dropout masks, forward, backward,
+clipping, fused AdamW, the schedule, the loss bookkeeping; as on CUDA), eager and under ``--cuda-graphs``: there,
+those outside the recorded graph, plus one replay, against the graph's own (``tests/graph_tape.py`` stands in for
+CUDA graphs). Appends nothing to BENCHMARKS.md; prints a table to paste.
 """
 
 from __future__ import annotations
@@ -213,6 +216,90 @@ def print_peaks(args: argparse.Namespace) -> None:
           f"`.venv/bin/python benchmarks/step_memory.py {' '.join(sys.argv[1:])}`")
 
 
+def count_launches(seeds: int, rnn_dim: int) -> dict[str, float]:
+    """Operators per step of a second epoch of ``Trainer.train_epoch`` (seq2seq, 13 states a side, batches of 32;
+    a synthetic store at a small width: the count does not depend on it), as on CUDA (fused GRU cell stand-ins,
+    fused AdamW): eager, and with the step recorded (outside the graph; replays; the graph's own operators)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from graph_tape import TapeRecorder
+    from synthetic import write_synthetic_store
+
+    from pipeline.common.config import TrainConfig
+    from pipeline.training.trainer import Trainer
+
+    def counted(func) -> bool:  # type: ignore[no-untyped-def]
+        return not (func.is_view or func.namespace == "profiler"
+                    or func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided))
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.operators, self.paused = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.operators += not self.paused and counted(func)
+            return func(*args, **(kwargs or {}))
+
+    count = Count()
+
+    class Recorder(TapeRecorder):
+        """The stand-in, each replay counted as the one launch it is on a GPU."""
+
+        def record(self, run):  # type: ignore[no-untyped-def]
+            replay, out = super().record(run)
+
+            def one_launch() -> None:
+                count.paused = True
+                try:
+                    replay()
+                finally:
+                    count.paused = False
+                count.operators += 1
+
+            return one_launch, out
+
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as work, as_on_cuda():
+        cache = write_synthetic_store(Path(work) / "s.zarr", splits={"train": 800, "validation": 40}, max_tokens=24,
+                                      num_states=13, d_model=32, block_tokens=4096).path
+        for mode in ("eager", "recorded"):
+            recorder = Recorder() if mode == "recorded" else None
+            cfg = TrainConfig(cache=cache, out=str(Path(work) / mode), seeds=tuple(range(seeds)), rnn_dim=rnn_dim,
+                              batch_size=32, device="cpu", patience=None)
+            trainer = Trainer(cfg, progress=False, recorder=recorder)
+            optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=torch.tensor(cfg.lr), fused=True)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+            if recorder is not None:
+                optimizer, scheduler = trainer.optimizer()  # fused, its learning rate a tensor, as on CUDA
+            trainer.train_epoch(1, optimizer, scheduler)  # the first steps of each shape: eager, then recorded
+            per_step: list[tuple[int, bool]] = []  # (operators, replayed) of each step of the second epoch
+            marks = {"operators": 0, "replays": recorder.replays if recorder else 0}
+
+            def phase(name: str) -> None:
+                if name == "step":
+                    replays = recorder.replays if recorder else 0
+                    per_step.append((count.operators - marks["operators"], replays > marks["replays"]))
+                    marks.update(operators=count.operators, replays=replays)
+
+            count.operators = 0
+            with count:
+                trainer.train_epoch(2, optimizer, scheduler, phase=phase)
+            # the step's own operators; after it, the loss bookkeeping (counted with the next step's)
+            replayed = [n for n, was in per_step[1:] if was]
+            eager = [n for n, was in per_step[1:] if not was]
+            figures["steps"] = len(per_step)
+            if recorder is None:
+                figures["eager per step"] = statistics.median(eager)
+            else:
+                figures["replayed"] = len(replayed) + per_step[0][1]
+                figures["replayed per step"] = statistics.median(replayed)
+                figures["graph operators"] = statistics.median(
+                    sum(counted(func) for func, *_ in tape.ops) for tape in recorder.tapes)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
@@ -226,9 +313,19 @@ def main() -> None:
     parser.add_argument("--peaks", action="store_true",
                         help="only measure the peak memory of a training step and of an evaluation batch, composite "
                              "and as on CUDA")
+    parser.add_argument("--launches", action="store_true",
+                        help="only count the operators of whole training steps, eager and recorded as CUDA graphs")
     parser.add_argument("--eval-examples", type=int, default=EVAL_BATCH_EXAMPLES,
                         help="examples in the --peaks evaluation batch (the Trainer's evaluation batch size)")
     args = parser.parse_args()
+    if args.launches:
+        for seeds in args.seeds:
+            f = count_launches(seeds, args.rnn_dim)
+            print(f"{seeds} seed(s), a second epoch of {f['steps']:.0f} steps, operators per step as on CUDA (median): "
+                  f"eager {f['eager per step']:.0f}; --cuda-graphs, a replayed step ({f['replayed']:.0f} of them) "
+                  f"{f['replayed per step']:.0f} including its one launch, the graph holding "
+                  f"{f['graph operators']:.0f}", flush=True)
+        return
     if args.peaks:
         print_peaks(args)
         return
