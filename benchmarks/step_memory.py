@@ -44,6 +44,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from pipeline.common.resources import peak_tensor_bytes  # noqa: E402
 from pipeline.training import fused_gru  # noqa: E402
 from pipeline.training.model import ReadConfig, ReadModel, StepLoss  # noqa: E402
@@ -115,23 +117,29 @@ def step_flops(model: ReadModel, batch: SideBatch) -> int:
     return counter.get_total_flops()
 
 
+def launches(func: torch._ops.OpOverload) -> bool:
+    """Whether an operator launches work on a device: views, allocations and profiler marks do not."""
+    return not (func.is_view or func.namespace == "profiler"
+                or func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided))
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators dispatched while it is on (``launches``), unless ``paused``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.operators += not self.paused and launches(func)
+        return func(*args, **(kwargs or {}))
+
+
 def step_operators(model: ReadModel, batch: SideBatch) -> int:
     """Operators one eager step (dropout masks, forward, loss, backward) dispatches to a device, views and
     allocations left out. Each launches one kernel or more on a GPU (a slice's backward: two), and pays the
     dispatcher's and autograd's host time: what bounds an eager step there."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.operators = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if not func.is_view and func.overloadpacket not in (torch.ops.aten.empty, torch.ops.aten.empty_strided):
-                self.operators += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as count:
+    with OperatorCount() as count:
         saved_bytes(model, batch)
     return count.operators
 
@@ -220,8 +228,6 @@ def count_launches(seeds: int, rnn_dim: int) -> dict[str, float]:
     """Operators per step of a second epoch of ``Trainer.train_epoch`` (seq2seq, 13 states a side, batches of 32;
     a synthetic store at a small width: the count does not depend on it), as on CUDA (fused GRU cell stand-ins,
     fused AdamW): eager, and with the step recorded (outside the graph; replays; the graph's own operators)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     sys.path.insert(0, str(REPO / "tests"))
     from graph_tape import TapeRecorder
     from synthetic import write_synthetic_store
@@ -229,20 +235,7 @@ def count_launches(seeds: int, rnn_dim: int) -> dict[str, float]:
     from pipeline.common.config import TrainConfig
     from pipeline.training.trainer import Trainer
 
-    def counted(func) -> bool:  # type: ignore[no-untyped-def]
-        return not (func.is_view or func.namespace == "profiler"
-                    or func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided))
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.operators, self.paused = 0, False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            self.operators += not self.paused and counted(func)
-            return func(*args, **(kwargs or {}))
-
-    count = Count()
+    count = OperatorCount()
 
     class Recorder(TapeRecorder):
         """The stand-in, each replay counted as the one launch it is on a GPU."""
@@ -296,7 +289,7 @@ def count_launches(seeds: int, rnn_dim: int) -> dict[str, float]:
                 figures["replayed"] = len(replayed) + per_step[0][1]
                 figures["replayed per step"] = statistics.median(replayed)
                 figures["graph operators"] = statistics.median(
-                    sum(counted(func) for func, *_ in tape.ops) for tape in recorder.tapes)
+                    sum(launches(func) for func, *_ in tape.ops) for tape in recorder.tapes)
     return figures
 
 
