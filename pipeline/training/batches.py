@@ -253,18 +253,23 @@ class SplitBatches:
         return chunk
 
     def _streamed(self, blocks: Sequence[int]) -> tuple[Chunk, torch.cuda.Event | None]:
-        """A group of blocks on the prefetch thread, read from the store or (host_held) taken from the host's
-        memory; for CUDA, pinned and sent on the copy stream."""
+        """A group of blocks on the prefetch thread (``_group``); for CUDA, sent on the copy stream, with the event
+        that says it arrived."""
         if self._copies is None:
-            return (self._from_host(blocks) if self._host is not None else self._timed_load(blocks)), None
+            return self._group(blocks), None
         with torch.cuda.stream(self._copies):
-            if self._host is not None:
-                chunk = self._from_host(blocks)
-            else:
-                chunk = self._timed_load(blocks).pin_memory().to(self.device, non_blocking=True)
+            chunk = self._group(blocks)
             done = torch.cuda.Event()
             done.record(self._copies)
         return chunk, done
+
+    def _group(self, blocks: Sequence[int]) -> Chunk:
+        """A group of blocks on the device: taken from the rows held on the host (host_held), or read from the store
+        (for CUDA, pinned first, so that the copy is asynchronous)."""
+        if self._host is not None:
+            return self._from_host(blocks)
+        chunk = self._timed_load(blocks)
+        return chunk if self._copies is None else chunk.pin_memory().to(self.device, non_blocking=True)
 
     def _arrived(self, streamed: tuple[Chunk, torch.cuda.Event | None]) -> Chunk:
         """Make the compute stream wait for a streamed chunk's copy (no host sync) and own its memory."""
