@@ -48,7 +48,8 @@ def test_gpu_benchmark_runs_on_cpu_into_a_copy(tiny_t5, glue_dir, tmp_path, monk
                   "stage two --cuda-graphs, pooled store: warm-up epoch, 2 seed(s) |",
                   "stage two --cuda-graphs --tf32, per-token store: one epoch, 2 seed(s) |",
                   "READ from the cache (--cuda-graphs, pooled store), 2 seeds",
-                  "full fine-tuning: warm-up epoch", "full fine-tuning, one epoch", "Disk: sequential write", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
+                  "full fine-tuning: warm-up epoch", "full fine-tuning, one epoch", "Disk: sequential write",
+                  "MiB/s into the page cache, not fsync'd", "Command: `python benchmarks/gpu.py --shape t5-tiny"):
         assert phase in text, phase
     assert (REPO / "BENCHMARKS.md").read_bytes() == real
     # --render rebuilds the section from the saved figures alone; a compile that failed is said in its row.
