@@ -84,7 +84,7 @@ def test_a_side_network_through_the_fused_recurrence_equals_the_composite_one(mo
 
 
 def test_without_grad_the_fused_recurrence_keeps_no_workspace(monkeypatch):
-    # Evaluation batches are large (256 examples): keeping every step's workspace there would cost L x 5 r floats a
+    # Evaluation batches are large (128 examples): keeping every step's workspace there would cost L x 5 r floats a
     # token and seed for nothing. Without grad mode no autograd node is made and each workspace is dropped once used.
     S, N, L, d, r = 2, 9, 3, 16, 8
     net = SideNet(S, d, r, "gru", aggregate="mean", h0_from_embedding=False, with_output=True)
