@@ -209,6 +209,24 @@ def test_a_rerun_re_extracts_exactly_the_damaged_block(tiny_t5, tmp_path, glue_d
     assert rewritten <= block_1 and "validation/decoder/hidden/c/1/0/0" in rewritten, rewritten
 
 
+def test_a_rerun_writes_lost_per_example_arrays_again(tiny_t5, tmp_path, glue_dir):
+    """Labels and offsets read back as zeros once a chunk is lost: verify names them, a rerun restores them."""
+    args = ["--model", str(tiny_t5), "--task", "rte", "--glue-dir", str(glue_dir), "--splits", "validation",
+            "--limit", "12", "--max-length", "64", "--batch-tokens", "256", "--block-tokens", "128", "--quiet"]
+    clean, damaged = tmp_path / "clean.zarr", tmp_path / "damaged.zarr"
+    assert cli(*args, "--out", str(clean)).exit_code == 0
+    shutil.copytree(clean, damaged)
+    for array in ("labels", "encoder/offsets"):
+        for chunk in [f for f in (damaged / "validation" / array / "c").rglob("*") if f.is_file()]:
+            chunk.unlink()
+    result = CliRunner().invoke(main, ["verify", str(damaged)])
+    assert result.exit_code == 1 and result.output.startswith("FAIL ") and "validation/labels" in result.output
+    assert "Traceback" not in result.output
+    assert cli(*args, "--out", str(damaged)).exit_code == 0
+    assert verify_store(str(damaged)) == []
+    assert tree_bytes(damaged) == tree_bytes(clean)
+
+
 def test_the_same_inputs_give_the_same_bytes(tiny_t5, tmp_path, glue_dir):
     """Nothing volatile (a time, the store's path) is stored, so DVC's hash of a store is reproducible."""
     a = run_extract(tmp_path / "a", tiny_t5, glue_dir, block_tokens=128)

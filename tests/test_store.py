@@ -39,6 +39,7 @@ from pipeline.store import (
     torch_view,
     verify_store,
 )
+from pipeline.store.format import EXAMPLE_SUMS
 from pipeline.store.writer import write_shards
 
 DAMAGE = ["delete", "truncate", "flip"]
@@ -284,6 +285,78 @@ def test_training_refuses_a_damaged_store_before_it_starts(synthetic_store, tmp_
     bad = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "bad")])
     assert "validation/decoder block 1" in one_line_error(bad)
     assert not (tmp_path / "bad").exists()
+
+
+# ---- the per-example arrays: labels, ids, block boundaries, offsets, lengths --------------------------------
+
+
+TRAIN_ARGS = ["--epochs", "1", "--rnn-dim", "8", "--seeds", "0", "--batch-size", "4", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("array", ["labels", "ids", "block_starts", "encoder/offsets", "decoder/lengths"])
+def test_a_lost_chunk_of_a_per_example_array_is_named_and_a_rerun_writes_it_again(synthetic_store, array):
+    """A lost chunk reads back as zeros: without a check, training would take zeros for labels or offsets."""
+    made = synthetic_store()
+    clean = tree_bytes(made.path)
+    chunks = [f for f in Path(made.path, "train", *array.split("/"), "c").rglob("*") if f.is_file()]
+    assert chunks
+    for chunk in chunks:
+        chunk.unlink()
+    problems = verify_store(made.path)
+    assert len(problems) == 1 and f"train/{array} does not match its checksum" in problems[0], problems
+    assert "rerun the same `pipeline extract`" in problems[0]
+    with pytest.raises(StoreCorruptError, match=f"train/{array} does not match its checksum"):
+        CacheStore(made.path).split("train")
+    made.writer()  # what a rerun of the extraction does first: the split's arrays, checked against its data
+    assert verify_store(made.path) == []
+    assert tree_bytes(made.path) == clean
+
+
+def test_training_refuses_altered_labels_in_one_line(synthetic_store, tmp_path):
+    made = synthetic_store()
+    labels = zarr.open_array(Path(made.path, "train", "labels"), mode="r+")
+    labels[0] = labels[0] + 1
+    bad = CliRunner().invoke(main, ["train", "--cache", made.path, *TRAIN_ARGS, "--out", str(tmp_path / "bad")])
+    assert "train/labels does not match its checksum" in one_line_error(bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_missing_array_is_one_line_that_says_to_rebuild_the_store(synthetic_store, tmp_path):
+    made = synthetic_store()
+    Path(made.path, "validation", "encoder", "hidden", "zarr.json").unlink()
+    problems = verify_store(made.path)
+    assert len(problems) == 1 and problems[0].startswith(f"{made.path}: split 'validation' lacks part of its layout")
+    assert problems[0].endswith("--overwrite to rebuild the store")
+    result = CliRunner().invoke(main, ["verify", made.path])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Traceback" not in result.output
+    bad = CliRunner().invoke(main, ["train", "--cache", made.path, *TRAIN_ARGS, "--out", str(tmp_path / "bad")])
+    assert "split 'validation' lacks part of its layout" in one_line_error(bad)
+
+
+def test_damaged_label_rows_are_caught_and_written_again(synthetic_store):
+    made = synthetic_store()
+    assert made.label_rows is not None
+    clean = tree_bytes(made.path)
+    for chunk in Path(made.path, "label_rows", "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    assert any("label_rows does not match its checksum" in p for p in verify_store(made.path))
+    with pytest.raises(StoreCorruptError, match="label_rows does not match its checksum"):
+        CacheStore(made.path).label_rows()
+    made.writer().ensure_array("label_rows", made.label_rows)
+    assert verify_store(made.path) == [] and tree_bytes(made.path) == clean
+
+
+def test_a_store_written_before_the_per_example_checksums_reads_and_gains_them_on_a_rerun(synthetic_store):
+    made = synthetic_store()
+    group = zarr.open_group(Path(made.path, "train"), mode="r+")
+    sums = dict(group.attrs[EXAMPLE_SUMS])
+    del group.attrs[EXAMPLE_SUMS]
+    split = CacheStore(made.path).split("train")
+    assert np.array_equal(split.labels, made.splits["train"].labels)
+    assert verify_store(made.path) == []
+    made.writer()
+    assert zarr.open_group(Path(made.path, "train"), mode="r").attrs[EXAMPLE_SUMS] == sums
 
 
 # ---- refusals: format version, foreign paths, a busy store -------------------------------------------------

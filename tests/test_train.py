@@ -20,6 +20,7 @@ from pipeline.common.errors import (
     TrainingError,
 )
 from pipeline.store import ATTRS_KEY, CacheStore, checksum, to_float32
+from pipeline.store.format import EXAMPLE_SUMS, checksum_hex
 from pipeline.training import Trainer, train
 from pipeline.training.adapter import read_adapter_config
 from pipeline.training.batches import SplitBatches
@@ -191,10 +192,17 @@ def test_unlabeled_labels_and_non_finite_values_are_refused(t5_store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(t5_store, copy)
     group = zarr.open_group(str(copy), mode="r+")
+    first_label = group["validation"]["labels"][0]
     group["validation"]["labels"][0] = -1
+    with pytest.raises(StoreCorruptError, match="validation/labels does not match its checksum"):
+        train(quick(str(copy), tmp_path), progress=False)
+    # Labels the extraction itself wrote (their checksum matches: an unlabeled split) are refused as values.
+    sums = dict(group["validation"].attrs[EXAMPLE_SUMS])
+    group["validation"].attrs[EXAMPLE_SUMS] = {**sums, "labels": checksum_hex(group["validation"]["labels"][:])}
     with pytest.raises(TrainingError, match="labels outside"):
         train(quick(str(copy), tmp_path), progress=False)
-    group["validation"]["labels"][0] = 0
+    group["validation"]["labels"][0] = first_label
+    group["validation"].attrs[EXAMPLE_SUMS] = sums
     group["train"]["encoder"]["hidden"][0] = np.uint16(0x7FC0)  # bfloat16 nan, written behind the store's back
     with pytest.raises(StoreCorruptError, match="train/encoder block 0: hidden checksum mismatch"):
         train(quick(str(copy), tmp_path), progress=False)

@@ -444,10 +444,14 @@ def finished_store(cfg: ExtractConfig, data: dict[str, GlueSplit] | None = None)
     wanted = store_identity(cfg, data, model_identity(model_content_hash(path, None), cfg.model))
     if not set(wanted.data) <= set(store.splits) or wanted.mismatch(store.meta.identity):
         return False
-    for name in wanted.data:
-        split = store.split(name)
-        if not split.blocks_done().all() or split.damaged_blocks(range(split.num_blocks)):
-            return False
+    try:
+        store.label_rows()
+        for name in wanted.data:
+            split = store.split(name)
+            if not split.blocks_done().all() or split.damaged_blocks(range(split.num_blocks)):
+                return False
+    except PipelineError:  # a damaged per-example array: the extraction writes it again
+        return False
     return True
 
 

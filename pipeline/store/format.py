@@ -14,6 +14,9 @@ Layout (per split group, e.g. ``train/``)::
     <side>/lengths    (n,)            token count of each example before any pooling
     <side>/token_ids  (n_blocks * capacity,)  int32 (per-token sides only)
 
+The split group's attributes hold the checksums of its per-example arrays (labels, ids, block_starts,
+offsets, lengths: ``EXAMPLE_SUMS``), and the root's ``label_rows`` array its own, checked whenever they are read.
+
 ``side`` is ``encoder`` and/or ``decoder``. Block j owns rows [j * capacity, (j + 1) * capacity) of
 every side array, which is exactly one shard: a writer owns whole shards, so a resumed or parallel
 run never rewrites another block's shard, and a block written whole needs no read-modify-write.
@@ -43,6 +46,7 @@ STORED_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32
 TARGET_SHARD_BYTES = 128 * 2**20  # a few large files: DVC hashes and pushes every file
 TARGET_CHUNK_BYTES = 2 * 2**20
 CHECKSUM = "xxh3_64"  # ~10 GB/s: a few per cent of the time a shard takes to decompress
+EXAMPLE_SUMS = "example_checksums"  # a split group's attribute: per-example array path -> ``checksum_hex``
 
 
 def fingerprint(content: Mapping[str, Any]) -> str:
@@ -73,7 +77,27 @@ def checksum(rows: np.ndarray) -> int:
     """The checksum of rows as written (their bytes, C order): catches a missing, truncated or altered shard."""
     import xxhash
 
-    return xxhash.xxh3_64_intdigest(memoryview(np.ascontiguousarray(rows)).cast("B"))
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+
+
+def checksum_hex(values: np.ndarray) -> str:
+    """``checksum`` as 16 hex digits, for a JSON attribute (readers elsewhere may not hold 64-bit integers)."""
+    return f"{checksum(values):016x}"
+
+
+def example_arrays(labels: np.ndarray, ids: np.ndarray, plan: BlockPlan,
+                   lengths: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A split's per-example arrays, by path in its group, exactly as written when the split is created.
+
+    They are small and written whole, so their checksums (``EXAMPLE_SUMS``, in the split group's attributes) are
+    checked every time a split is opened: a chunk of them lost reads back as the fill value, zeros, which would
+    otherwise train on wrong labels with no error.
+    """
+    arrays = {"labels": labels, "ids": ids.astype(np.int64), "block_starts": plan.block_starts}
+    for side, counts in lengths.items():
+        arrays[f"{side}/offsets"] = plan.offsets[side]
+        arrays[f"{side}/lengths"] = counts.astype(np.int64)
+    return arrays
 
 
 def checksum_columns(per_token: Mapping[str, bool]) -> list[str]:

@@ -9,11 +9,12 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.common.errors import StoreCorruptError, StoreIncompleteError
-from pipeline.store.format import ATTRS_KEY, SIDES, block_rows, checksum
+from pipeline.store.format import ATTRS_KEY, CHECKSUM, EXAMPLE_SUMS, SIDES, block_rows, checksum, checksum_hex
 from pipeline.store.meta import StoreMeta
 from pipeline.store.shards import ShardFile
 
 REEXTRACT = "rerun the same `pipeline extract` command to re-extract it"
+REBUILD = "rerun `pipeline extract` with --overwrite to rebuild the store"
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -26,20 +27,40 @@ class CachedSplit:
     """One split of a store: labels, offsets and block reads checked against the block's checksums."""
 
     def __init__(self, group: Any, name: str, dtype: str, path: str = "") -> None:
+        """Reads the split's per-example arrays, each checked against its checksum: a damaged one raises one line
+        (a rerun of the extraction writes it again), as does a missing array (the store must be rebuilt)."""
         self.group = group
         self.name = name
         self.dtype = dtype
         self.path = path
-        self.labels = np.asarray(group["labels"][:])
-        self.ids = np.asarray(group["ids"][:])
-        self.block_starts = np.asarray(group["block_starts"][:])
+        self._sums: dict[str, str] = dict(group.attrs.get(EXAMPLE_SUMS, {}))  # none in stores written before them
+        self.labels = self._example_array("labels")
+        self.ids = self._example_array("ids")
+        self.block_starts = self._example_array("block_starts")
         self.sides = [s for s in SIDES if s in group]
-        self.offsets = {s: np.asarray(group[s]["offsets"][:]) for s in self.sides}
-        self.lengths = {s: np.asarray(group[s]["lengths"][:]) for s in self.sides}
-        self.capacity = {s: int(group[s]["hidden"].shards[0]) for s in self.sides}
-        self._checksums = group["checksums"]
-        self.columns: list[str] = list(self._checksums.attrs["columns"])
+        self.offsets = {s: self._example_array(f"{s}/offsets") for s in self.sides}
+        self.lengths = {s: self._example_array(f"{s}/lengths") for s in self.sides}
+        try:
+            self.capacity = {s: int(group[s]["hidden"].shards[0]) for s in self.sides}
+            self._checksums = group["checksums"]
+            self.columns: list[str] = list(self._checksums.attrs["columns"])
+            group["blocks_done"]
+        except Exception as exc:
+            raise StoreCorruptError(f"{path}: split {name!r} lacks part of its layout ({first_line(exc)}); "
+                                    f"{REBUILD}") from None
         self._shard_files: dict[tuple[str, str], ShardFile | None] = {}
+
+    def _example_array(self, name: str) -> np.ndarray:
+        """One per-example array, whole, checked against the checksum written with the split."""
+        try:
+            values = np.asarray(self.group[name][:])
+        except Exception as exc:
+            raise StoreCorruptError(f"{self.path}: {self.name}/{name} is unreadable ({first_line(exc)}); "
+                                    f"{REEXTRACT}") from None
+        if name in self._sums and checksum_hex(values) != self._sums[name]:
+            raise StoreCorruptError(f"{self.path}: {self.name}/{name} does not match its checksum (a chunk of it is "
+                                    f"missing or altered); {REEXTRACT}")
+        return values
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -160,10 +181,23 @@ class CacheStore:
                 f"{self.path} has no split {name!r} (it has {', '.join(self.splits) or 'none'}); "
                 f"run `pipeline extract ... --splits {name}`"
             )
-        return CachedSplit(self.group[name], name, self.dtype, self.path)
+        split = CachedSplit(self.group[name], name, self.dtype, self.path)
+        if split.sides != [side for side in SIDES if side in self.meta.layout.layers]:
+            raise StoreCorruptError(f"{self.path}: split {name!r} has sides {split.sides}, its metadata "
+                                    f"{list(self.meta.layout.layers)}; {REBUILD}")
+        return split
 
     def label_rows(self) -> np.ndarray | None:
-        return np.asarray(self.group["label_rows"][:]) if "label_rows" in self.group else None
+        """The head's label rows (seq2seq), checked against their checksum; None when the store has none."""
+        if "label_rows" not in self.group:
+            return None
+        array = self.group["label_rows"]
+        rows = np.asarray(array[:])
+        expected = array.attrs.get(CHECKSUM)  # none in stores written before it was kept
+        if expected is not None and checksum_hex(rows) != expected:
+            raise StoreCorruptError(f"{self.path}: label_rows does not match its checksum (a chunk of it is missing "
+                                    f"or altered); {REEXTRACT}")
+        return rows
 
     def blocks_missing(self) -> dict[str, str]:
         """Splits with blocks still to write, as 'done/total' (empty when the store is complete)."""

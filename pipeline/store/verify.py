@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.common.errors import StoreCorruptError
 from pipeline.store.format import to_float32
 from pipeline.store.reader import CacheStore
 
@@ -22,8 +23,16 @@ def verify_store(path: str | Path) -> list[str]:
     if not store.meta.consistent:
         problems.append(f"fingerprint {store.meta.recorded_fingerprint} does not match the recorded identity "
                         f"({store.fingerprint}): the metadata was edited")
+    try:
+        store.label_rows()
+    except StoreCorruptError as exc:
+        problems.append(str(exc))
     for name in store.splits:
-        split = store.split(name)
+        try:
+            split = store.split(name)
+        except StoreCorruptError as exc:  # a per-example array damaged, or part of the layout missing
+            problems.append(str(exc))
+            continue
         info = store.meta.splits[name]
         data = store.meta.identity.data.get(name)
         n = len(split)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -29,17 +30,21 @@ from pipeline.common.errors import (
 from pipeline.store.format import (
     ATTRS_KEY,
     CHECKSUM,
+    EXAMPLE_SUMS,
     STORED_DTYPES,
     BlockPlan,
     block_rows,
     checksum,
     checksum_columns,
+    checksum_hex,
     compressor,
+    example_arrays,
     round_up,
 )
 from pipeline.store.meta import SplitData, StoreMeta
 from pipeline.store.reader import CachedSplit, first_line
 
+log = logging.getLogger(__name__)
 BUSY_WAIT_S = 5.0  # --part processes hold the lock for milliseconds; a whole extraction holds it throughout
 
 
@@ -100,32 +105,52 @@ class StoreWriter:
         earlier caches them, and a part acting on that stale view would delete and recreate a
         split another part is already writing into.
         """
+        examples = example_arrays(labels, ids, plan, {side: lengths[side] for side in self.meta.layout.layers})
         with self.lock:
             self.group = zarr_reopen(self.path)
             if not self.split_ready(split):
-                self._create_split(split, labels=labels, ids=ids, plan=plan, lengths=lengths, data=data)
+                self._create_split(split, examples, plan=plan, data=data)
+            else:
+                self._repair_examples(split, examples)
         g = self.group[split]
         sides = [side for side in self.meta.layout.sides if side in g]
         offsets = {s: np.asarray(g[s]["offsets"][:]) for s in sides}
         self._rows[split] = (np.asarray(g["block_starts"][:]), offsets, list(g["checksums"].attrs["columns"]))
 
     def ensure_array(self, name: str, data: np.ndarray) -> None:
-        """A small root array written once (e.g. label_rows), whichever part comes first."""
+        """A small root array (e.g. label_rows) with its checksum, written by whichever part comes first, and
+        written again when a rerun finds it damaged."""
         with self.lock:
             self.group = zarr_reopen(self.path)
-            if name not in self.group:
-                self.group.create_array(name, data=data)
+            if name not in self.group or not _holds(self.group, name, data):
+                self.group.create_array(name, data=data, attributes={CHECKSUM: checksum_hex(data)}, overwrite=True)
 
-    def _create_split(self, split: str, *, labels: np.ndarray, ids: np.ndarray, plan: BlockPlan,
-                      lengths: dict[str, np.ndarray], data: SplitData) -> None:
+    def _repair_examples(self, split: str, examples: dict[str, np.ndarray]) -> None:
+        """Write again the per-example arrays of a created split that no longer hold what this run computed (a
+        chunk lost reads back as zeros): the run's identity matched the store's, so its arrays are the store's."""
+        g = self.group[split]
+        try:
+            for name, values in examples.items():
+                if not _holds(g, name, values):
+                    parent, _, leaf = name.rpartition("/")
+                    (g[parent] if parent else g).create_array(leaf, data=values, overwrite=True)
+                    log.warning("%s: %s/%s was damaged; written again", self.path, split, name)
+            sums = {name: checksum_hex(values) for name, values in examples.items()}
+            if g.attrs.get(EXAMPLE_SUMS) != sums:  # also a store written before the checksums were kept
+                g.attrs[EXAMPLE_SUMS] = sums
+        except Exception as exc:
+            raise StoreCorruptError(f"{self.path}: split {split!r} cannot be repaired in place ({first_line(exc)}); "
+                                    "rerun `pipeline extract` with --overwrite to rebuild the store") from None
+
+    def _create_split(self, split: str, examples: dict[str, np.ndarray], *, plan: BlockPlan, data: SplitData) -> None:
         layout, settings = self.meta.layout, self.meta.settings
         d_model = self.meta.backbone.d_model
         if split in self.group:
             del self.group[split]
-        g = self.group.create_group(split)
-        g.create_array("labels", data=labels)
-        g.create_array("ids", data=ids.astype(np.int64))
-        g.create_array("block_starts", data=plan.block_starts)
+        g = self.group.create_group(split, attributes={
+            EXAMPLE_SUMS: {name: checksum_hex(values) for name, values in examples.items()}})
+        for name in ("labels", "ids", "block_starts"):
+            g.create_array(name, data=examples[name])
         columns = checksum_columns(layout.per_token)
         g.create_array("checksums", shape=(plan.num_blocks, len(columns)), chunks=(1, len(columns)), dtype="uint64",
                        fill_value=0, attributes={"columns": columns, "algorithm": CHECKSUM})
@@ -139,14 +164,14 @@ class StoreWriter:
                 shards=(cap, states, d_model), dtype=STORED_DTYPES[settings.dtype], fill_value=0,
                 compressors=compressor(settings.codec), dimension_names=("row", "layer", "dim"),
             )
-            s.create_array("offsets", data=plan.offsets[side])
-            s.create_array("lengths", data=lengths[side].astype(np.int64))
+            s.create_array("offsets", data=examples[f"{side}/offsets"])
+            s.create_array("lengths", data=examples[f"{side}/lengths"])
             if layout.per_token[side]:
                 s.create_array("token_ids", shape=(total,), chunks=(rows,), shards=(cap,), dtype="int32",
                                fill_value=-1, compressors=compressor("zstd"))
         sides = list(layout.layers)
-        self._update_split(split, data, num_examples=int(len(labels)), num_blocks=plan.num_blocks,
-                           num_tokens={side: int(lengths[side].sum()) for side in sides},
+        self._update_split(split, data, num_examples=int(len(examples["labels"])), num_blocks=plan.num_blocks,
+                           num_tokens={side: int(examples[f"{side}/lengths"].sum()) for side in sides},
                            num_rows={side: int((plan.offsets[side][:, 1] - plan.offsets[side][:, 0]).sum())
                                      for side in sides},
                            complete=False)
@@ -209,6 +234,16 @@ class StoreWriter:
                 self._update_split(split, complete=True)
                 return True
             return False
+
+
+def _holds(group: Any, name: str, values: np.ndarray) -> bool:
+    """Whether ``group[name]`` reads back as ``values`` (same dtype and elements); False if it cannot be read."""
+    try:
+        stored = np.asarray(group[name][:])
+    except Exception:
+        return False
+    return stored.dtype == values.dtype and stored.shape == values.shape and np.array_equal(stored, values,
+                                                                                              equal_nan=True)
 
 
 def write_shards(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
