@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from pipeline.common.tasks import get_task
 from pipeline.store import (
@@ -30,6 +31,7 @@ from pipeline.store import (
     logical_view,
     plan_blocks,
 )
+from pipeline.store.format import EXAMPLE_SUMS, checksum_hex
 
 FAMILY_SIDES = {"seq2seq": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",)}
 
@@ -101,6 +103,13 @@ def damage_shard(shard: Path, how: str) -> None:
     else:
         raise ValueError(f"unknown damage {how!r}")
     shard.write_bytes(bytes(data))
+
+
+def set_example_array(store: str | Path, split: str, name: str, values: np.ndarray) -> None:
+    """Give a split's per-example array (e.g. ``labels``) new values and their checksum, as if extracted so."""
+    group = zarr.open_group(Path(store, split), mode="r+")
+    group[name][:] = values
+    group.attrs[EXAMPLE_SUMS] = {**group.attrs[EXAMPLE_SUMS], name: checksum_hex(np.asarray(group[name][:]))}
 
 
 def tree_bytes(root: str | Path) -> dict[str, bytes]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from synthetic import set_example_array
 
 from pipeline.cli import main
 from pipeline.common.config import TrainConfig
@@ -107,8 +108,8 @@ def test_validation_labels_choose_nothing_unless_asked(synthetic_store, tmp_path
     import shutil
 
     shutil.copytree(original, permuted)
-    labels = zarr.open_group(permuted, mode="r+")["validation"]["labels"]
-    labels[:] = 1 - np.asarray(labels[:])  # every validation label wrong
+    labels = np.asarray(zarr.open_group(permuted, mode="r")["validation"]["labels"][:])
+    set_example_array(permuted, "validation", "labels", 1 - labels)  # every validation label wrong
     settings = {"epochs": 4, "seeds": (0, 1), "lr": 3e-2, "rnn_dim": 8, "patience": 2}
     a = train(quick(original, tmp_path / "a", **settings), progress=False)
     b = train(quick(permuted, tmp_path / "b", **settings), progress=False)
