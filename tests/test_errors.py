@@ -187,6 +187,7 @@ def test_missing_local_model_folder_says_it_does_not_exist(monkeypatch, glue_dir
         result = CliRunner().invoke(main, extract_args(model, glue_dir, tmp_path / "x.zarr"))
         assert_one_line(result, f"cannot load model {model!r}: the folder {Path(model).absolute()} does not exist")
         assert "unreachable" not in result.output and "HF_HUB_OFFLINE" not in result.output
+        assert "`pipeline predict --model FOLDER`" in result.output  # an adapter names its model as extract got it
 
 
 def test_model_that_is_a_file_is_refused(tmp_path):

@@ -88,8 +88,9 @@ def _check_local_path(name: str) -> None:
         validate_repo_id(name)
     except HFValidationError:
         raise ModelLoadError(
-            f"cannot load model {name!r}: the folder {path.absolute()} does not exist; check the path "
-            "(a Hugging Face Hub model id looks like org/name)"
+            f"cannot load model {name!r}: the folder {path.absolute()} does not exist; check the path (a relative "
+            "one is read from the current folder; `pipeline predict --model FOLDER` replaces the one an adapter "
+            "names) or the Hugging Face Hub model id (org/name)"
         ) from None
 
 
