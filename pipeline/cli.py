@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.common.config import ExtractConfig, TrainConfig
+from pipeline.common.config import ExtractConfig, SweepConfig, TrainConfig
 from pipeline.common.settings import (
     default_text,
     field_of,
@@ -192,8 +192,8 @@ def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
 @setting_option(TrainConfig, "seeds")
 @click.option("--out", default=None, help="Root folder of the runs.  [default: runs/<task>-sweep]")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.  [default: a LocalCluster]")
-@click.option("--workers", default=2, type=int, help="LocalCluster worker processes.")
-@click.option("--threads-per-worker", default=1, type=int, help="LocalCluster threads (torch threads) per worker.")
+@setting_option(SweepConfig, "workers")
+@setting_option(SweepConfig, "threads_per_worker")
 @reports_errors
 def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: tuple[int, ...], out: str | None,
           scheduler: str | None, workers: int, threads_per_worker: int) -> None:

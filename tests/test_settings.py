@@ -226,6 +226,8 @@ def test_grid_and_set_read_values_as_declared():
     (["--grid", "nope=1"], ["cannot sweep 'nope'", "sweepable:", "rnn_dim", "threads"]),
     (["--grid", "threads=1,2", "--set", "epochs=2.5"], ["epochs 2.5"]),
     (["--grid", "threads=1,2", "--set", "epochs"], ["name=value"]),
+    (["--grid", "lr=1e-3", "--workers", "0"], ["workers 0 must be an integer >= 1"]),  # zero workers: a silent hang
+    (["--grid", "lr=1e-3", "--threads-per-worker", "0"], ["threads_per_worker 0 must be an integer >= 1"]),
 ])
 def test_bad_sweep_settings_are_one_line_before_any_work(tmp_path, args, needles):
     result = CliRunner().invoke(main, ["sweep", "--cache", str(tmp_path / "none.zarr"), *args])
