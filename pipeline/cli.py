@@ -230,7 +230,7 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
               help="Load the backbone from here instead of the adapters' base model (its revision must still match).")
 @click.option("--limit", default=None, type=int, help="Only the first N examples.")
 @click.option("--batch-tokens", default=16384, type=int, help="Padded tokens per forward batch (batches are built by length).")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (the backbone runs as the extraction ran it: bfloat16 on CUDA for a bfloat16 store).")
+@setting_option(ExtractConfig, "device")  # the backbone runs as the extraction ran it: bfloat16 on CUDA for a bfloat16 store
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def predict(input_path: str | None, quiet: bool, **options: Any) -> None:

@@ -242,3 +242,28 @@ def test_model_missing_from_a_reachable_hub_says_not_found(monkeypatch):
     with pytest.raises(ModelLoadError, match="no such model on the Hugging Face Hub"):
         load_backbone("nosuchorg/nosuchmodel", device="cpu")
     assert asked == [False]  # the Hub was asked
+
+
+# ---- devices: one picker for every command ----------------------------------------------------------
+
+
+def test_device_refusals_are_one_line_and_name_the_device_asked_for(monkeypatch, synthetic_store, tmp_path):
+    import torch
+
+    from pipeline.common.errors import ConfigError
+    from pipeline.common.resources import pick_device
+
+    cache = synthetic_store(splits={"train": 20, "validation": 8}).path
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for args in (["train", "--cache", cache, "--out", str(tmp_path / "run")],
+                 ["predict", "--adapter", str(tmp_path), "--split", "validation"]):
+        assert_one_line(CliRunner().invoke(main, [*args, "--device", "mps"]), "--device mps", "MPS", "--device cpu")
+        assert_one_line(CliRunner().invoke(main, [*args, "--device", "tpu"]), "device 'tpu' must be auto, cpu, cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda:3 was asked for but no CUDA GPU is visible"):
+        pick_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"--device cuda:3: there is no CUDA device 3 \(1 visible: cuda:0\)"):
+        pick_device("cuda:3")
+    assert pick_device("cuda:0") == torch.device("cuda:0")

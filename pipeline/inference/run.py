@@ -11,6 +11,7 @@ from typing import TextIO
 import numpy as np
 
 from pipeline.common.errors import ConfigError
+from pipeline.common.resources import pick_device
 from pipeline.common.tasks import get_task
 from pipeline.extraction.glue import load_split
 from pipeline.inference.outputs import write_rows, write_submission
@@ -42,6 +43,7 @@ class PredictRequest:
             raise ConfigError(f"--limit must be a positive number of examples, got {self.limit}")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be positive, got {self.batch_tokens}")
+        pick_device(self.device)  # a device this machine lacks is refused before the text, adapters or model load
 
 
 @dataclass
