@@ -153,6 +153,18 @@ def test_a_missing_required_setting_is_named(tmp_path, capsys):
     assert "ExtractConfig needs model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["train"], ["--cache is required: Store written by `pipeline extract`"]),
+    (["extract", "--model", "m"], ["--task is required: GLUE task: cola"]),
+    (["extract", "--task", "rte"], ["--model is required: Hugging Face model id"]),
+    (["sweep", "--grid", "lr=1e-3"], ["--cache is required"]),
+])
+def test_a_required_option_left_out_is_named_with_what_it_is_for(args, needles):
+    one_line_error(CliRunner().invoke(main, args), *needles)
+    with pytest.raises(ConfigError, match="--cache is required"):  # params.yaml's `cache: null` too
+        TrainConfig(cache=None)
+
+
 def test_ints_refuse_floats_and_bools_floats_take_ints():
     with pytest.raises(ConfigError, match="batch_size 2.0"):
         TrainConfig(cache="c", batch_size=2.0)

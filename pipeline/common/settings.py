@@ -262,6 +262,8 @@ def check_value(cls: type, field: dataclasses.Field, value: Any) -> Any:
     if value is None:
         if kind.optional:
             return None
+        if field.default is MISSING:  # left out (the command line passes None): say so, and what it is for
+            raise ConfigError(f"{option_name(field)} is required: {spec.help}")
         raise refuse(cls, field, value)
     if kind.is_list:
         return _check_list(cls, field, kind, value)
