@@ -132,7 +132,7 @@ def test_bad_train_values_in_params_yaml(tmp_path, capsys, key, value, needles):
     ("splits", 5, ["splits 5", "list of strings", "not an integer"]),
     ("max_length", "long", ["max_length 'long'", "an integer >= 2"]),
     ("layers", [0, "last"], ["layers [0, 'last']", "list of integers"]),
-    ("model", None, ["model null", "a string"]),
+    ("model", None, ["ExtractConfig needs model; set it"]),
 ])
 def test_bad_extract_values_in_params_yaml(tmp_path, capsys, key, value, needles):
     params = yaml.safe_load((REPO / "params.yaml").read_text())

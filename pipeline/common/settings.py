@@ -309,12 +309,13 @@ def parse_text(cls: type, name: str, text: str) -> Any:
 
 
 def from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
-    """Build a config from params.yaml-style keys; unknown keys are refused, not ignored, and so are missing ones."""
+    """Build a config from params.yaml-style keys; unknown keys are refused, not ignored, and so are missing (or null)
+    required ones, named as params.yaml spells them."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} setting(s) {unknown}; known: {sorted(names)}")
-    missing = [f.name for f in ordered_fields(cls) if f.default is MISSING and f.name not in values]
+    missing = [f.name for f in ordered_fields(cls) if f.default is MISSING and values.get(f.name) is None]
     if missing:
         raise ConfigError(f"{cls.__name__} needs {', '.join(missing)}; set {'it' if len(missing) == 1 else 'them'}")
     return cls(**values)
