@@ -24,12 +24,16 @@ from pipeline.common.settings import (
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
-def reports_errors(command: Callable) -> Callable:
+def reports_errors(command: Callable | None = None, *, stopped: str = "restarts") -> Callable:
     """Turn expected failures into one line on stderr and exit code 2, never a traceback.
 
     Expected: the pipeline's typed errors and OS errors (disk full, permission denied, a file where
-    a folder should be). Anything else is a bug and keeps its traceback. Ctrl-C exits 130.
+    a folder should be). Anything else is a bug and keeps its traceback. Ctrl-C exits 130, saying what
+    a rerun does: ``stopped`` is a key of ``errors.INTERRUPTED`` (only an extraction resumes).
+    Bare (``@reports_errors``) or with ``stopped`` (``@reports_errors(stopped="resumes")``).
     """
+    if command is None:
+        return functools.partial(reports_errors, stopped=stopped)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,10 +47,11 @@ def reports_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except (PipelineError, OSError) as exc:
-            click.echo(f"Error: {error_message(exc, rerun=rerun, out=kwargs.get('out'))}", err=True)
+            message = error_message(exc, rerun=rerun, out=kwargs.get("out"), stopped=stopped)
+            click.echo(f"Error: {message}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo(interrupted_message(rerun), err=True)
+            click.echo(interrupted_message(rerun, stopped), err=True)
             sys.exit(130)
 
     return wrapper
@@ -117,7 +122,7 @@ def main() -> None:
 @main.command(context_settings=CONTEXT)
 @setting_options(ExtractConfig)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@reports_errors
+@reports_errors(stopped="resumes")
 def extract(quiet: bool, **options: Any) -> None:
     """Run a frozen backbone once over a GLUE task and store every layer's hidden states."""
     from pipeline.extraction import extract as run
@@ -194,7 +199,7 @@ def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.  [default: a LocalCluster]")
 @setting_option(SweepConfig, "workers")
 @setting_option(SweepConfig, "threads_per_worker")
-@reports_errors
+@reports_errors(stopped="sweep")
 def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: tuple[int, ...], out: str | None,
           scheduler: str | None, workers: int, threads_per_worker: int) -> None:
     """Train a grid of settings from one store, spread over Dask workers; print the runs best first."""

@@ -112,7 +112,9 @@ def test_disk_full_during_training_is_one_line(monkeypatch, t5_store, tmp_path):
     monkeypatch.setattr("pipeline.common.files.open", open_or_fail, raising=False)
     result = CliRunner().invoke(main, ["train", "--cache", t5_store, "--out", str(out), "--epochs", "1",
                                        "--rnn-dim", "8", "--seeds", "0", "--device", "cpu", "--quiet"])
-    assert_one_line(result, f"no space left on device writing {out}", "rerun the same command to resume")
+    # Training keeps nothing of a stopped run (it has no checkpoints), so the message promises no resume.
+    assert_one_line(result, f"no space left on device writing {out}", "then rerun the same command")
+    assert "resume" not in result.output
 
 
 def test_overwrite_on_a_plain_file_is_one_line_and_keeps_it(minilm, glue_dir, tmp_path):
@@ -150,7 +152,7 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
     def body() -> None:
         raise full
 
-    assert run_stage(body) == 2
+    assert run_stage(body, stopped="resumes") == 2
     err = capsys.readouterr().err
     assert err == f"Error: {error_message(full, rerun='`dvc repro`')}\n"
     assert f"no space left on device writing {tmp_path / 'data' / 'rte.zarr'}" in err
@@ -165,8 +167,36 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
     def interrupt() -> None:
         raise KeyboardInterrupt
 
-    assert run_stage(interrupt) == 130
+    assert run_stage(interrupt, stopped="resumes") == 130
     assert capsys.readouterr().err == "Interrupted; rerun `dvc repro` to resume.\n"
+    assert run_stage(interrupt) == 130  # the train and report stages: nothing of a stopped run is kept
+    assert "nothing of this run was written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, target, needles", [
+    ("extract", "pipeline.extraction.extract", ["Interrupted; rerun the same command to resume."]),
+    ("train", "pipeline.training.train", ["nothing of this run was written", "earlier outputs are untouched",
+                                          "rerun the same command to start it again"]),
+    ("predict", "pipeline.inference.run_predict", ["nothing of this run was written", "to start it again"]),
+    ("sweep", "pipeline.training.sweep.run_sweep", ["grid points that had finished", "sweep.json",
+                                                    "to start the sweep again"]),
+])
+def test_ctrl_c_says_what_a_rerun_does_for_each_command(monkeypatch, tmp_path, command, target, needles):
+    """Only an extraction resumes; training, predict and sweeps have no checkpoints and start again."""
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupt)
+    monkeypatch.setattr("pipeline.store.CacheStore", lambda _path: SimpleNamespace(
+        meta=SimpleNamespace(task=SimpleNamespace(name="rte"))))  # the sweep's default --out reads the task
+    args = {"extract": ["--model", "m", "--task", "rte", "--out", str(tmp_path / "x.zarr")],
+            "train": ["--cache", "c", "--device", "cpu"],
+            "predict": ["--adapter", "a", "--split", "validation", "--device", "cpu"],
+            "sweep": ["--cache", "c", "--grid", "lr=1e-3"]}[command]
+    result = CliRunner().invoke(main, [command, *args])
+    assert result.exit_code == 130 and result.output.count("\n") == 1, result.output
+    for needle in needles:
+        assert needle in result.output, (needle, result.output)
 
 
 def test_error_message_keeps_our_own_os_error_text_and_collapses_lines():

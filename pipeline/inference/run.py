@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -11,6 +11,7 @@ from typing import TextIO
 import numpy as np
 
 from pipeline.common.errors import ConfigError
+from pipeline.common.files import atomic_write_text
 from pipeline.common.resources import pick_device
 from pipeline.common.tasks import get_task
 from pipeline.extraction.glue import load_split
@@ -72,12 +73,15 @@ def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO
     predictor = Predictor.load(adapters, model=request.model, device=request.device)
     predictions = predictor.predict(texts, batch_tokens=request.batch_tokens, progress=progress)
     heads = predictions.heads(ensemble=request.ensemble)
-    target = nullcontext(stdout or sys.stdout) if request.out == "-" else _open(request.out)
-    with target as stream:
-        if fmt == "submission":
-            write_submission(stream, predictor.task, ids, heads)
-        else:
-            write_rows(stream, fmt, predictor.task, ids, texts, heads)
+    buffer = io.StringIO(newline="")
+    stream = (stdout or sys.stdout) if request.out == "-" else buffer
+    if fmt == "submission":
+        write_submission(stream, predictor.task, ids, heads)
+    else:
+        write_rows(stream, fmt, predictor.task, ids, texts, heads)
+    if request.out != "-":  # whole or not at all: a stopped or failed run leaves an earlier file as it was
+        Path(request.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(request.out, buffer.getvalue())
     result = PredictResult(task, len(texts), request.out)
     if labels is not None and _labeled(predictor.task.kind, labels):
         result.metrics = {h.name: compute_metrics(predictor.task, h.values, labels) for h in heads}
@@ -104,9 +108,3 @@ def output_format(out: str, input_format: str) -> str:
 
 def _labeled(kind: str, labels: np.ndarray) -> bool:
     return bool(np.isfinite(labels).all()) if kind == "regression" else bool((labels >= 0).all())
-
-
-def _open(path: str) -> TextIO:
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    return open(file, "w", encoding="utf-8", newline="")
