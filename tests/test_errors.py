@@ -297,3 +297,30 @@ def test_device_refusals_are_one_line_and_name_the_device_asked_for(monkeypatch,
     with pytest.raises(ConfigError, match=r"--device cuda:3: there is no CUDA device 3 \(1 visible: cuda:0\)"):
         pick_device("cuda:3")
     assert pick_device("cuda:0") == torch.device("cuda:0")
+
+
+# ---- outputs: a bad --out is refused before the work ------------------------------------------------------
+
+
+def test_an_unwritable_out_is_refused_before_any_work_naming_the_path_in_the_way(monkeypatch, synthetic_store,
+                                                                                  tmp_path):
+    from pipeline.common.files import check_writable_folder
+    from pipeline.training.trainer import Trainer
+
+    cache = synthetic_store(family="encoder", splits={"train": 20, "validation": 8}).path
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *_a, **_k: pytest.fail("trained before checking --out"))
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    train = ["train", "--cache", cache, "--epochs", "1", "--rnn-dim", "4", "--device", "cpu", "--quiet"]
+    for out in (afile / "run", afile):
+        assert_one_line(CliRunner().invoke(main, [*train, "--out", str(out)]),
+                        f"{afile} is a file where a folder was expected", "choose another --out")
+    if Path("/proc/self").is_dir():  # Linux: a folder that takes no new folders
+        assert_one_line(CliRunner().invoke(main, [*train, "--out", "/proc/nope"]),
+                        "cannot create the folder /proc/nope", "choose another --out")
+    predict = ["predict", "--adapter", str(tmp_path / "none"), "--split", "validation", "--device", "cpu"]
+    assert_one_line(CliRunner().invoke(main, [*predict, "--out", str(afile / "p.tsv")]),
+                    f"{afile} is a file where a folder was expected")  # before the adapters are even read
+    assert afile.read_text() == "mine" and not (tmp_path / "none").exists()
+    check_writable_folder(tmp_path / "new" / "run")  # the check itself leaves nothing behind
+    assert not (tmp_path / "new").exists()

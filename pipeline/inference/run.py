@@ -11,7 +11,7 @@ from typing import TextIO
 import numpy as np
 
 from pipeline.common.errors import ConfigError
-from pipeline.common.files import atomic_write_text
+from pipeline.common.files import atomic_write_text, check_writable_folder
 from pipeline.common.resources import pick_device
 from pipeline.common.tasks import get_task
 from pipeline.extraction.glue import load_split
@@ -60,6 +60,8 @@ class PredictResult:
 def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO | None = None,
                 stdout: TextIO | None = None) -> PredictResult:
     """Predict a GLUE split or free text with one or several adapters, sharing one forward pass."""
+    if request.out != "-":
+        check_writable_folder(Path(request.out).parent)  # before the model loads, not after the forward passes
     adapters = load_adapters(request.adapters, task=request.task)
     task = adapters[0].config.task
     if request.split is not None:

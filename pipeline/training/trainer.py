@@ -22,7 +22,7 @@ import torch
 
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError
-from pipeline.common.files import atomic_write_csv, atomic_write_text
+from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
@@ -137,6 +137,7 @@ class Trainer:
         self.eval_splits = list(cfg.eval_splits or self.task.validation_splits)
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
+        self.out = check_writable_folder(cfg.out_dir(self.task.name))  # a bad --out fails now, not after training
         if self.device.type == "cuda":
             set_cuda_tf32(cfg.tf32)
         if cfg.threads is not None:
@@ -181,7 +182,6 @@ class Trainer:
                                         mode="reduce-overhead" if self.cuda_graphs else None)
                           if self.compiled else self.eager_loss)
         self.primary = primary_metric(self.task)
-        self.out = Path(cfg.out_dir(self.task.name))
 
     def optimizer(self, epochs: int | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW and its schedule: warm-up, then linear decay to zero over ``epochs`` (default: the run's).
