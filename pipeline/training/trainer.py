@@ -27,7 +27,7 @@ from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore
-from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter
+from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter, saved_seeds
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
 from pipeline.training.graphs import CudaGraphRecorder, Recorder, StepGraphs
@@ -112,6 +112,23 @@ def remove_stale_outputs(out: Path, seeds: Iterable[int], splits: Iterable[str])
             path.unlink()
 
 
+def plural(count: int, noun: str) -> str:
+    """``noun`` as ``count`` of it reads: seed, seeds."""
+    return noun if count == 1 else f"{noun}s"
+
+
+def announce_replacement(out: Path) -> None:
+    """Say on stderr, before training, that an earlier run in ``out`` will be replaced (its seeds' adapters too,
+    also those this run does not train): rerunning into the same folder replaces by design (DVC, reruns), but
+    never silently. Printed even with --quiet: it is about the user's files, not progress."""
+    seeds = saved_seeds(out / "adapters")
+    if not seeds and not (out / "metrics.json").is_file():
+        return
+    which = f" ({plural(len(seeds), 'seed')} {', '.join(map(str, seeds))})" if seeds else ""
+    log.info("replacing the run in %s%s", out, which)
+    print(f"replacing the run in {out}{which}", file=sys.stderr)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     """Linear warm-up then linear decay to zero."""
     warmup = max(1, int(total_steps * warmup_ratio))
@@ -138,6 +155,7 @@ class Trainer:
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
         self.out = check_writable_folder(cfg.out_dir(self.task.name))  # a bad --out fails now, not after training
+        announce_replacement(self.out)
         if self.device.type == "cuda":
             set_cuda_tf32(cfg.tf32)
         if cfg.threads is not None:
@@ -525,7 +543,8 @@ def result_line(metrics: dict[str, Any]) -> str:
     shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
     chosen = ("epochs chosen on the selection split" if metrics["select_on"] == SELECTION
               else "epochs chosen ON VALIDATION (optimistic)")
-    return (f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}; {chosen}; "
+    seeds = f"{metrics['num_seeds']} {plural(metrics['num_seeds'], 'seed')}"
+    return (f"{metrics['task']} ({metrics['method']}, {seeds}): {shown}; {chosen}; "
             f"frozen start {metrics['frozen_start']['mean'][primary]:.2f}, "
             f"majority {metrics['majority_baseline'][primary]:.2f}")
 
