@@ -324,3 +324,18 @@ def test_an_unwritable_out_is_refused_before_any_work_naming_the_path_in_the_way
     assert afile.read_text() == "mine" and not (tmp_path / "none").exists()
     check_writable_folder(tmp_path / "new" / "run")  # the check itself leaves nothing behind
     assert not (tmp_path / "new").exists()
+
+
+def test_a_split_the_store_lacks_gets_the_hint_that_fits(synthetic_store, tmp_path):
+    """A stopped extraction (train done, validation not begun) is finished by rerunning it; a typo is a typo."""
+    half = synthetic_store("half.zarr", splits={"train": 20}).path
+    train = ["train", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, [*train, "--cache", half])
+    assert_one_line(result, "has no split 'validation' (it has train)",
+                    "if its extraction was stopped, rerun that `pipeline extract` command to finish it",
+                    "--splits validation")
+    whole = synthetic_store("whole.zarr", splits={"train": 20, "validation": 8}).path
+    for option in ("--eval-splits", "--train-split"):
+        result = CliRunner().invoke(main, [*train, "--cache", whole, option, "nosuch"])
+        assert_one_line(result, "task rte has no split 'nosuch'; expected one of: train, validation, test")
+        assert "pipeline extract" not in result.output

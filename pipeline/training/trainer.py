@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError
+from pipeline.common.errors import ConfigError, StoreCorruptError, StoreIncompleteError, TrainingError
 from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
@@ -76,8 +76,22 @@ def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> Read
     )
 
 
+def check_splits(store: CacheStore, task: TaskSpec, splits: list[str]) -> None:
+    """A split the store lacks, with the hint that fits: a name the task does not have says which it has; a
+    split of the task the store does not hold yet is either still to come (a stopped extraction: rerun it) or
+    was not asked for (--splits: add it; a store grows by splits). The store does not record which."""
+    for name in splits:
+        task.require_split(name)
+        if name not in store.splits:
+            raise StoreIncompleteError(
+                f"{store.path} has no split {name!r} (it has {', '.join(store.splits) or 'none'}); if its extraction "
+                f"was stopped, rerun that `pipeline extract` command to finish it, else add the split with "
+                f"`pipeline extract ... --splits {name}`")
+
+
 def check_store(store: CacheStore, cfg: TrainConfig, task: TaskSpec, splits: list[str]) -> None:
     """Refuse what training cannot serve, before any work."""
+    check_splits(store, task, splits)
     store.require_complete(splits)
     if not store.meta.consistent:
         raise StoreCorruptError(f"{store.path}: metadata does not match its fingerprint; run `pipeline verify`")
@@ -152,6 +166,9 @@ class Trainer:
         self.store = CacheStore(cfg.cache)
         self.task = get_task(self.store.meta.task.name)
         self.eval_splits = list(cfg.eval_splits or self.task.validation_splits)
+        if SELECTION in self.eval_splits:
+            raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
+                              "it is always scored")
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
         self.out = check_writable_folder(cfg.out_dir(self.task.name))  # a bad --out fails now, not after training
@@ -169,9 +186,6 @@ class Trainer:
                                 device=self.device,
                                 host_budget=cfg.host_memory_budget if self.device.type != "cpu" else 0)
 
-        if SELECTION in self.eval_splits:
-            raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
-                              "it is always scored")
         whole_train = batches(cfg.train_split)  # a damaged block stops the run here, before any training
         train_ids = np.asarray(whole_train.split.ids)
         mask = carve(train_ids)
