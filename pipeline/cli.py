@@ -223,13 +223,16 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
               "every adapter shares one forward pass.")
 @click.option("--task", default=None, help="GLUE task; must be the adapters'.  [default: the adapters' task]")
 @click.option("--split", default=None, help="A GLUE split to predict, written in GLUE submission format "
-              "(index<TAB>prediction); a labeled split also prints its official metric.")
+              "(index and prediction columns); a labeled split also prints its official metric.")
 @click.option("--glue-dir", envvar="GLUE_DIR", default=None,
               help="Local glue_data folder for --split; unset: the Hugging Face Hub.  [env: GLUE_DIR]")
 @click.option("--input", "input_path", default=None, metavar="FILE|-",
               help="Text to predict: a TSV whose header names the task's text columns, or JSONL objects with those "
               "fields; - reads stdin.")
-@click.option("--out", default="-", help="Where predictions go (.tsv or .jsonl for --input; - is stdout).")
+@click.option("--out", default="-", help="Where predictions go, written as the extension says: .tsv (.txt) "
+              "tab-separated, .csv comma-separated, .jsonl (.json) JSON lines; - (stdout) or no extension: "
+              "tab-separated for --split (as GLUE's server reads it), the input's format for --input; another "
+              "extension is refused.")
 @click.option("--ensemble", is_flag=True, help="One prediction from the mean class probabilities (STS-B: scores) of the adapters.")
 @click.option("--model", default=None,
               help="Load the backbone from here instead of the adapters' base model (its revision must still match).")

@@ -15,9 +15,9 @@ from pipeline.common.files import atomic_write_text, check_writable_folder
 from pipeline.common.resources import pick_device
 from pipeline.common.tasks import get_task
 from pipeline.extraction.glue import load_split
-from pipeline.inference.outputs import write_rows, write_submission
+from pipeline.inference.outputs import output_format, write_rows, write_submission
 from pipeline.inference.predictor import Predictor, load_adapters
-from pipeline.inference.texts import JSONL_SUFFIXES, TSV_SUFFIXES, read_texts
+from pipeline.inference.texts import read_texts
 from pipeline.training.metrics import compute_metrics, primary_metric
 
 
@@ -44,6 +44,7 @@ class PredictRequest:
             raise ConfigError(f"--limit must be a positive number of examples, got {self.limit}")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be positive, got {self.batch_tokens}")
+        output_format(self.out, "tsv")  # an extension we cannot write is refused before any work
         pick_device(self.device)  # a device this machine lacks is refused before the text, adapters or model load
 
 
@@ -66,7 +67,8 @@ def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO
     task = adapters[0].config.task
     if request.split is not None:
         split = load_split(task, request.split, request.glue_dir, limit=request.limit)
-        texts, ids, labels, fmt = split.texts, [int(i) for i in split.ids], split.labels, "submission"
+        texts, ids, labels = split.texts, [int(i) for i in split.ids], split.labels
+        fmt = output_format(request.out, "tsv")
     else:
         assert request.input is not None
         given = read_texts(request.input, get_task(task), limit=request.limit, stdin=stdin)
@@ -77,8 +79,8 @@ def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO
     heads = predictions.heads(ensemble=request.ensemble)
     buffer = io.StringIO(newline="")
     stream = (stdout or sys.stdout) if request.out == "-" else buffer
-    if fmt == "submission":
-        write_submission(stream, predictor.task, ids, heads)
+    if request.split is not None:
+        write_submission(stream, fmt, predictor.task, ids, heads)
     else:
         write_rows(stream, fmt, predictor.task, ids, texts, heads)
     if request.out != "-":  # whole or not at all: a stopped or failed run leaves an earlier file as it was
@@ -98,14 +100,6 @@ def metric_lines(result: PredictResult, split: str | None) -> list[str]:
         shown = ", ".join(f"{m} {v:.2f}" for m, v in sorted(metrics.items(), key=lambda kv: kv[0] != primary))
         lines.append(f"{result.task}/{split} {name}: {shown}")
     return lines
-
-
-def output_format(out: str, input_format: str) -> str:
-    """Rows for free text: JSONL or TSV by the output's suffix; stdout (or another suffix) mirrors the input."""
-    suffix = Path(out).suffix.lower() if out != "-" else ""
-    if suffix in JSONL_SUFFIXES:
-        return "jsonl"
-    return "tsv" if suffix in TSV_SUFFIXES else input_format
 
 
 def _labeled(kind: str, labels: np.ndarray) -> bool:
