@@ -251,7 +251,9 @@ def predict(input_path: str | None, quiet: bool, **options: Any) -> None:
     for line in metric_lines(result, request.split):
         click.echo(line, err=to_stderr)
     if not to_stderr:
-        click.echo(f"wrote {result.examples} predictions ({result.task}) to {result.out}")
+        from pipeline.common.errors import plural
+
+        click.echo(f"wrote {result.examples} {plural(result.examples, 'prediction')} ({result.task}) to {result.out}")
 
 
 if __name__ == "__main__":

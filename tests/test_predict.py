@@ -325,6 +325,15 @@ def test_reading_texts_keeps_an_index_column(tmp_path):
         read_texts("-", rte, stdin=io.StringIO('{"sentence1": "a", "sentence2": "b"}\n[1]\n'))
 
 
+def test_one_example_is_one_prediction(trained, tmp_path):
+    _, run, _ = trained("minilm-rte-pooled")
+    out = tmp_path / "one.csv"
+    result = invoke("--adapter", str(run / "adapters" / "seed_0"), "--input", "-", "--out", str(out),
+                    stdin='{"sentence1": "a, b", "sentence2": "c"}\n')
+    assert result.exit_code == 0 and f"wrote 1 prediction (rte) to {out}" in result.stdout, result.output
+    assert next(csv.DictReader(out.open()))["sentence1"] == "a, b"
+
+
 def test_the_output_format_follows_the_out_extension(tmp_path):
     """.tsv, .csv and .jsonl are written as named (no model needed); an extension we cannot write is refused."""
     from pipeline.inference.outputs import output_format, write_rows, write_submission

@@ -112,6 +112,11 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def plural(count: int, noun: str) -> str:
+    """``noun`` as ``count`` of it reads in a message: 1 seed, 3 seeds."""
+    return noun if count == 1 else f"{noun}s"
+
+
 def error_message(exc: PipelineError | OSError, *, rerun: str, out: str | None = None,
                   stopped: str = "resumes") -> str:
     """The one-line message for an expected failure: a typed error's own text, or an OS error explained.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import ConfigError, StoreCorruptError, StoreIncompleteError, TrainingError
+from pipeline.common.errors import ConfigError, StoreCorruptError, StoreIncompleteError, TrainingError, plural
 from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
@@ -124,11 +124,6 @@ def remove_stale_outputs(out: Path, seeds: Iterable[int], splits: Iterable[str])
     for path in (out / "predictions").glob("*.csv"):
         if path.name not in current and path.is_file() and not path.is_symlink():
             path.unlink()
-
-
-def plural(count: int, noun: str) -> str:
-    """``noun`` as ``count`` of it reads: seed, seeds."""
-    return noun if count == 1 else f"{noun}s"
 
 
 def announce_replacement(out: Path) -> None:
