@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.common.config import ExtractConfig, TrainConfig
+from pipeline.common.config import ExtractConfig, SweepConfig, TrainConfig
 from pipeline.common.settings import (
     default_text,
     field_of,
@@ -24,12 +24,16 @@ from pipeline.common.settings import (
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
-def reports_errors(command: Callable) -> Callable:
+def reports_errors(command: Callable | None = None, *, stopped: str = "restarts") -> Callable:
     """Turn expected failures into one line on stderr and exit code 2, never a traceback.
 
     Expected: the pipeline's typed errors and OS errors (disk full, permission denied, a file where
-    a folder should be). Anything else is a bug and keeps its traceback. Ctrl-C exits 130.
+    a folder should be). Anything else is a bug and keeps its traceback. Ctrl-C exits 130, saying what
+    a rerun does: ``stopped`` is a key of ``errors.INTERRUPTED`` (only an extraction resumes).
+    Bare (``@reports_errors``) or with ``stopped`` (``@reports_errors(stopped="resumes")``).
     """
+    if command is None:
+        return functools.partial(reports_errors, stopped=stopped)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,10 +47,11 @@ def reports_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except (PipelineError, OSError) as exc:
-            click.echo(f"Error: {error_message(exc, rerun=rerun, out=kwargs.get('out'))}", err=True)
+            message = error_message(exc, rerun=rerun, out=kwargs.get("out"), stopped=stopped)
+            click.echo(f"Error: {message}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo(interrupted_message(rerun), err=True)
+            click.echo(interrupted_message(rerun, stopped), err=True)
             sys.exit(130)
 
     return wrapper
@@ -117,7 +122,7 @@ def main() -> None:
 @main.command(context_settings=CONTEXT)
 @setting_options(ExtractConfig)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@reports_errors
+@reports_errors(stopped="resumes")
 def extract(quiet: bool, **options: Any) -> None:
     """Run a frozen backbone once over a GLUE task and store every layer's hidden states."""
     from pipeline.extraction import extract as run
@@ -192,9 +197,9 @@ def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
 @setting_option(TrainConfig, "seeds")
 @click.option("--out", default=None, help="Root folder of the runs.  [default: runs/<task>-sweep]")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.  [default: a LocalCluster]")
-@click.option("--workers", default=2, type=int, help="LocalCluster worker processes.")
-@click.option("--threads-per-worker", default=1, type=int, help="LocalCluster threads (torch threads) per worker.")
-@reports_errors
+@setting_option(SweepConfig, "workers")
+@setting_option(SweepConfig, "threads_per_worker")
+@reports_errors(stopped="sweep")
 def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: tuple[int, ...], out: str | None,
           scheduler: str | None, workers: int, threads_per_worker: int) -> None:
     """Train a grid of settings from one store, spread over Dask workers; print the runs best first."""
@@ -218,19 +223,22 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
               "every adapter shares one forward pass.")
 @click.option("--task", default=None, help="GLUE task; must be the adapters'.  [default: the adapters' task]")
 @click.option("--split", default=None, help="A GLUE split to predict, written in GLUE submission format "
-              "(index<TAB>prediction); a labeled split also prints its official metric.")
+              "(index and prediction columns); a labeled split also prints its official metric.")
 @click.option("--glue-dir", envvar="GLUE_DIR", default=None,
               help="Local glue_data folder for --split; unset: the Hugging Face Hub.  [env: GLUE_DIR]")
 @click.option("--input", "input_path", default=None, metavar="FILE|-",
               help="Text to predict: a TSV whose header names the task's text columns, or JSONL objects with those "
               "fields; - reads stdin.")
-@click.option("--out", default="-", help="Where predictions go (.tsv or .jsonl for --input; - is stdout).")
+@click.option("--out", default="-", help="Where predictions go, written as the extension says: .tsv (.txt) "
+              "tab-separated, .csv comma-separated, .jsonl (.json) JSON lines; - (stdout) or no extension: "
+              "tab-separated for --split (as GLUE's server reads it), the input's format for --input; another "
+              "extension is refused.")
 @click.option("--ensemble", is_flag=True, help="One prediction from the mean class probabilities (STS-B: scores) of the adapters.")
 @click.option("--model", default=None,
               help="Load the backbone from here instead of the adapters' base model (its revision must still match).")
 @click.option("--limit", default=None, type=int, help="Only the first N examples.")
 @click.option("--batch-tokens", default=16384, type=int, help="Padded tokens per forward batch (batches are built by length).")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (the backbone runs as the extraction ran it: bfloat16 on CUDA for a bfloat16 store).")
+@setting_option(ExtractConfig, "device")  # the backbone runs as the extraction ran it: bfloat16 on CUDA for a bfloat16 store
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def predict(input_path: str | None, quiet: bool, **options: Any) -> None:
@@ -243,7 +251,9 @@ def predict(input_path: str | None, quiet: bool, **options: Any) -> None:
     for line in metric_lines(result, request.split):
         click.echo(line, err=to_stderr)
     if not to_stderr:
-        click.echo(f"wrote {result.examples} predictions ({result.task}) to {result.out}")
+        from pipeline.common.errors import plural
+
+        click.echo(f"wrote {result.examples} {plural(result.examples, 'prediction')} ({result.task}) to {result.out}")
 
 
 if __name__ == "__main__":

@@ -85,23 +85,24 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(body: Callable[[], None]) -> int:
+def run_stage(body: Callable[[], None], *, stopped: str = "restarts") -> int:
     """Run a stage body; typed errors and OS errors become one line on stderr and exit code 2.
 
     The same translation as the `pipeline` CLI (``error_message``); any other exception is a bug
-    and keeps its traceback. Ctrl-C returns 130.
+    and keeps its traceback. Ctrl-C returns 130, saying what a rerun does (``stopped``: a key of
+    ``errors.INTERRUPTED``; only extraction resumes).
     """
     rerun = "`dvc repro`"
     try:
         body()
     except DataNotFoundError as exc:
-        print(f"Error: {error_message(exc, rerun=rerun)}. In params.yaml: set glue_dir, e.g. "
+        print(f"Error: {error_message(exc, rerun=rerun, stopped=stopped)}. In params.yaml: set glue_dir, e.g. "
               "`dvc exp run -S glue_dir=../shared/data/glue`, or export GLUE_DIR", file=sys.stderr)
         return 2
     except (PipelineError, OSError) as exc:
-        print(f"Error: {error_message(exc, rerun=rerun)}", file=sys.stderr)
+        print(f"Error: {error_message(exc, rerun=rerun, stopped=stopped)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(interrupted_message(rerun), file=sys.stderr)
+        print(interrupted_message(rerun, stopped), file=sys.stderr)
         return 130
     return 0

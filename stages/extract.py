@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             path = extract(dataclasses.replace(cfg, overwrite=True), progress=not args.quiet)
         print(CacheStore(path).completion_message())
 
-    return run_stage(body)
+    return run_stage(body, stopped="resumes")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,9 @@ def test_disk_full_during_training_is_one_line(monkeypatch, t5_store, tmp_path):
     monkeypatch.setattr("pipeline.common.files.open", open_or_fail, raising=False)
     result = CliRunner().invoke(main, ["train", "--cache", t5_store, "--out", str(out), "--epochs", "1",
                                        "--rnn-dim", "8", "--seeds", "0", "--device", "cpu", "--quiet"])
-    assert_one_line(result, f"no space left on device writing {out}", "rerun the same command to resume")
+    # Training keeps nothing of a stopped run (it has no checkpoints), so the message promises no resume.
+    assert_one_line(result, f"no space left on device writing {out}", "then rerun the same command")
+    assert "resume" not in result.output
 
 
 def test_overwrite_on_a_plain_file_is_one_line_and_keeps_it(minilm, glue_dir, tmp_path):
@@ -150,7 +152,7 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
     def body() -> None:
         raise full
 
-    assert run_stage(body) == 2
+    assert run_stage(body, stopped="resumes") == 2
     err = capsys.readouterr().err
     assert err == f"Error: {error_message(full, rerun='`dvc repro`')}\n"
     assert f"no space left on device writing {tmp_path / 'data' / 'rte.zarr'}" in err
@@ -165,8 +167,36 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
     def interrupt() -> None:
         raise KeyboardInterrupt
 
-    assert run_stage(interrupt) == 130
+    assert run_stage(interrupt, stopped="resumes") == 130
     assert capsys.readouterr().err == "Interrupted; rerun `dvc repro` to resume.\n"
+    assert run_stage(interrupt) == 130  # the train and report stages: nothing of a stopped run is kept
+    assert "nothing of this run was written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, target, needles", [
+    ("extract", "pipeline.extraction.extract", ["Interrupted; rerun the same command to resume."]),
+    ("train", "pipeline.training.train", ["nothing of this run was written", "earlier outputs are untouched",
+                                          "rerun the same command to start it again"]),
+    ("predict", "pipeline.inference.run_predict", ["nothing of this run was written", "to start it again"]),
+    ("sweep", "pipeline.training.sweep.run_sweep", ["grid points that had finished", "sweep.json",
+                                                    "to start the sweep again"]),
+])
+def test_ctrl_c_says_what_a_rerun_does_for_each_command(monkeypatch, tmp_path, command, target, needles):
+    """Only an extraction resumes; training, predict and sweeps have no checkpoints and start again."""
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupt)
+    monkeypatch.setattr("pipeline.store.CacheStore", lambda _path: SimpleNamespace(
+        meta=SimpleNamespace(task=SimpleNamespace(name="rte"))))  # the sweep's default --out reads the task
+    args = {"extract": ["--model", "m", "--task", "rte", "--out", str(tmp_path / "x.zarr")],
+            "train": ["--cache", "c", "--device", "cpu"],
+            "predict": ["--adapter", "a", "--split", "validation", "--device", "cpu"],
+            "sweep": ["--cache", "c", "--grid", "lr=1e-3"]}[command]
+    result = CliRunner().invoke(main, [command, *args])
+    assert result.exit_code == 130 and result.output.count("\n") == 1, result.output
+    for needle in needles:
+        assert needle in result.output, (needle, result.output)
 
 
 def test_error_message_keeps_our_own_os_error_text_and_collapses_lines():
@@ -243,3 +273,70 @@ def test_model_missing_from_a_reachable_hub_says_not_found(monkeypatch):
     with pytest.raises(ModelLoadError, match="no such model on the Hugging Face Hub"):
         load_backbone("nosuchorg/nosuchmodel", device="cpu")
     assert asked == [False]  # the Hub was asked
+
+
+# ---- devices: one picker for every command ----------------------------------------------------------
+
+
+def test_device_refusals_are_one_line_and_name_the_device_asked_for(monkeypatch, synthetic_store, tmp_path):
+    import torch
+
+    from pipeline.common.errors import ConfigError
+    from pipeline.common.resources import pick_device
+
+    cache = synthetic_store(splits={"train": 20, "validation": 8}).path
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for args in (["train", "--cache", cache, "--out", str(tmp_path / "run")],
+                 ["predict", "--adapter", str(tmp_path), "--split", "validation"]):
+        assert_one_line(CliRunner().invoke(main, [*args, "--device", "mps"]), "--device mps", "MPS", "--device cpu")
+        assert_one_line(CliRunner().invoke(main, [*args, "--device", "tpu"]), "device 'tpu' must be auto, cpu, cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda:3 was asked for but no CUDA GPU is visible"):
+        pick_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"--device cuda:3: there is no CUDA device 3 \(1 visible: cuda:0\)"):
+        pick_device("cuda:3")
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+
+
+# ---- outputs: a bad --out is refused before the work ------------------------------------------------------
+
+
+def test_an_unwritable_out_is_refused_before_any_work_naming_the_path_in_the_way(monkeypatch, synthetic_store,
+                                                                                  tmp_path):
+    from pipeline.common.files import check_writable_folder
+    from pipeline.training.trainer import Trainer
+
+    cache = synthetic_store(family="encoder", splits={"train": 20, "validation": 8}).path
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *_a, **_k: pytest.fail("trained before checking --out"))
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    train = ["train", "--cache", cache, "--epochs", "1", "--rnn-dim", "4", "--device", "cpu", "--quiet"]
+    for out in (afile / "run", afile):
+        assert_one_line(CliRunner().invoke(main, [*train, "--out", str(out)]),
+                        f"{afile} is a file where a folder was expected", "choose another --out")
+    if Path("/proc/self").is_dir():  # Linux: a folder that takes no new folders
+        assert_one_line(CliRunner().invoke(main, [*train, "--out", "/proc/nope"]),
+                        "cannot create the folder /proc/nope", "choose another --out")
+    predict = ["predict", "--adapter", str(tmp_path / "none"), "--split", "validation", "--device", "cpu"]
+    assert_one_line(CliRunner().invoke(main, [*predict, "--out", str(afile / "p.tsv")]),
+                    f"{afile} is a file where a folder was expected")  # before the adapters are even read
+    assert afile.read_text() == "mine" and not (tmp_path / "none").exists()
+    check_writable_folder(tmp_path / "new" / "run")  # the check itself leaves nothing behind
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_split_the_store_lacks_gets_the_hint_that_fits(synthetic_store, tmp_path):
+    """A stopped extraction (train done, validation not begun) is finished by rerunning it; a typo is a typo."""
+    half = synthetic_store("half.zarr", splits={"train": 20}).path
+    train = ["train", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, [*train, "--cache", half])
+    assert_one_line(result, "has no split 'validation' (it has train)",
+                    "if its extraction was stopped, rerun that `pipeline extract` command to finish it",
+                    "--splits validation")
+    whole = synthetic_store("whole.zarr", splits={"train": 20, "validation": 8}).path
+    for option in ("--eval-splits", "--train-split"):
+        result = CliRunner().invoke(main, [*train, "--cache", whole, option, "nosuch"])
+        assert_one_line(result, "task rte has no split 'nosuch'; expected one of: train, validation, test")
+        assert "pipeline extract" not in result.output

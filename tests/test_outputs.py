@@ -45,6 +45,20 @@ def test_retraining_with_other_seeds_and_splits_leaves_only_this_runs_outputs(st
     assert list(json.loads((tmp_path / "metrics.json").read_text())["seeds"]) == ["2"]
 
 
+
+def test_retraining_into_a_run_folder_says_first_which_seeds_it_replaces(store, tmp_path, capsys):
+    from pipeline.training.trainer import result_line
+
+    run = tmp_path / "run3"
+    first = train(quick(store, run, seeds=(0, 1, 2), epochs=1), progress=False)
+    assert "replacing" not in capsys.readouterr().err and result_line(first).startswith("rte (read, 3 seeds): ")
+    again = train(quick(store, run, seeds=(5,), epochs=1), progress=False)  # progress off: still said
+    assert capsys.readouterr().err == f"replacing the run in {run} (seeds 0, 1, 2)\n"
+    assert result_line(again).startswith("rte (read, 1 seed): ")  # not "1 seeds"
+    train(quick(store, run, seeds=(5,), epochs=1), progress=False)
+    assert capsys.readouterr().err == f"replacing the run in {run} (seed 5)\n"
+
+
 @pytest.mark.parametrize("victim", ["metrics.json", "history.csv", "config.json", "predictions/validation.csv",
                                     "adapters/seed_0/adapter_model.safetensors",
                                     "adapters/seed_0/adapter_config.json"])

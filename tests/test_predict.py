@@ -325,6 +325,45 @@ def test_reading_texts_keeps_an_index_column(tmp_path):
         read_texts("-", rte, stdin=io.StringIO('{"sentence1": "a", "sentence2": "b"}\n[1]\n'))
 
 
+def test_one_example_is_one_prediction(trained, tmp_path):
+    _, run, _ = trained("minilm-rte-pooled")
+    out = tmp_path / "one.csv"
+    result = invoke("--adapter", str(run / "adapters" / "seed_0"), "--input", "-", "--out", str(out),
+                    stdin='{"sentence1": "a, b", "sentence2": "c"}\n')
+    assert result.exit_code == 0 and f"wrote 1 prediction (rte) to {out}" in result.stdout, result.output
+    assert next(csv.DictReader(out.open()))["sentence1"] == "a, b"
+
+
+def test_the_output_format_follows_the_out_extension(tmp_path):
+    """.tsv, .csv and .jsonl are written as named (no model needed); an extension we cannot write is refused."""
+    from pipeline.inference.outputs import output_format, write_rows, write_submission
+    from pipeline.inference.predictor import Head
+
+    assert [output_format(out, "tsv") for out in ("p.tsv", "P.CSV", "val.jsonl", "-", "RTE")] == [
+        "tsv", "csv", "jsonl", "tsv", "tsv"]
+    assert output_format("-", "jsonl") == "jsonl"  # stdout: the input's format
+    rte = get_task("rte")
+    head = Head("seed_0", np.array([0, 1]), np.array([[0.75, 0.25], [0.5, 0.5]]))
+    written = {}
+    for fmt in ("tsv", "csv", "jsonl"):
+        stream = io.StringIO()
+        write_submission(stream, fmt, rte, [3, 4], [head])
+        written[fmt] = stream.getvalue()
+    assert written["tsv"] == "index\tprediction\n3\tentailment\n4\tnot_entailment\n"
+    assert list(csv.reader(io.StringIO(written["csv"]))) == [["index", "prediction"], ["3", "entailment"],
+                                                            ["4", "not_entailment"]]
+    assert [json.loads(line) for line in written["jsonl"].splitlines()] == [
+        {"index": 3, "prediction": "entailment"}, {"index": 4, "prediction": "not_entailment"}]
+    stream = io.StringIO()
+    write_rows(stream, "csv", rte, ["a", "b"], [{"sentence1": "x, \"y\"", "sentence2": "z"}] * 2, [head])
+    rows = list(csv.DictReader(io.StringIO(stream.getvalue())))
+    assert rows[0] == {"index": "a", "sentence1": 'x, "y"', "sentence2": "z", "prediction": "entailment",
+                       "p_entailment": "0.75", "p_not_entailment": "0.25"}
+    result = CliRunner().invoke(main, ["predict", "--adapter", str(tmp_path), "--split", "validation",
+                                       "--device", "cpu", "--out", str(tmp_path / "p.xlsx")])
+    one_line_error(result, "p.xlsx: cannot write .xlsx files; name it .tsv, .csv or .jsonl")
+
+
 @pytest.mark.parametrize("case, dtype", [("t5-rte", "bfloat16"), ("minilm-rte-pooled", "float32")])
 def test_states_gathered_on_the_device_are_the_host_s_rows(trained, glue_dir, case, dtype):
     # On an accelerator the live states go into device buffers (run here on CPU tensors; tests/test_cuda.py's

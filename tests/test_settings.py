@@ -132,7 +132,7 @@ def test_bad_train_values_in_params_yaml(tmp_path, capsys, key, value, needles):
     ("splits", 5, ["splits 5", "list of strings", "not an integer"]),
     ("max_length", "long", ["max_length 'long'", "an integer >= 2"]),
     ("layers", [0, "last"], ["layers [0, 'last']", "list of integers"]),
-    ("model", None, ["model null", "a string"]),
+    ("model", None, ["ExtractConfig needs model; set it"]),
 ])
 def test_bad_extract_values_in_params_yaml(tmp_path, capsys, key, value, needles):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -151,6 +151,18 @@ def test_a_missing_required_setting_is_named(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert extract_stage.main(["--task", "rte", "--params", str(tmp_path / "params.yaml")]) == 2
     assert "ExtractConfig needs model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train"], ["--cache is required: Store written by `pipeline extract`"]),
+    (["extract", "--model", "m"], ["--task is required: GLUE task: cola"]),
+    (["extract", "--task", "rte"], ["--model is required: Hugging Face model id"]),
+    (["sweep", "--grid", "lr=1e-3"], ["--cache is required"]),
+])
+def test_a_required_option_left_out_is_named_with_what_it_is_for(args, needles):
+    one_line_error(CliRunner().invoke(main, args), *needles)
+    with pytest.raises(ConfigError, match="--cache is required"):  # params.yaml's `cache: null` too
+        TrainConfig(cache=None)
 
 
 def test_ints_refuse_floats_and_bools_floats_take_ints():
@@ -226,6 +238,8 @@ def test_grid_and_set_read_values_as_declared():
     (["--grid", "nope=1"], ["cannot sweep 'nope'", "sweepable:", "rnn_dim", "threads"]),
     (["--grid", "threads=1,2", "--set", "epochs=2.5"], ["epochs 2.5"]),
     (["--grid", "threads=1,2", "--set", "epochs"], ["name=value"]),
+    (["--grid", "lr=1e-3", "--workers", "0"], ["workers 0 must be an integer >= 1"]),  # zero workers: a silent hang
+    (["--grid", "lr=1e-3", "--threads-per-worker", "0"], ["threads_per_worker 0 must be an integer >= 1"]),
 ])
 def test_bad_sweep_settings_are_one_line_before_any_work(tmp_path, args, needles):
     result = CliRunner().invoke(main, ["sweep", "--cache", str(tmp_path / "none.zarr"), *args])

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError
-from pipeline.training.sweep import expand, parse_grid
+from pipeline.training.sweep import expand, parse_grid, run_sweep
 
 
 def test_grid_parsing_and_expansion():
@@ -24,6 +24,11 @@ def test_grid_parsing_and_expansion():
         parse_grid(["nope=1"])
     with pytest.raises(ConfigError, match="name=v1,v2"):
         parse_grid(["lr"])
+
+
+def test_run_sweep_refuses_an_empty_cluster_before_starting_it(tmp_path):
+    with pytest.raises(ConfigError, match="workers 0 must be an integer >= 1"):
+        run_sweep(TrainConfig(cache="c"), {}, str(tmp_path), workers=0)
 
 
 def test_sweep_trains_every_point_on_a_local_dask_cluster(t5_store, tmp_path):

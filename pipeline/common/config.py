@@ -33,7 +33,7 @@ from pipeline.common.tasks import TASKS
 
 __all__ = [
     "AGGREGATES", "CELLS", "DTYPES", "H0_OPTIONS", "METHODS", "POOLINGS", "SELECT_ON", "ExtractConfig", "SideConfig",
-    "TrainConfig", "from_mapping", "parse_list", "parse_size", "readme_settings", "with_readme_settings",
+    "SweepConfig", "TrainConfig", "from_mapping", "parse_list", "parse_size", "readme_settings", "with_readme_settings",
 ]
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -216,6 +216,15 @@ class TrainConfig(SideConfig):
 
     def out_dir(self, task: str) -> str:
         return self.out or f"runs/{task}"
+
+
+@dataclass(frozen=True)
+class SweepConfig(Settings):
+    """`pipeline sweep`'s own LocalCluster settings (each run's are TrainConfig's): bounded, since a cluster of
+    zero workers never runs a task and the sweep would wait forever."""
+
+    workers: int = setting(2, "LocalCluster worker processes.", bounds=at_least(1))
+    threads_per_worker: int = setting(1, "LocalCluster threads (torch threads) per worker.", bounds=at_least(1))
 
 
 SETTINGS_BEGIN, SETTINGS_END = "<!-- settings:begin -->", "<!-- settings:end -->"

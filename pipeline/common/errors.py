@@ -94,18 +94,37 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
 # Errors after which the work already written is kept, so the same command carries on from there.
 _RESUMABLE = {errno.ENOSPC, errno.EDQUOT}
 
+# What a stopped command leaves, so that Ctrl-C's message is true of it. An extraction keeps its finished
+# blocks (a rerun resumes); training, predict and the report write their outputs only at the end, each file
+# whole, so nothing of a stopped run is on disk (a rerun starts it again); a sweep keeps the grid points
+# that had finished, each a whole training run.
+INTERRUPTED = {
+    "resumes": "Interrupted; rerun {rerun} to resume.",
+    "restarts": ("Interrupted; nothing of this run was written and earlier outputs are untouched; "
+                 "rerun {rerun} to start it again."),
+    "sweep": ("Interrupted; the grid points that had finished are in their run folders, the others and sweep.json "
+              "were not written; rerun {rerun} to start the sweep again (every point trains again)."),
+}
+
 
 def one_line(text: str) -> str:
     """Collapse whitespace and newlines, so a message is exactly one line on stderr."""
     return " ".join(text.split())
 
 
-def error_message(exc: PipelineError | OSError, *, rerun: str, out: str | None = None) -> str:
+def plural(count: int, noun: str) -> str:
+    """``noun`` as ``count`` of it reads in a message: 1 seed, 3 seeds."""
+    return noun if count == 1 else f"{noun}s"
+
+
+def error_message(exc: PipelineError | OSError, *, rerun: str, out: str | None = None,
+                  stopped: str = "resumes") -> str:
     """The one-line message for an expected failure: a typed error's own text, or an OS error explained.
 
-    ``rerun`` names what to run again to resume (the same command, or ``dvc repro``); ``out`` is the
-    path to name when the system did not say which file it was writing (a failed ``write()`` names none).
-    A typed error, or an OSError raised with a message of ours (no errno), is shown as it is.
+    ``rerun`` names what to run again (the same command, or ``dvc repro``), and ``stopped`` (a key of
+    ``INTERRUPTED``) whether that resumes; ``out`` is the path to name when the system did not say which
+    file it was writing (a failed ``write()`` names none). A typed error, or an OSError raised with a
+    message of ours (no errno), is shown as it is.
     """
     if isinstance(exc, PipelineError) or exc.errno is None:
         return one_line(str(exc))
@@ -117,13 +136,13 @@ def error_message(exc: PipelineError | OSError, *, rerun: str, out: str | None =
         what, fix = known
         text = f"{what.format(path=path)}; {fix}"
     if exc.errno in _RESUMABLE:
-        text += f"; rerun {rerun} to resume"
+        text += f"; rerun {rerun} to resume" if stopped == "resumes" else f"; then rerun {rerun}"
     return one_line(text)
 
 
-def interrupted_message(rerun: str) -> str:
-    """What to say on Ctrl-C: finished blocks and epochs are on disk, so rerunning resumes."""
-    return f"Interrupted; rerun {rerun} to resume."
+def interrupted_message(rerun: str, stopped: str = "resumes") -> str:
+    """What to say on Ctrl-C, true of the command stopped (``stopped``: a key of ``INTERRUPTED``)."""
+    return INTERRUPTED[stopped].format(rerun=rerun)
 
 
 class AdapterNotFoundError(PipelineError, FileNotFoundError):

@@ -11,6 +11,7 @@ writer per output file is assumed (one run per ``--out``).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 from collections.abc import Iterable, Sequence
@@ -53,3 +54,33 @@ def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Seq
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def check_writable_folder(path: str | Path) -> Path:
+    """Check that the folder ``path`` can be made and written, so that an output folder that cannot be written
+    fails before hours of work, not after them: make it, write and remove a probe file, and remove again the
+    folders this made (a run that stops later leaves nothing). A file in the way is named itself (not the folder
+    asked for below it), and a place where no folder can be made says so; other OS errors pass as they are."""
+    path = Path(path)
+    made = []  # the folders this check creates, deepest first
+    for above in [path, *path.parents]:  # the nearest existing ancestor must be a folder
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(above))
+            break
+        made.append(above)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as exc:  # e.g. under /proc: the parent exists but takes no new folders
+        raise OSError(f"cannot create the folder {path} ({exc.strerror}); choose another --out") from None
+    probe = path / f".write-probe-{os.getpid()}{PARTIAL_SUFFIX}"
+    try:
+        probe.write_bytes(b"")
+    finally:
+        probe.unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # something else wrote there meanwhile: leave it
+                break
+    return path

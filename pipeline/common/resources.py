@@ -13,17 +13,33 @@ from typing import Any
 
 import torch
 
+from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError
+from pipeline.common.settings import parse_text
 
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 
 def pick_device(device: str) -> torch.device:
-    """'auto' -> CUDA when visible, else CPU; an explicit CUDA device without a GPU is refused."""
+    """The torch device for a ``--device`` value, refused in one line if this machine cannot run it.
+
+    Every command picks its device here, so each says the same thing, before any work: a value outside the
+    declared ones (the ``device`` setting's), a GPU kind this torch or machine lacks, a CUDA index past the
+    visible devices. 'auto' -> CUDA when visible, else CPU.
+    """
+    device = parse_text(TrainConfig, "device", device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but this torch or machine has no MPS (Apple GPU) support; "
+                          "use --device cpu or auto")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        index, count = torch.device(device).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise ConfigError(f"--device {device}: there is no CUDA device {index} ({count} visible: "
+                              f"{', '.join(f'cuda:{i}' for i in range(count))}); use one of those, cuda or auto")
     return torch.device(device)
 
 

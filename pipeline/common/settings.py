@@ -262,6 +262,8 @@ def check_value(cls: type, field: dataclasses.Field, value: Any) -> Any:
     if value is None:
         if kind.optional:
             return None
+        if field.default is MISSING:  # left out (the command line passes None): say so, and what it is for
+            raise ConfigError(f"{option_name(field)} is required: {spec.help}")
         raise refuse(cls, field, value)
     if kind.is_list:
         return _check_list(cls, field, kind, value)
@@ -307,12 +309,13 @@ def parse_text(cls: type, name: str, text: str) -> Any:
 
 
 def from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
-    """Build a config from params.yaml-style keys; unknown keys are refused, not ignored, and so are missing ones."""
+    """Build a config from params.yaml-style keys; unknown keys are refused, not ignored, and so are missing (or null)
+    required ones, named as params.yaml spells them."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} setting(s) {unknown}; known: {sorted(names)}")
-    missing = [f.name for f in ordered_fields(cls) if f.default is MISSING and f.name not in values]
+    missing = [f.name for f in ordered_fields(cls) if f.default is MISSING and values.get(f.name) is None]
     if missing:
         raise ConfigError(f"{cls.__name__} needs {', '.join(missing)}; set {'it' if len(missing) == 1 else 'them'}")
     return cls(**values)

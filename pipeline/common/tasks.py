@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.common.errors import UnknownTaskError
+from pipeline.common.errors import UnknownSplitError, UnknownTaskError
 
 _SPLITS = ("train", "validation", "test")
 _MNLI_SPLITS = (
@@ -51,6 +51,11 @@ class TaskSpec:
             )
         if not set(self.validation_splits) <= set(self.splits):
             raise ValueError(f"{self.name}: validation splits {self.validation_splits} not in {self.splits}")
+
+    def require_split(self, split: str) -> None:
+        """Refuse a split name this task does not have, saying which it has (a typo is not missing data)."""
+        if split not in self.splits:
+            raise UnknownSplitError(f"task {self.name} has no split {split!r}; expected one of: {', '.join(self.splits)}")
 
     @property
     def num_labels(self) -> int:

@@ -20,7 +20,6 @@ from pipeline.common.errors import (
     DataNotFoundError,
     EmptySplitError,
     MalformedGlueFileError,
-    UnknownSplitError,
 )
 from pipeline.common.tasks import TaskSpec, get_task
 
@@ -100,10 +99,7 @@ def load_split(
     otherwise ``nyu-mll/glue`` from the Hub.
     """
     spec = task if isinstance(task, TaskSpec) else get_task(task)
-    if split not in spec.splits:
-        raise UnknownSplitError(
-            f"task {spec.name} has no split {split!r}; expected one of: {', '.join(spec.splits)}"
-        )
+    spec.require_split(split)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     root = resolve_glue_dir(glue_dir)

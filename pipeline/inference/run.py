@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -11,11 +11,13 @@ from typing import TextIO
 import numpy as np
 
 from pipeline.common.errors import ConfigError
+from pipeline.common.files import atomic_write_text, check_writable_folder
+from pipeline.common.resources import pick_device
 from pipeline.common.tasks import get_task
 from pipeline.extraction.glue import load_split
-from pipeline.inference.outputs import write_rows, write_submission
+from pipeline.inference.outputs import output_format, write_rows, write_submission
 from pipeline.inference.predictor import Predictor, load_adapters
-from pipeline.inference.texts import JSONL_SUFFIXES, TSV_SUFFIXES, read_texts
+from pipeline.inference.texts import read_texts
 from pipeline.training.metrics import compute_metrics, primary_metric
 
 
@@ -42,6 +44,8 @@ class PredictRequest:
             raise ConfigError(f"--limit must be a positive number of examples, got {self.limit}")
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be positive, got {self.batch_tokens}")
+        output_format(self.out, "tsv")  # an extension we cannot write is refused before any work
+        pick_device(self.device)  # a device this machine lacks is refused before the text, adapters or model load
 
 
 @dataclass
@@ -57,11 +61,14 @@ class PredictResult:
 def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO | None = None,
                 stdout: TextIO | None = None) -> PredictResult:
     """Predict a GLUE split or free text with one or several adapters, sharing one forward pass."""
+    if request.out != "-":
+        check_writable_folder(Path(request.out).parent)  # before the model loads, not after the forward passes
     adapters = load_adapters(request.adapters, task=request.task)
     task = adapters[0].config.task
     if request.split is not None:
         split = load_split(task, request.split, request.glue_dir, limit=request.limit)
-        texts, ids, labels, fmt = split.texts, [int(i) for i in split.ids], split.labels, "submission"
+        texts, ids, labels = split.texts, [int(i) for i in split.ids], split.labels
+        fmt = output_format(request.out, "tsv")
     else:
         assert request.input is not None
         given = read_texts(request.input, get_task(task), limit=request.limit, stdin=stdin)
@@ -70,12 +77,15 @@ def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO
     predictor = Predictor.load(adapters, model=request.model, device=request.device)
     predictions = predictor.predict(texts, batch_tokens=request.batch_tokens, progress=progress)
     heads = predictions.heads(ensemble=request.ensemble)
-    target = nullcontext(stdout or sys.stdout) if request.out == "-" else _open(request.out)
-    with target as stream:
-        if fmt == "submission":
-            write_submission(stream, predictor.task, ids, heads)
-        else:
-            write_rows(stream, fmt, predictor.task, ids, texts, heads)
+    buffer = io.StringIO(newline="")
+    stream = (stdout or sys.stdout) if request.out == "-" else buffer
+    if request.split is not None:
+        write_submission(stream, fmt, predictor.task, ids, heads)
+    else:
+        write_rows(stream, fmt, predictor.task, ids, texts, heads)
+    if request.out != "-":  # whole or not at all: a stopped or failed run leaves an earlier file as it was
+        Path(request.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(request.out, buffer.getvalue())
     result = PredictResult(task, len(texts), request.out)
     if labels is not None and _labeled(predictor.task.kind, labels):
         result.metrics = {h.name: compute_metrics(predictor.task, h.values, labels) for h in heads}
@@ -92,19 +102,5 @@ def metric_lines(result: PredictResult, split: str | None) -> list[str]:
     return lines
 
 
-def output_format(out: str, input_format: str) -> str:
-    """Rows for free text: JSONL or TSV by the output's suffix; stdout (or another suffix) mirrors the input."""
-    suffix = Path(out).suffix.lower() if out != "-" else ""
-    if suffix in JSONL_SUFFIXES:
-        return "jsonl"
-    return "tsv" if suffix in TSV_SUFFIXES else input_format
-
-
 def _labeled(kind: str, labels: np.ndarray) -> bool:
     return bool(np.isfinite(labels).all()) if kind == "regression" else bool((labels >= 0).all())
-
-
-def _open(path: str) -> TextIO:
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    return open(file, "w", encoding="utf-8", newline="")

@@ -168,6 +168,16 @@ def save_adapter(directory: str | Path, model: ReadModel, k: int, config: Adapte
     atomic_write_text(directory / ADAPTER_CONFIG_NAME, json.dumps(config.to_dict(), sort_keys=True, indent=2) + "\n")
 
 
+SEED_FOLDER = re.compile(r"seed_(0|[1-9][0-9]*)")  # adapters/seed_<k>/, k as str(int) writes it
+
+
+def saved_seeds(root: str | Path) -> list[int]:
+    """The seeds with an adapter saved under ``root`` (``root/seed_<k>/adapter_config.json``), in order."""
+    root = Path(root)
+    named = (SEED_FOLDER.fullmatch(f.name) for f in root.glob("seed_*")) if root.is_dir() else ()
+    return sorted(int(m[1]) for m in named if m and (root / m[0] / ADAPTER_CONFIG_NAME).is_file())
+
+
 def remove_stale_adapters(root: str | Path, seeds: Iterable[int]) -> list[Path]:
     """Remove ``root/seed_<k>/`` of every seed not in ``seeds``, so a rerun with other seeds leaves only its own.
 
@@ -178,7 +188,7 @@ def remove_stale_adapters(root: str | Path, seeds: Iterable[int]) -> list[Path]:
     ours = {name for base in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME) for name in (base, partial_path(base).name)}
     removed = []
     for folder in sorted(root.glob("seed_*")) if root.is_dir() else []:
-        named = re.fullmatch(r"seed_(0|[1-9][0-9]*)", folder.name)
+        named = SEED_FOLDER.fullmatch(folder.name)
         if not named or int(named[1]) in keep or not folder.is_dir() or folder.is_symlink():
             continue
         entries = list(folder.iterdir())

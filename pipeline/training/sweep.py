@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.common.config import TrainConfig
+from pipeline.common.config import SweepConfig, TrainConfig
 from pipeline.common.errors import ConfigError
 from pipeline.common.files import atomic_write_text
 from pipeline.common.settings import parse_text
@@ -74,6 +74,7 @@ def run_sweep(
     """Train every grid point on Dask workers; write and return one summary row per point."""
     from distributed import Client, LocalCluster, as_completed
 
+    SweepConfig(workers=workers, threads_per_worker=threads_per_worker)  # refused here, not by a cluster that waits
     runs = expand(base, grid, out_root)
     if scheduler:
         client = Client(scheduler)

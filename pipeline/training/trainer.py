@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError
-from pipeline.common.files import atomic_write_csv, atomic_write_text
+from pipeline.common.errors import ConfigError, StoreCorruptError, StoreIncompleteError, TrainingError, plural
+from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore
-from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter
+from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter, saved_seeds
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
 from pipeline.training.graphs import CudaGraphRecorder, Recorder, StepGraphs
@@ -76,8 +76,22 @@ def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> Read
     )
 
 
+def check_splits(store: CacheStore, task: TaskSpec, splits: list[str]) -> None:
+    """A split the store lacks, with the hint that fits: a name the task does not have says which it has; a
+    split of the task the store does not hold yet is either still to come (a stopped extraction: rerun it) or
+    was not asked for (--splits: add it; a store grows by splits). The store does not record which."""
+    for name in splits:
+        task.require_split(name)
+        if name not in store.splits:
+            raise StoreIncompleteError(
+                f"{store.path} has no split {name!r} (it has {', '.join(store.splits) or 'none'}); if its extraction "
+                f"was stopped, rerun that `pipeline extract` command to finish it, else add the split with "
+                f"`pipeline extract ... --splits {name}`")
+
+
 def check_store(store: CacheStore, cfg: TrainConfig, task: TaskSpec, splits: list[str]) -> None:
     """Refuse what training cannot serve, before any work."""
+    check_splits(store, task, splits)
     store.require_complete(splits)
     if not store.meta.consistent:
         raise StoreCorruptError(f"{store.path}: metadata does not match its fingerprint; run `pipeline verify`")
@@ -112,6 +126,18 @@ def remove_stale_outputs(out: Path, seeds: Iterable[int], splits: Iterable[str])
             path.unlink()
 
 
+def announce_replacement(out: Path) -> None:
+    """Say on stderr, before training, that an earlier run in ``out`` will be replaced (its seeds' adapters too,
+    also those this run does not train): rerunning into the same folder replaces by design (DVC, reruns), but
+    never silently. Printed even with --quiet: it is about the user's files, not progress."""
+    seeds = saved_seeds(out / "adapters")
+    if not seeds and not (out / "metrics.json").is_file():
+        return
+    which = f" ({plural(len(seeds), 'seed')} {', '.join(map(str, seeds))})" if seeds else ""
+    log.info("replacing the run in %s%s", out, which)
+    print(f"replacing the run in {out}{which}", file=sys.stderr)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     """Linear warm-up then linear decay to zero."""
     warmup = max(1, int(total_steps * warmup_ratio))
@@ -135,8 +161,13 @@ class Trainer:
         self.store = CacheStore(cfg.cache)
         self.task = get_task(self.store.meta.task.name)
         self.eval_splits = list(cfg.eval_splits or self.task.validation_splits)
+        if SELECTION in self.eval_splits:
+            raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
+                              "it is always scored")
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
+        self.out = check_writable_folder(cfg.out_dir(self.task.name))  # a bad --out fails now, not after training
+        announce_replacement(self.out)
         if self.device.type == "cuda":
             set_cuda_tf32(cfg.tf32)
         if cfg.threads is not None:
@@ -150,9 +181,6 @@ class Trainer:
                                 device=self.device,
                                 host_budget=cfg.host_memory_budget if self.device.type != "cpu" else 0)
 
-        if SELECTION in self.eval_splits:
-            raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
-                              "it is always scored")
         whole_train = batches(cfg.train_split)  # a damaged block stops the run here, before any training
         train_ids = np.asarray(whole_train.split.ids)
         mask = carve(train_ids)
@@ -181,7 +209,6 @@ class Trainer:
                                         mode="reduce-overhead" if self.cuda_graphs else None)
                           if self.compiled else self.eager_loss)
         self.primary = primary_metric(self.task)
-        self.out = Path(cfg.out_dir(self.task.name))
 
     def optimizer(self, epochs: int | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW and its schedule: warm-up, then linear decay to zero over ``epochs`` (default: the run's).
@@ -525,7 +552,8 @@ def result_line(metrics: dict[str, Any]) -> str:
     shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
     chosen = ("epochs chosen on the selection split" if metrics["select_on"] == SELECTION
               else "epochs chosen ON VALIDATION (optimistic)")
-    return (f"{metrics['task']} ({metrics['method']}, {metrics['num_seeds']} seeds): {shown}; {chosen}; "
+    seeds = f"{metrics['num_seeds']} {plural(metrics['num_seeds'], 'seed')}"
+    return (f"{metrics['task']} ({metrics['method']}, {seeds}): {shown}; {chosen}; "
             f"frozen start {metrics['frozen_start']['mean'][primary]:.2f}, "
             f"majority {metrics['majority_baseline'][primary]:.2f}")
 
