@@ -119,10 +119,11 @@ class StoreWriter:
 
     def ensure_array(self, name: str, data: np.ndarray) -> None:
         """A small root array (e.g. label_rows) with its checksum, written by whichever part comes first, and
-        written again when a rerun finds it damaged."""
+        written again when a rerun finds it damaged (not merely different: parts on other devices may round
+        differently)."""
         with self.lock:
             self.group = zarr_reopen(self.path)
-            if name not in self.group or not _holds(self.group, name, data):
+            if name not in self.group or _damaged(self.group[name]):
                 self.group.create_array(name, data=data, attributes={CHECKSUM: checksum_hex(data)}, overwrite=True)
 
     def _repair_examples(self, split: str, examples: dict[str, np.ndarray]) -> None:
@@ -244,6 +245,17 @@ def _holds(group: Any, name: str, values: np.ndarray) -> bool:
         return False
     return stored.dtype == values.dtype and stored.shape == values.shape and np.array_equal(stored, values,
                                                                                               equal_nan=True)
+
+
+def _damaged(array: Any) -> bool:
+    """Whether a small array no longer matches the checksum written with it, or cannot be read (one written
+    before the checksums were kept: only if it cannot be read)."""
+    try:
+        values = np.asarray(array[:])
+    except Exception:
+        return True
+    expected = array.attrs.get(CHECKSUM)
+    return expected is not None and checksum_hex(values) != expected
 
 
 def write_shards(writes: Sequence[tuple[Any, slice, np.ndarray]]) -> None:
