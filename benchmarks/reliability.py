@@ -189,6 +189,38 @@ def damaged_shards(setup: Setup) -> Iterator[Row]:
                   "`pipeline verify S`; `pipeline train --cache S`; rerun the extract command")
 
 
+def damaged_example_arrays(setup: Setup) -> Iterator[Row]:
+    """A split's small arrays: a lost chunk reads back as zeros (labels of class 0, empty offsets) unless checked."""
+    cases = [("lost chunk", "train/labels"), ("lost chunk", "validation/encoder/offsets"),
+             ("lost metadata", "validation/decoder/hidden")]
+    for how, array in cases:
+        store = setup.work / f"damaged-{array.replace('/', '-')}.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(setup.clean, store)
+        if how == "lost chunk":
+            for chunk in [f for f in (store / array / "c").rglob("*") if f.is_file()]:
+                chunk.unlink()
+        else:
+            (store / array / "zarr.json").unlink()
+        verified = run(["verify", str(store)])
+        fails = [line for line in verified.stderr.splitlines() if line.startswith("FAIL")]
+        named = len(fails) == 1 and (array in fails[0] or f"split '{array.split('/')[0]}'" in fails[0])
+        refused, refusal = one_line_error(run(["train", "--cache", str(store), "--epochs", "1", "--device", "cpu",
+                                               "--out", str(setup.work / "runs-damaged"), "--quiet"]))
+        rerun = run(setup.extract_args(store))
+        if how == "lost chunk":  # the rerun writes the array again from the data it recomputes
+            ok, text = same_as_clean(setup, store)
+            after = f"rerun extract exit {rerun.returncode}; {text}"
+            passed = rerun.returncode == 0 and ok
+        else:  # nothing to rebuild it from in place: the rerun says so in one line too
+            passed, line = one_line_error(rerun)
+            after = f"rerun extract: `{line}`"
+        yield Row(f"damaged per-example data: {how}", f"`{array}`",
+                  f"verify exit {verified.returncode}: `{fails[0] if fails else verified.stderr.strip()}`; "
+                  f"train: `{refusal}`; {after}", verified.returncode == 1 and named and refused and passed,
+                  "`pipeline verify S`; `pipeline train --cache S`; rerun the extract command")
+
+
 def overwrite_refusals(setup: Setup) -> Iterator[Row]:
     folder = setup.work / "not-a-store"
     folder.mkdir(exist_ok=True)
@@ -377,7 +409,8 @@ def bad_inputs(setup: Setup) -> Iterator[Row]:
 
 SECTIONS: dict[str, Callable[[Setup], Iterator[Row]]] = {
     "extract-kill": extraction_kills, "train-kill": training_kills, "damage": damaged_shards,
-    "overwrite": overwrite_refusals, "concurrent": concurrent, "disk-full": disk_full, "inputs": bad_inputs,
+    "damage-examples": damaged_example_arrays, "overwrite": overwrite_refusals, "concurrent": concurrent,
+    "disk-full": disk_full, "inputs": bad_inputs,
 }
 
 

@@ -26,12 +26,12 @@ def verify_store(path: str | Path) -> list[str]:
     try:
         store.label_rows()
     except StoreCorruptError as exc:
-        problems.append(str(exc))
+        problems.append(str(exc).removeprefix(f"{store.path}: "))  # verify's lines name no store, as below
     for name in store.splits:
         try:
             split = store.split(name)
         except StoreCorruptError as exc:  # a per-example array damaged, or part of the layout missing
-            problems.append(str(exc))
+            problems.append(str(exc).removeprefix(f"{store.path}: "))
             continue
         info = store.meta.splits[name]
         data = store.meta.identity.data.get(name)
