@@ -44,7 +44,7 @@ class CachedSplit:
             self.capacity = {s: int(group[s]["hidden"].shards[0]) for s in self.sides}
             self._checksums = group["checksums"]
             self.columns: list[str] = list(self._checksums.attrs["columns"])
-            group["blocks_done"]
+            group["blocks_done"]  # there too, or it is missing
         except Exception as exc:
             raise StoreCorruptError(f"{path}: split {name!r} lacks part of its layout ({first_line(exc)}); "
                                     f"{REBUILD}") from None
@@ -191,8 +191,11 @@ class CacheStore:
         """The head's label rows (seq2seq), checked against their checksum; None when the store has none."""
         if "label_rows" not in self.group:
             return None
-        array = self.group["label_rows"]
-        rows = np.asarray(array[:])
+        try:
+            array = self.group["label_rows"]
+            rows = np.asarray(array[:])
+        except Exception as exc:
+            raise StoreCorruptError(f"{self.path}: label_rows is unreadable ({first_line(exc)}); {REEXTRACT}") from None
         expected = array.attrs.get(CHECKSUM)  # none in stores written before it was kept
         if expected is not None and checksum_hex(rows) != expected:
             raise StoreCorruptError(f"{self.path}: label_rows does not match its checksum (a chunk of it is missing "
