@@ -178,8 +178,9 @@ class CacheStore:
     def split(self, name: str) -> CachedSplit:
         if name not in self.splits:
             raise StoreIncompleteError(
-                f"{self.path} has no split {name!r} (it has {', '.join(self.splits) or 'none'}); "
-                f"run `pipeline extract ... --splits {name}`"
+                f"{self.path} has no split {name!r} (it has {', '.join(self.splits) or 'none'}); if its extraction "
+                f"was stopped, rerun that `pipeline extract` command to finish it, else add the split with "
+                f"`pipeline extract ... --splits {name}`"  # the store does not record which splits were asked for
             )
         split = CachedSplit(self.group[name], name, self.dtype, self.path)
         if split.sides != [side for side in SIDES if side in self.meta.layout.layers]:

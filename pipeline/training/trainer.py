@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import ConfigError, StoreCorruptError, StoreIncompleteError, TrainingError, plural
+from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError, plural
 from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
@@ -76,22 +76,16 @@ def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> Read
     )
 
 
-def check_splits(store: CacheStore, task: TaskSpec, splits: list[str]) -> None:
-    """A split the store lacks, with the hint that fits: a name the task does not have says which it has; a
-    split of the task the store does not hold yet is either still to come (a stopped extraction: rerun it) or
-    was not asked for (--splits: add it; a store grows by splits). The store does not record which."""
+def check_splits(task: TaskSpec, splits: list[str]) -> None:
+    """A split name the task does not have says which it has (a typo is not missing data); a split of the task
+    that the store lacks is refused by the store itself (``CacheStore.split``), with how to add it."""
     for name in splits:
         task.require_split(name)
-        if name not in store.splits:
-            raise StoreIncompleteError(
-                f"{store.path} has no split {name!r} (it has {', '.join(store.splits) or 'none'}); if its extraction "
-                f"was stopped, rerun that `pipeline extract` command to finish it, else add the split with "
-                f"`pipeline extract ... --splits {name}`")
 
 
 def check_store(store: CacheStore, cfg: TrainConfig, task: TaskSpec, splits: list[str]) -> None:
     """Refuse what training cannot serve, before any work."""
-    check_splits(store, task, splits)
+    check_splits(task, splits)
     store.require_complete(splits)
     if not store.meta.consistent:
         raise StoreCorruptError(f"{store.path}: metadata does not match its fingerprint; run `pipeline verify`")
