@@ -62,7 +62,8 @@ class Setup:
 
 EXTRACT_SHOWN = "pipeline extract --model t5-tiny --task rte --splits train,validation --limit 24 --max-length 32 " \
                 "--block-tokens 64 --out S"
-TRAIN_SHOWN = "pipeline train --cache S --seeds 0,1 --epochs 8 --rnn-dim 16 --batch-size 2 --threads 1 --patience none"
+TRAIN_SHOWN = ("pipeline train --cache S --seeds 0,1 --epochs 8 --rnn-dim 16 --batch-size 2 --threads 1 --patience none "
+               "--checkpoint-seconds 0")
 
 
 # ---- processes -------------------------------------------------------------------------------------------
@@ -287,7 +288,8 @@ def disk_full(setup: Setup) -> Iterator[Row]:
 
 def train_args(setup: Setup, out: Path, *, seeds: str = "0,1", epochs: int = 8) -> list[str]:
     return ["train", "--cache", str(setup.clean), "--out", str(out), "--seeds", seeds, "--epochs", str(epochs),
-            "--rnn-dim", "16", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--patience", "none"]
+            "--rnn-dim", "16", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--patience", "none",
+            "--checkpoint-seconds", "0"]
 
 
 def run_outputs(run_dir: Path) -> dict[str, object]:
@@ -327,12 +329,14 @@ def training_kills(setup: Setup) -> Iterator[Row]:
     clean = setup.work / "runs-clean"
     run(train_args(setup, clean))
     expected = run_outputs(clean)
-    points: list[tuple[str, Callable[[Path], Callable[[str], bool]]]] = [
-        (f"after the `epoch {k}/8` line", lambda out, k=k: lambda line: f"epoch {k}/" in line)
+    # (what, when to kill, the earliest epoch the rerun must go on from: each epoch's checkpoint is saved before
+    # its line is printed, so a kill right after `epoch k` finds epoch k's)
+    points: list[tuple[str, Callable[[Path], Callable[[str], bool] | None], int]] = [
+        (f"after the `epoch {k}/8` line", lambda out, k=k: lambda line: f"epoch {k}/" in line, k)
         for k in (1, 3, 5, 7)
     ]
-    points.append(("while writing outputs (first adapter file replaced)", lambda out: None))
-    for index, (label, when) in enumerate(points):
+    points.append(("while writing outputs (first adapter file replaced)", lambda out: None, 7))
+    for index, (label, when, earliest) in enumerate(points):
         out = setup.work / f"runs-kill-{index}"
         shutil.rmtree(out, ignore_errors=True)
         run(train_args(setup, out, seeds="0,1,2", epochs=1))  # an earlier complete run in the same --out
@@ -356,10 +360,14 @@ def training_kills(setup: Setup) -> Iterator[Row]:
         state = f"{replaced} of the earlier run's {len(earlier)} files replaced at the kill; {state}"
         rerun = run(train_args(setup, out))
         same = rerun.returncode == 0 and run_outputs(out) == expected
+        found = re.search(r"saved after epoch (\d+)", rerun.stderr)
+        after = int(found.group(1)) if found else 0
+        went_on = f"went on from epoch {after}'s checkpoint" if found else "started over (no checkpoint)"
         yield Row("kill -9 during `train`", f"over an earlier run (seeds 0,1,2); SIGKILL {label}",
-                  f"{'killed' if killed else 'finished before the kill'}: {state}; rerun exit {rerun.returncode}: "
+                  f"{'killed' if killed else 'finished before the kill'}: {state}; rerun exit {rerun.returncode}, "
+                  f"{went_on}: "
                   f"{'files, metrics.json seeds, adapter tensors and CSVs equal the uninterrupted run' if same else 'DIFFERS from the uninterrupted run'}",
-                  killed and whole and same, f"`{TRAIN_SHOWN} --out R`, `kill -9` it, rerun it")
+                  killed and whole and same and after >= earliest, f"`{TRAIN_SHOWN} --out R`, `kill -9` it, rerun it")
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def reports_errors(command: Callable | None = None, *, stopped: str = "restarts"
 
     Expected: the pipeline's typed errors and OS errors (disk full, permission denied, a file where
     a folder should be). Anything else is a bug and keeps its traceback. Ctrl-C exits 130, saying what
-    a rerun does: ``stopped`` is a key of ``errors.INTERRUPTED`` (only an extraction resumes).
+    a rerun does: ``stopped`` is a key of ``errors.INTERRUPTED`` (an extraction resumes, training goes on
+    from its checkpoint, the others start again).
     Bare (``@reports_errors``) or with ``stopped`` (``@reports_errors(stopped="resumes")``).
     """
     if command is None:
@@ -165,7 +166,7 @@ def verify(store: str) -> None:
 @main.command(context_settings=CONTEXT)
 @setting_options(TrainConfig)
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@reports_errors
+@reports_errors(stopped="checkpoints")
 def train(quiet: bool, **options: Any) -> None:
     """Train READ side networks (several seeds in lockstep) from a store, never loading the backbone."""
     from pipeline.training import train as run

@@ -90,7 +90,7 @@ def run_stage(body: Callable[[], None], *, stopped: str = "restarts") -> int:
 
     The same translation as the `pipeline` CLI (``error_message``); any other exception is a bug
     and keeps its traceback. Ctrl-C returns 130, saying what a rerun does (``stopped``: a key of
-    ``errors.INTERRUPTED``; only extraction resumes).
+    ``errors.INTERRUPTED``: extraction resumes, training goes on from its checkpoint).
     """
     rerun = "`dvc repro`"
     try:

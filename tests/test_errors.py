@@ -169,20 +169,20 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
 
     assert run_stage(interrupt, stopped="resumes") == 130
     assert capsys.readouterr().err == "Interrupted; rerun `dvc repro` to resume.\n"
-    assert run_stage(interrupt) == 130  # the train and report stages: nothing of a stopped run is kept
+    assert run_stage(interrupt) == 130  # the report stage: nothing of a stopped run is kept
     assert "nothing of this run was written" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, target, needles", [
     ("extract", "pipeline.extraction.extract", ["Interrupted; rerun the same command to resume."]),
-    ("train", "pipeline.training.train", ["nothing of this run was written", "earlier outputs are untouched",
-                                          "rerun the same command to start it again"]),
+    ("train", "pipeline.training.train", ["outputs are written when it ends", "earlier outputs are untouched",
+                                          "rerun the same command to go on from its last checkpoint"]),
     ("predict", "pipeline.inference.run_predict", ["nothing of this run was written", "to start it again"]),
     ("sweep", "pipeline.training.sweep.run_sweep", ["grid points that had finished", "sweep.json",
-                                                    "to start the sweep again"]),
+                                                    "stopped ones go on from their checkpoints"]),
 ])
 def test_ctrl_c_says_what_a_rerun_does_for_each_command(monkeypatch, tmp_path, command, target, needles):
-    """Only an extraction resumes; training, predict and sweeps have no checkpoints and start again."""
+    """An extraction resumes, training (in a sweep too) goes on from its checkpoint, predict starts again."""
     def interrupt(*_args, **_kwargs):
         raise KeyboardInterrupt
 

@@ -99,7 +99,7 @@ def test_to_dict_is_unchanged():
         "device": "auto", "compile": False, "cuda_graphs": False, "tf32": False, "memory_budget": 8 * 1024**3,
         "host_memory_budget": 16 * 1024**3, "train_split": "train", "eval_splits": None,
         "select_on": "selection", "data_seed": 0,
-        "shuffle_buffer": 8, "threads": None,
+        "shuffle_buffer": 8, "threads": None, "checkpoint_seconds": 60.0, "resume": True,
     }
     cfg = ExtractConfig(model="m", task="rte", splits="train,validation", layers="0,-1")
     assert cfg.to_dict()["splits"] == ["train", "validation"] and cfg.to_dict()["layers"] == [0, -1]

@@ -107,8 +107,12 @@ class ResourceMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
+    def elapsed(self) -> float:
+        """Seconds since the block began (while it runs)."""
+        return time.perf_counter() - self.started
+
     def __exit__(self, *exc: Any) -> None:
-        self.wall = time.perf_counter() - self.started
+        self.wall = self.elapsed()
         end = _rapl_uj()
         self.cpu_energy = (end - self.rapl) / 1e6 if end is not None and self.rapl is not None and end >= self.rapl else None
         self.gpu_energy = None

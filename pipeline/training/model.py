@@ -217,6 +217,13 @@ class ReadModel(nn.Module):
                 raise ValueError(f"{name}: shape {tuple(value.shape)}, expected {tuple(p.shape[1:])}")
             p[k].copy_(value)
 
+    def dropout_state(self) -> dict[str, list[Tensor]]:
+        """The per-seed dropout streams' positions (a checkpoint's part: pipeline.training.checkpoint)."""
+        return self._streams.state_dict()
+
+    def load_dropout_state(self, state: Mapping[str, Sequence[Tensor]]) -> None:
+        self._streams.load_state_dict(state)
+
     # -- forward
 
     def dropout_masks(self, batch: SideBatch) -> dict[str, Tensor]:

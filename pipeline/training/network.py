@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +157,18 @@ class _DropoutStreams:
                 torch.Generator(device=device).manual_seed(_dropout_seed(s)) for s in self.seeds
             ]
         return self._generators[key]
+
+    def state_dict(self) -> dict[str, list[Tensor]]:
+        """Where each seed's stream is, per device: a resumed run draws the masks an uninterrupted one draws."""
+        return {key: [g.get_state() for g in generators] for key, generators in self._generators.items()}
+
+    def load_state_dict(self, state: Mapping[str, Sequence[Tensor]]) -> None:
+        for key, states in state.items():
+            generators = self._for(torch.device(key))
+            if len(states) != len(generators):
+                raise ValueError(f"dropout state for {len(states)} seeds, expected {len(generators)}")
+            for generator, value in zip(generators, states):
+                generator.set_state(value)
 
     @torch.compiler.disable  # per-seed generators stay eager: a compiled step draws exactly the same masks
     def mask(self, shape: Sequence[int], p: float, device: torch.device) -> Tensor:

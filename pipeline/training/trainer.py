@@ -30,6 +30,7 @@ from pipeline.store import CacheStore
 from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter, saved_seeds
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
+from pipeline.training.checkpoint import Checkpoints, RunState, best_scores, restore_optimizer, run_identity
 from pipeline.training.graphs import CudaGraphRecorder, Recorder, StepGraphs
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.model import (
@@ -410,23 +411,38 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Train every seed; keep each seed's epoch chosen by ``select_key`` (never the reported split by default)."""
+        """Train every seed; keep each seed's epoch chosen by ``select_key`` (never the reported split by default).
+
+        Between epochs the run's state is saved (``checkpoint_seconds``); a run that finds its own checkpoint
+        (same store and settings) goes on from it and writes what an uninterrupted run writes."""
         cfg, S = self.cfg, len(self.cfg.seeds)
         optimizer, scheduler = self.optimizer()
-        best_score = np.full(S, -np.inf)
-        best: list[dict[str, Any]] = [{} for _ in range(S)]
-        waited = np.zeros(S, dtype=int)
+        checkpoints = Checkpoints(self.out, run_identity(cfg, self.store.fingerprint, self.device,
+                                                         streamed=not self.train_data.in_memory),
+                                  cfg.checkpoint_seconds)
+        resumed, note = checkpoints.load() if cfg.resume else (None, None)
+        if note:
+            self._note(note, always=True)
+        best_score, waited, best = best_scores(resumed, S)
         with ResourceMeter(self.device) as meter:
-            start, _ = self.evaluate()  # epoch 0: the untrained side network leaves the backbone's prediction
-            frozen = self.frozen_start(start)
-            history: list[dict[str, Any]] = [self._history_row(0, None, start)]
-            self._say(0, None, start)
+            if resumed is None:
+                start, _ = self.evaluate()  # epoch 0: the untrained side network leaves the backbone's prediction
+                frozen = self.frozen_start(start)
+                history: list[dict[str, Any]] = [self._history_row(0, None, start)]
+                self._say(0, None, start)
+            else:
+                frozen, history = resumed.frozen, resumed.history
+                self.model.load_state_dict(resumed.model)
+                self.model.load_dropout_state(resumed.dropout)
+                restore_optimizer(optimizer, resumed.optimizer)
+                scheduler.load_state_dict(resumed.scheduler)
             if cfg.cuda_graphs and not self.cuda_graphs:
                 self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs"
                            + ("; the step is compiled" if cfg.compile else "; eager steps"))
             if self.compiled:  # the first step is silent for a while: say why
                 self._note("--compile: the first steps build the compiled step (about a minute, once per run)")
-            for epoch in range(1, cfg.epochs + 1):
+            epoch = first = 1 if resumed is None else resumed.epoch + 1
+            for epoch in range(first, cfg.epochs + 1):
                 train_loss = self.train_epoch(epoch, optimizer, scheduler)
                 per_seed, predictions = self.evaluate()
                 for k in range(S):
@@ -438,17 +454,29 @@ class Trainer:
                     else:
                         waited[k] += 1
                 history.append(self._history_row(epoch, train_loss, per_seed))
+                stop = cfg.patience is not None and (waited >= cfg.patience).all()
+                if not stop and epoch < cfg.epochs and checkpoints.due():  # saved before said: a line seen is kept
+                    checkpoints.save(RunState(
+                        epoch=epoch, model=self.model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), dropout=self.model.dropout_state(),
+                        best_score=best_score.tolist(), waited=waited.tolist(), best=best, history=history,
+                        frozen=frozen, wall_time_s=meter.elapsed() + (resumed.wall_time_s if resumed else 0.0)))
                 self._say(epoch, train_loss, per_seed)
-                if cfg.patience is not None and (waited >= cfg.patience).all():
+                if stop:
                     break
         for k in range(S):
             self.model.load_seed_state_dict(k, best[k]["state"])
-        return self._write_outputs(best, history, meter.summary(), epochs_run=epoch,
-                                   record=self._selection_record(frozen))
+        resources = meter.summary()
+        if resumed is not None:
+            resources.update(resumed_after_epoch=resumed.epoch, earlier_wall_time_s=round(resumed.wall_time_s, 3))
+        metrics = self._write_outputs(best, history, resources, epochs_run=epoch, record=self._selection_record(frozen))
+        checkpoints.remove()
+        return metrics
 
-    def _note(self, note: str) -> None:
+    def _note(self, note: str, always: bool = False) -> None:
+        """A line on stderr (``always``: even without progress, as it is about the user's files) and in the log."""
         log.info(note)
-        if self.progress:
+        if self.progress or always:
             print(note, file=sys.stderr)
 
     def _say(self, epoch: int, train_loss: np.ndarray | None, per_seed: list[dict[str, float]]) -> None:

@@ -1,0 +1,81 @@
+"""What a training checkpoint costs at the paper's shape: its size on disk and the seconds to save and load it.
+
+Run from the repository root (seconds):
+
+    .venv/bin/python benchmarks/checkpoint.py [--seeds 1 5] [--rnn-dim 256] [--reps 5] [--dir bench_out]
+
+The READ model of a T5-base backbone (seq2seq, d=768, GRU r=``--rnn-dim``, ``--seeds`` seeds in lockstep), after
+one AdamW step (so its moments exist), with every seed's best epoch held (weights and RTE-validation-sized
+predictions), is saved through ``pipeline.training.checkpoint.Checkpoints`` exactly as ``pipeline train`` saves
+it between epochs (serialised, written to a temporary file, fsync'd, renamed), into ``--dir``, then loaded.
+The values are random; the size and time do not depend on them. Prints a table to paste into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.training.checkpoint import Checkpoints, RunState
+from pipeline.training.model import ReadConfig, ReadModel, trainable_parameter_count
+
+VALIDATION_EXAMPLES = 277  # RTE's validation split
+
+
+def run_state(seeds: int, rnn_dim: int) -> tuple[RunState, int]:
+    """A checkpoint's content for ``seeds`` seeds at T5-base shape, and the trainable parameters of one seed."""
+    config = ReadConfig(family="seq2seq", d_model=768, num_labels=2, task_kind="classification", rnn_dim=rnn_dim)
+    model = ReadModel(config, list(range(seeds)), label_rows=torch.randn(2, 768))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    scheduler.step()
+    best = [{"epoch": 1, "metrics": {"accuracy": 50.0}, "state": model.seed_state_dict(k),
+             "predictions": {"validation": np.zeros(VALIDATION_EXAMPLES, dtype=np.int64)}} for k in range(seeds)]
+    state = RunState(epoch=1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), dropout=model.dropout_state(), best_score=[50.0] * seeds,
+                     waited=[0] * seeds, best=best, history=[{"epoch": 0}, {"epoch": 1}], frozen={}, wall_time_s=1.0)
+    return state, trainable_parameter_count(model)  # counted per seed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--rnn-dim", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dir", default="bench_out", help="where to write (the disk a run folder would be on)")
+    args = parser.parse_args()
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    print(f"{platform.node()}: {platform.machine()}, torch {torch.__version__}; T5-base shape, GRU r={args.rnn_dim}; "
+          f"median of {args.reps}\n")
+    print("| seeds | trainable parameters per seed | checkpoint size | save (serialise, write, fsync, rename) | load |")
+    print("|---|---:|---:|---:|---:|")
+    for seeds in args.seeds:
+        state, per_seed = run_state(seeds, args.rnn_dim)
+        with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+            checkpoints = Checkpoints(Path(folder), {"benchmark": True}, every_s=0)
+            saves, loads = [], []
+            for _ in range(args.reps):
+                started = time.perf_counter()
+                checkpoints.save(state)
+                saves.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                loaded, _ = checkpoints.load()
+                loads.append(time.perf_counter() - started)
+                assert loaded is not None and loaded.epoch == state.epoch
+            size = checkpoints.path.stat().st_size
+        print(f"| {seeds} | {per_seed:,} | {size / 2**20:,.1f} MiB | {statistics.median(saves):.2f} s | "
+              f"{statistics.median(loads):.2f} s |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""A training run's state between epochs, so that a stopped `pipeline train` goes on where it was.
+
+Everything the rest of a run depends on is saved after an epoch (at most every ``checkpoint_seconds``) to
+``<out>/checkpoint.pt``, written whole or not at all: every seed's weights, AdamW's moments, the schedule's
+step, the dropout streams' positions, each seed's best epoch so far (weights, scores, predictions), the
+patience counters and the history. The batch order is a function of the epoch alone, so a run resumed
+from epoch k writes the outputs an uninterrupted run writes. A checkpoint is used only by a run of the
+same store, torch version, training device and result-changing settings (``identity``); it is removed
+once the run's outputs are written. It is not a DVC output, so `dvc repro` leaves it for the rerun.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.common.config import TrainConfig
+from pipeline.common.files import atomic_write_bytes, partial_path
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = 1
+# Settings that change how a run goes, never what it computes: a rerun may change them and still resume. The
+# memory budgets choose between held and streamed rows, whose batch order can differ: the identity records
+# which one the run used instead.
+HOW_ONLY = ("out", "device", "threads", "memory_budget", "host_memory_budget", "checkpoint_seconds", "resume")
+
+
+def run_identity(cfg: TrainConfig, fingerprint: str, device: torch.device, streamed: bool) -> dict[str, Any]:
+    """What must be the same for a checkpoint to continue this run: the store, the code's numerics, the
+    device that computes, the batch order's source and every setting that changes results."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in HOW_ONLY}
+    return {"format": FORMAT, "store": fingerprint, "torch": str(torch.__version__), "device": str(device),
+            "rows": "streamed" if streamed else "held", **settings}
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The names whose values differ between two identities, for the note that a checkpoint is not used."""
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+
+
+@dataclass
+class RunState:
+    """A run after ``epoch`` epochs. ``best[k]``: seed k's best epoch so far ({} before any), with its
+    ``state`` (weights), ``metrics`` and eval ``predictions`` (numpy arrays)."""
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    dropout: dict[str, list[torch.Tensor]]
+    best_score: list[float]
+    waited: list[int]
+    best: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    frozen: dict[str, Any]
+    wall_time_s: float  # spent by this run in the processes that saved the checkpoints so far
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers: torch.load's safe mode reads no numpy objects."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _tensors(best: list[dict[str, Any]], to_tensor: bool) -> list[dict[str, Any]]:
+    """Predictions as tensors to save (torch.load's safe mode reads no numpy arrays), and back."""
+    convert = torch.from_numpy if to_tensor else (lambda t: t.numpy())
+    return [{**b, "predictions": {n: convert(p) for n, p in b.get("predictions", {}).items()}} if b else {}
+            for b in best]
+
+
+class Checkpoints:
+    """The checkpoint file of one run directory: found and checked at the start, saved between epochs."""
+
+    def __init__(self, out: Path, identity: dict[str, Any], every_s: float | None) -> None:
+        self.path = Path(out) / CHECKPOINT_NAME
+        self.identity, self.every_s = identity, every_s
+        self.last_save = time.monotonic()
+
+    def load(self) -> tuple[RunState | None, str | None]:
+        """The saved state if it continues this run, and a note for the user: what is resumed, or why a
+        checkpoint found is not used (another run's settings, an unreadable file). (None, None): none found."""
+        if not self.path.is_file():
+            return None, None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            identity, state = saved["identity"], RunState(**saved["state"])
+        except Exception as error:  # a file of another version or damaged on disk: a run can always start over
+            log.warning("checkpoint %s unreadable: %r", self.path, error)
+            return None, f"{self.path} cannot be read ({type(error).__name__}); starting over"
+        changed = differences(identity, self.identity)
+        if changed:
+            return None, f"{self.path} was saved by a run with other {', '.join(changed)}; starting over"
+        state.best = _tensors(state.best, to_tensor=False)
+        return state, f"resuming from {self.path}, saved after epoch {state.epoch}"
+
+    def due(self) -> bool:
+        """Whether an epoch that just ended should be saved."""
+        return self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
+
+    def save(self, state: RunState) -> None:
+        """Write ``state`` whole (a crash mid-write leaves the previous checkpoint)."""
+        payload = _plain({**vars(state), "best": _tensors(state.best, to_tensor=True)})
+        buffer = io.BytesIO()
+        torch.save({"identity": self.identity, "state": payload}, buffer)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, buffer.getvalue())
+        self.last_save = time.monotonic()
+        log.info("saved %s after epoch %d", self.path, state.epoch)
+
+    def remove(self) -> None:
+        """Once the outputs are written: the checkpoint, and what a save stopped mid-write left."""
+        self.path.unlink(missing_ok=True)
+        partial_path(self.path).unlink(missing_ok=True)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load AdamW's state, keeping each group's learning rate in the tensor it had (a recorded step reads the
+    rate from that tensor on the device: a loaded one would be another tensor, on the host)."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, rate in zip(optimizer.param_groups, rates):
+        if isinstance(rate, torch.Tensor):
+            rate.fill_(float(group["lr"]))
+            group["lr"] = rate
+
+
+def best_scores(state: RunState | None, seeds: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Each seed's best score, epochs waited since it, and best epoch: a fresh run's, or a checkpoint's."""
+    if state is None:
+        return np.full(seeds, -np.inf), np.zeros(seeds, dtype=int), [{} for _ in range(seeds)]
+    return np.array(state.best_score, dtype=float), np.array(state.waited, dtype=int), state.best

@@ -1,0 +1,193 @@
+"""A stopped training run goes on from its checkpoint and writes exactly what an uninterrupted run writes.
+
+The state between epochs (weights, AdamW's moments, the schedule, the dropout streams, each seed's best epoch
+and patience) is saved to ``<out>/checkpoint.pt``; these tests stop runs after an epoch (in process, and with
+kill -9 from outside) and compare every output of the resumed run with one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from graph_tape import TapeRecorder
+from safetensors.torch import load_file
+
+from pipeline.common.config import TrainConfig
+from pipeline.training import Trainer, train
+from pipeline.training.checkpoint import CHECKPOINT_NAME
+
+
+def config(cache: str, out: Path, **kw) -> TrainConfig:
+    settings = dict(epochs=4, rnn_dim=16, batch_size=8, device="cpu", seeds=(0, 1), patience=None,
+                    checkpoint_seconds=0, warmup_ratio=0.3)
+    return TrainConfig(cache=cache, out=str(out), **{**settings, **kw})
+
+
+class Stop(Exception):
+    """Stands for a crash or Ctrl-C between two epochs."""
+
+
+def stopped_at(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Make every later ``Trainer.train_epoch`` raise when it reaches ``epoch``."""
+    original = Trainer.train_epoch
+
+    def train_epoch(self: Trainer, at: int, *args, **kwargs):
+        if at == epoch:
+            raise Stop(f"stopped before epoch {at}")
+        return original(self, at, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+
+
+def outputs(run: Path) -> dict[str, object]:
+    """Everything a run writes that depends on what it computed (its resources say how long it took)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("resources")
+    files = {path.relative_to(run).as_posix(): path for path in run.rglob("*") if path.is_file()}
+    assert CHECKPOINT_NAME not in files  # removed once the outputs are written
+    found: dict[str, object] = {"metrics.json": metrics}
+    for name, path in sorted(files.items()):
+        if name.endswith(".safetensors"):
+            found[name] = {k: v.numpy() for k, v in load_file(str(path)).items()}
+        elif name.endswith((".csv", "adapter_config.json")):
+            found[name] = path.read_text()
+    return found
+
+
+def assert_same_outputs(resumed: Path, uninterrupted: Path) -> None:
+    a, b = outputs(resumed), outputs(uninterrupted)
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith(".safetensors"):
+            for tensor in b[name]:
+                np.testing.assert_array_equal(a[name][tensor], b[name][tensor], err_msg=f"{name}: {tensor}")
+        else:
+            assert a[name] == b[name], name
+
+
+@pytest.mark.parametrize("family, memory_budget", [("seq2seq", "8GB"), ("encoder", "8GB"), ("seq2seq", 0)])
+def test_a_resumed_run_writes_what_an_uninterrupted_run_writes(synthetic_store, tmp_path, monkeypatch, capsys,
+                                                               family, memory_budget):
+    # Dropout on, a warm-up then decaying schedule, best epochs chosen along the way: all of it must carry over.
+    # memory_budget=0: rows streamed by block, shuffled through a buffer.
+    cache = synthetic_store(family=family, splits={"train": 60, "validation": 20}, max_tokens=6, block_tokens=60).path
+    options = dict(memory_budget=memory_budget, shuffle_buffer=2)
+    train(config(cache, tmp_path / "whole", checkpoint_seconds=None, **options), progress=False)
+    assert not (tmp_path / "whole" / CHECKPOINT_NAME).exists()  # none saved without checkpoint_seconds
+    with monkeypatch.context() as patch:
+        stopped_at(patch, 3)
+        with pytest.raises(Stop):
+            train(config(cache, tmp_path / "resumed", **options), progress=False)
+    assert (tmp_path / "resumed" / CHECKPOINT_NAME).is_file() and not (tmp_path / "resumed" / "metrics.json").exists()
+    capsys.readouterr()
+    metrics = train(config(cache, tmp_path / "resumed", **options), progress=False)
+    assert "saved after epoch 2" in capsys.readouterr().err  # said even without progress: it is about the files
+    assert metrics["resources"]["resumed_after_epoch"] == 2 and metrics["epochs_run"] == 4
+    assert_same_outputs(tmp_path / "resumed", tmp_path / "whole")
+
+
+def test_patience_and_best_epochs_carry_over(synthetic_store, tmp_path, monkeypatch):
+    # A large learning rate: scores go up and down, so seeds stop improving at different epochs and early
+    # stopping ends the run; the resumed run must stop at the same epoch with the same best epochs.
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+    options = dict(epochs=12, patience=2, lr=0.05)
+    whole = train(config(cache, tmp_path / "whole", checkpoint_seconds=None, **options), progress=False)
+    with monkeypatch.context() as patch:
+        stopped_at(patch, 3)
+        with pytest.raises(Stop):
+            train(config(cache, tmp_path / "resumed", **options), progress=False)
+    resumed = train(config(cache, tmp_path / "resumed", **options), progress=False)
+    assert resumed["epochs_run"] == whole["epochs_run"] and whole["epochs_run"] < 12
+    assert_same_outputs(tmp_path / "resumed", tmp_path / "whole")
+
+
+def test_a_replayed_step_resumes_as_it_ran(synthetic_store, tmp_path, monkeypatch):
+    # Recorded steps (the CPU stand-in for CUDA graphs) read the learning rate from a tensor: the resumed run
+    # keeps that tensor, filled from the checkpoint, and records its graphs again.
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+
+    def run(out: Path, **kw) -> dict:
+        return Trainer(config(cache, out, **kw), progress=False, recorder=TapeRecorder()).run()
+
+    run(tmp_path / "whole", checkpoint_seconds=None)
+    with monkeypatch.context() as patch:
+        stopped_at(patch, 3)
+        with pytest.raises(Stop):
+            run(tmp_path / "resumed")
+    run(tmp_path / "resumed")
+    assert_same_outputs(tmp_path / "resumed", tmp_path / "whole")
+
+
+def test_a_checkpoint_is_used_only_by_the_same_run(synthetic_store, tmp_path, monkeypatch, capsys):
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+    out = tmp_path / "run"
+
+    def stop_after_two(**kw) -> None:
+        with monkeypatch.context() as patch:
+            stopped_at(patch, 3)
+            with pytest.raises(Stop):
+                train(config(cache, out, **kw), progress=False)
+        capsys.readouterr()
+
+    # Other settings that change results: a note, and the run starts over (its outputs are a fresh run's).
+    stop_after_two(lr=3e-3)
+    train(config(cache, out, lr=1e-3, threads=1), progress=False)
+    assert f"{out / CHECKPOINT_NAME} was saved by a run with other lr; starting over" in capsys.readouterr().err
+    train(config(cache, tmp_path / "fresh", lr=1e-3, checkpoint_seconds=None), progress=False)
+    assert_same_outputs(out, tmp_path / "fresh")
+    # --no-resume starts over too, and a run that did not save leaves the old checkpoint no longer.
+    stop_after_two()
+    train(config(cache, out, resume=False), progress=False)
+    assert "resuming" not in capsys.readouterr().err
+    assert_same_outputs(out, tmp_path / "fresh")
+    # How a run goes (threads, budgets that keep the rows held, how often it saves) does not matter.
+    stop_after_two()
+    train(config(cache, out, threads=1, memory_budget="4GB", checkpoint_seconds=None), progress=False)
+    assert "saved after epoch 2" in capsys.readouterr().err
+    assert_same_outputs(out, tmp_path / "fresh")
+
+
+def test_an_unreadable_checkpoint_is_a_note_and_a_fresh_start(synthetic_store, tmp_path, capsys):
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    train(config(cache, out), progress=False)
+    assert "cannot be read" in capsys.readouterr().err
+    train(config(cache, tmp_path / "fresh"), progress=False)
+    assert_same_outputs(out, tmp_path / "fresh")
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_from_its_checkpoint(synthetic_store, tmp_path):
+    # The real thing: `pipeline train` killed with SIGKILL (no handler runs) after it saved a checkpoint,
+    # then the same command again.
+    cache = synthetic_store(splits={"train": 200, "validation": 40}, max_tokens=6).path
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--cache", cache, "--epochs", "30", "--rnn-dim", "16",
+            "--batch-size", "8", "--seeds", "0,1", "--device", "cpu", "--patience", "none", "--threads", "1",
+            "--checkpoint-seconds", "0", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*args, "--out", str(killed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / CHECKPOINT_NAME).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    assert (killed / CHECKPOINT_NAME).is_file() and not (killed / "metrics.json").exists()
+    again = subprocess.run([*args, "--out", str(killed)], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr
+    whole = subprocess.run([*args, "--out", str(tmp_path / "whole"), "--checkpoint-seconds", "none"], env=env,
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    assert_same_outputs(killed, tmp_path / "whole")
