@@ -200,10 +200,12 @@ def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.  [default: a LocalCluster]")
 @setting_option(SweepConfig, "workers")
 @setting_option(SweepConfig, "threads_per_worker")
+@setting_option(SweepConfig, "retrain")
 @reports_errors(stopped="sweep")
 def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], seeds: tuple[int, ...], out: str | None,
-          scheduler: str | None, workers: int, threads_per_worker: int) -> None:
+          scheduler: str | None, workers: int, threads_per_worker: int, retrain: bool) -> None:
     """Train a grid of settings from one store, spread over Dask workers; print the runs best first."""
+    from pipeline.common.errors import plural
     from pipeline.store import CacheStore
     from pipeline.training.sweep import parse_grid, parse_settings, run_sweep
 
@@ -211,10 +213,15 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
     grid = parse_grid(grid_items)
     out_root = out or f"runs/{CacheStore(cache).meta.task.name}-sweep"
     rows = run_sweep(base, grid, out_root, scheduler=scheduler, workers=workers,
-                     threads_per_worker=threads_per_worker)
+                     threads_per_worker=threads_per_worker, retrain=retrain)
+    kept = sum(row["kept"] for row in rows)
+    if kept:
+        click.echo(f"kept {kept} finished {plural(kept, 'run')} of the same settings and store (marked *); "
+                   "--retrain trains them again")
     click.echo(f"ranked by {rows[0]['ranked_by']} (mean over seeds); validation {rows[0]['primary_metric']} shown")
     for row in rows:
-        click.echo(f"{row['rank_score']:7.2f}  |  {row['mean']:7.2f} ± {row['std']:5.2f}  {row['run']}")
+        click.echo(f"{row['rank_score']:7.2f}  |  {row['mean']:7.2f} ± {row['std']:5.2f}  {row['run']}"
+                   + (" *" if row["kept"] else ""))
     click.echo(f"summary: {out_root}/sweep.json")
 
 

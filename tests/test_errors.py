@@ -179,7 +179,7 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
                                           "rerun the same command to go on from its last checkpoint"]),
     ("predict", "pipeline.inference.run_predict", ["nothing of this run was written", "to start it again"]),
     ("sweep", "pipeline.training.sweep.run_sweep", ["grid points that had finished", "sweep.json",
-                                                    "stopped ones go on from their checkpoints"]),
+                                                    "finished points are kept", "stopped ones go on from their checkpoints"]),
 ])
 def test_ctrl_c_says_what_a_rerun_does_for_each_command(monkeypatch, tmp_path, command, target, needles):
     """An extraction resumes, training (in a sweep too) goes on from its checkpoint, predict starts again."""

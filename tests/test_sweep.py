@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,9 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError
-from pipeline.training.sweep import expand, parse_grid, run_sweep
+from pipeline.store import CacheStore
+from pipeline.training.checkpoint import CHECKPOINT_NAME
+from pipeline.training.sweep import expand, finished_run, parse_grid, run_sweep
 
 
 def test_grid_parsing_and_expansion():
@@ -48,3 +51,36 @@ def test_sweep_trains_every_point_on_a_local_dask_cluster(t5_store, tmp_path):
         assert row["rank_score"] == metrics["mean"]["selection/accuracy"]
     assert [r["rank_score"] for r in rows] == sorted((r["rank_score"] for r in rows), reverse=True)
     assert "ranked by selection/accuracy" in result.output
+
+
+def test_a_rerun_sweep_keeps_the_points_that_finished(t5_store, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--cache", t5_store, "--grid", "rnn-dim=4,8", "--set", "epochs=1", "--set", "device=cpu",
+            "--seeds", "0", "--out", str(out), "--workers", "1"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    rows = {r["run"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert not any(r["kept"] for r in rows.values())
+    stamps = {name: (out / name / "metrics.json").stat().st_mtime_ns for name in rows}
+    # rnn_dim=8 was stopped in the middle (its checkpoint is left): not finished, it trains again; rnn_dim=4 is kept.
+    (out / "rnn_dim=8" / CHECKPOINT_NAME).write_bytes(b"stopped")
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert "kept 1 finished run of the same settings and store (marked *)" in second.output
+    assert (out / "rnn_dim=4" / "metrics.json").stat().st_mtime_ns == stamps["rnn_dim=4"]
+    assert (out / "rnn_dim=8" / "metrics.json").stat().st_mtime_ns != stamps["rnn_dim=8"]
+    again = {r["run"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert again["rnn_dim=4"]["kept"] and not again["rnn_dim=8"]["kept"]
+    for row in again.values():  # the same figures, kept or trained again
+        row.pop("kept"), rows[row["run"]].pop("kept", None)
+        assert row == rows[row["run"]]
+    # Other settings or another store: not this point's run.
+    fingerprint = CacheStore(t5_store).fingerprint
+    point = TrainConfig(cache=t5_store, out=str(out / "rnn_dim=4"), rnn_dim=4, epochs=1, device="cpu", seeds=(0,))
+    assert finished_run(point, fingerprint) is not None
+    assert finished_run(dataclasses.replace(point, lr=3e-3), fingerprint) is None
+    assert finished_run(point, "another store") is None
+    # --retrain trains every point again.
+    third = CliRunner().invoke(main, [*args, "--retrain"])
+    assert third.exit_code == 0 and "kept" not in third.output, third.output
+    assert (out / "rnn_dim=4" / "metrics.json").stat().st_mtime_ns != stamps["rnn_dim=4"]

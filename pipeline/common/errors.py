@@ -98,7 +98,7 @@ _RESUMABLE = {errno.ENOSPC, errno.EDQUOT}
 # blocks (a rerun resumes); training writes its outputs only at the end, each file whole, and saves its state
 # between epochs (a rerun goes on from there); predict and the report write their outputs only at the end, so
 # nothing of a stopped run is on disk (a rerun starts it again); a sweep keeps the grid points that had
-# finished, each a whole training run, and the checkpoints of those it stopped.
+# finished, each a whole training run (a rerun keeps them), and the checkpoints of those it stopped.
 INTERRUPTED = {
     "resumes": "Interrupted; rerun {rerun} to resume.",
     "checkpoints": ("Interrupted; the run's outputs are written when it ends and earlier outputs are untouched; "
@@ -107,8 +107,8 @@ INTERRUPTED = {
     "restarts": ("Interrupted; nothing of this run was written and earlier outputs are untouched; "
                  "rerun {rerun} to start it again."),
     "sweep": ("Interrupted; the grid points that had finished are in their run folders, the others and sweep.json "
-              "were not written; rerun {rerun} to run the sweep again (finished points train again, stopped ones "
-              "go on from their checkpoints)."),
+              "were not written; rerun {rerun} to go on with the sweep (finished points are kept, stopped ones go on "
+              "from their checkpoints)."),
 }
 
 

@@ -16,6 +16,7 @@ from pipeline.common.config import SweepConfig, TrainConfig
 from pipeline.common.errors import ConfigError
 from pipeline.common.files import atomic_write_text
 from pipeline.common.settings import parse_text
+from pipeline.training.checkpoint import CHECKPOINT_NAME
 
 SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
 
@@ -56,6 +57,21 @@ def expand(base: TrainConfig, grid: dict[str, list[Any]], out_root: str) -> list
     return runs
 
 
+def finished_run(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
+    """metrics.json of a run that finished in ``cfg.out`` with exactly these settings from this store, else None.
+
+    Finished: its config.json records these settings and its metrics.json this store, and no checkpoint is left
+    (a run removes it only once every output is written)."""
+    out = Path(cfg.out)  # a sweep names every point's folder
+    try:
+        config = json.loads((out / "config.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = config.get("train") == cfg.to_dict() and metrics.get("fingerprint") == fingerprint
+    return metrics if same and not (out / CHECKPOINT_NAME).exists() else None
+
+
 def _train_quietly(cfg: TrainConfig) -> dict[str, Any]:
     from pipeline.training import train
 
@@ -70,12 +86,25 @@ def run_sweep(
     scheduler: str | None = None,
     workers: int = 2,
     threads_per_worker: int = 1,
+    retrain: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train every grid point on Dask workers; write and return one summary row per point."""
+    """Train every grid point on Dask workers; write and return one summary row per point.
+
+    A point whose run folder holds a finished run of the same settings and store is kept as it is (``retrain``:
+    trained again), so a sweep rerun after a crash trains only what had not finished; a stopped point goes
+    on from its checkpoint."""
     from distributed import Client, LocalCluster, as_completed
+
+    from pipeline.store import CacheStore
 
     SweepConfig(workers=workers, threads_per_worker=threads_per_worker)  # refused here, not by a cluster that waits
     runs = expand(base, grid, out_root)
+    fingerprint = CacheStore(base.cache).fingerprint
+    kept = {} if retrain else {name: m for name, cfg in runs if (m := finished_run(cfg, fingerprint)) is not None}
+    rows = [summary_row(name, cfg, grid, kept[name], kept=True) for name, cfg in runs if name in kept]
+    runs = [(name, cfg) for name, cfg in runs if name not in kept]
+    if not runs:
+        return _ranked(rows, out_root)
     if scheduler:
         client = Client(scheduler)
         cluster = None
@@ -85,23 +114,32 @@ def run_sweep(
         client = Client(cluster)
     try:
         futures = {client.submit(_train_quietly, cfg, pure=False): (name, cfg) for name, cfg in runs}
-        rows = []
         for future in as_completed(futures):
             name, cfg = futures[future]
-            metrics = future.result()
-            rows.append({"run": name, "out": cfg.out, **{k: getattr(cfg, k) for k in grid},
-                         "primary_metric": metrics["primary_metric"],
-                         "mean": metrics["mean"][metrics["primary_metric"]],
-                         "std": metrics["std"][metrics["primary_metric"]],
-                         "ranked_by": metrics["select_metric"],
-                         "rank_score": metrics["mean"][metrics["select_metric"]]})
+            rows.append(summary_row(name, cfg, grid, future.result(), kept=False))
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    # The winner is chosen on the selection split (the same one that chose each run's epochs), never on
-    # the reported validation scores, unless select_on=validation says so.
-    rows.sort(key=lambda r: -r["rank_score"])
+    return _ranked(rows, out_root)
+
+
+def summary_row(name: str, cfg: TrainConfig, grid: dict[str, list[Any]], metrics: dict[str, Any],
+                kept: bool) -> dict[str, Any]:
+    """sweep.json's row of one grid point; ``kept``: its finished run was kept, not trained again."""
+    return {"run": name, "out": cfg.out, **{k: getattr(cfg, k) for k in grid},
+            "primary_metric": metrics["primary_metric"],
+            "mean": metrics["mean"][metrics["primary_metric"]],
+            "std": metrics["std"][metrics["primary_metric"]],
+            "ranked_by": metrics["select_metric"],
+            "rank_score": metrics["mean"][metrics["select_metric"]],
+            "kept": kept}
+
+
+def _ranked(rows: list[dict[str, Any]], out_root: str) -> list[dict[str, Any]]:
+    """The rows best first, written to sweep.json. The winner is chosen on the selection split (the same one that
+    chose each run's epochs), never on the reported validation scores, unless select_on=validation says so."""
+    rows = sorted(rows, key=lambda r: -r["rank_score"])
     Path(out_root).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_root) / "sweep.json", json.dumps(rows, indent=2) + "\n")
     return rows
