@@ -2,9 +2,10 @@
 
 Run from the repository root (seconds):
 
-    .venv/bin/python benchmarks/checkpoint.py [--seeds 1 5] [--rnn-dim 256] [--reps 5] [--dir bench_out]
+    .venv/bin/python benchmarks/checkpoint.py [--seeds 1 5] [--rnn-dim 256] [--d-model 768] [--reps 5] [--dir bench_out]
 
-The READ model of a T5-base backbone (seq2seq, d=768, GRU r=``--rnn-dim``, ``--seeds`` seeds in lockstep), after
+The READ model of a T5-base backbone (seq2seq, d=``--d-model``, GRU r=``--rnn-dim``, ``--seeds`` seeds in lockstep;
+the parameters do not depend on the number of layers), after
 one AdamW step (so its moments exist), with every seed's best epoch held (weights and RTE-validation-sized
 predictions), is saved through ``pipeline.training.checkpoint.Checkpoints`` exactly as ``pipeline train`` saves
 it between epochs (serialised, written to a temporary file, fsync'd, renamed), into ``--dir``, then loaded.
@@ -29,10 +30,11 @@ from pipeline.training.model import ReadConfig, ReadModel, trainable_parameter_c
 VALIDATION_EXAMPLES = 277  # RTE's validation split
 
 
-def run_state(seeds: int, rnn_dim: int) -> tuple[RunState, int]:
-    """A checkpoint's content for ``seeds`` seeds at T5-base shape, and the trainable parameters of one seed."""
-    config = ReadConfig(family="seq2seq", d_model=768, num_labels=2, task_kind="classification", rnn_dim=rnn_dim)
-    model = ReadModel(config, list(range(seeds)), label_rows=torch.randn(2, 768))
+def run_state(seeds: int, rnn_dim: int, d_model: int) -> tuple[RunState, int]:
+    """A checkpoint's content for ``seeds`` seeds of a seq2seq backbone of width ``d_model``, and the trainable
+    parameters of one seed."""
+    config = ReadConfig(family="seq2seq", d_model=d_model, num_labels=2, task_kind="classification", rnn_dim=rnn_dim)
+    model = ReadModel(config, list(range(seeds)), label_rows=torch.randn(2, d_model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for p in model.parameters():
@@ -51,16 +53,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--rnn-dim", type=int, default=256)
+    parser.add_argument("--d-model", type=int, default=768, help="the backbone's width (768: T5-base)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", default="bench_out", help="where to write (the disk a run folder would be on)")
     args = parser.parse_args()
     Path(args.dir).mkdir(parents=True, exist_ok=True)
-    print(f"{platform.node()}: {platform.machine()}, torch {torch.__version__}; T5-base shape, GRU r={args.rnn_dim}; "
+    print(f"{platform.node()}: {platform.machine()}, torch {torch.__version__}; d={args.d_model}, GRU r={args.rnn_dim}; "
           f"median of {args.reps}\n")
     print("| seeds | trainable parameters per seed | checkpoint size | save (serialise, write, fsync, rename) | load |")
     print("|---|---:|---:|---:|---:|")
     for seeds in args.seeds:
-        state, per_seed = run_state(seeds, args.rnn_dim)
+        state, per_seed = run_state(seeds, args.rnn_dim, args.d_model)
         with tempfile.TemporaryDirectory(dir=args.dir) as folder:
             checkpoints = Checkpoints(Path(folder), {"benchmark": True}, every_s=0)
             saves, loads = [], []

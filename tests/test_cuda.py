@@ -4,9 +4,10 @@ tests/test_device_paths.py checks the logic of these paths on the CPU; what only
 checked here: a split's batches, held on the device or streamed (from the store or from pinned host memory, a
 copy stream, events), equal the CPU's bit for bit; training (fused AdamW, the deferred finite check) reaches the
 CPU's losses and weights up to float rounding, and its ``--cuda-graphs`` forms (the eager step recorded, held or
-streamed; the compiled step, with no step left out of its graphs) the eager weights; torch's fused GRU cell
-kernels, which the eager step runs there, compute what their CPU stand-ins compute; extraction's device-side
-block buffer and its pinned copy hold what the CPU writes, up to float rounding.
+streamed; the compiled step, with no step left out of its graphs) the eager weights; a run stopped and resumed
+from its checkpoint (device generators, fused AdamW's state, graphs recorded again) the uninterrupted run's;
+torch's fused GRU cell kernels, which the eager step runs there, compute what their CPU stand-ins compute;
+extraction's device-side block buffer and its pinned copy hold what the CPU writes, up to float rounding.
 
 Skipped without CUDA. ``READ_TEST_DEVICE=cpu`` runs them with the CPU standing in for the accelerator, which
 checks the tests themselves. On a GPU machine: ``python -m pytest tests/test_cuda.py`` (the command that
@@ -22,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_device_paths import check_block_buffer
+from test_resume import Stop, stopped_at
 
 from pipeline.common.config import ExtractConfig, TrainConfig
 from pipeline.extraction.stage import extract
@@ -164,6 +167,29 @@ def test_compiled_cuda_graphs_train_the_eager_weights_with_every_step_graphed(sy
         manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
         assert manager is not None and sum(len(nodes) for nodes in manager.roots.values()) >= 1
     assert_trained_alike(expected, got)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "recorded"])
+def test_a_run_resumed_on_the_device_writes_what_the_uninterrupted_run_writes(synthetic_store, tmp_path, monkeypatch,
+                                                                             cuda_graphs):
+    # The checkpoint holds the device's dropout generators (Philox) and fused AdamW's state; under --cuda-graphs the
+    # learning rate stays in its device tensor and the resumed run records its graphs again.
+    cache = synthetic_store(splits={"train": 60, "validation": 20}).path
+    options = dict(checkpoint_seconds=0, cuda_graphs=cuda_graphs)  # 2 epochs, stopped before the second
+    whole = trainer(cache, tmp_path / "whole", DEVICE, **options).run()
+    with monkeypatch.context() as patch:
+        stopped_at(patch, 2)
+        with pytest.raises(Stop):
+            trainer(cache, tmp_path / "resumed", DEVICE, **options).run()
+    resumed = trainer(cache, tmp_path / "resumed", DEVICE, **options).run()
+    assert resumed["resources"]["resumed_after_epoch"] == 1
+    for seed, metrics in whole["seeds"].items():
+        assert resumed["seeds"][seed] == pytest.approx(metrics, abs=1e-6)
+    for seed in (0, 1):
+        a, b = (load_file(str(tmp_path / run / "adapters" / f"seed_{seed}" / "adapter_model.safetensors"))
+                for run in ("whole", "resumed"))
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("pooled", [False, True])
