@@ -10,6 +10,10 @@ one AdamW step (so its moments exist), with every seed's best epoch held (weight
 predictions), is saved through ``pipeline.training.checkpoint.Checkpoints`` exactly as ``pipeline train`` saves
 it between epochs (serialised, written to a temporary file, fsync'd, renamed), into ``--dir``, then loaded.
 The values are random; the size and time do not depend on them. Prints a table to paste into BENCHMARKS.md.
+
+With ``--cache STORE``, also whole `pipeline train` runs (``--epochs``, 3 seeds, r=``--rnn-dim``, one thread) from
+that store, saving after every epoch (``checkpoint_seconds=0``, the most a run can save) against never, alternated
+in ABBA order over ``--runs`` rounds: the median ratio of their wall times is what saving costs at worst.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.common.config import TrainConfig
 from pipeline.training.checkpoint import Checkpoints, RunState
 from pipeline.training.model import ReadConfig, ReadModel, trainable_parameter_count
 
@@ -56,6 +61,9 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=768, help="the backbone's width (768: T5-base)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", default="bench_out", help="where to write (the disk a run folder would be on)")
+    parser.add_argument("--cache", default=None, help="a store: also time whole runs saving every epoch against never")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=2, help="ABBA rounds of whole runs")
     args = parser.parse_args()
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     print(f"{platform.node()}: {platform.machine()}, torch {torch.__version__}; d={args.d_model}, GRU r={args.rnn_dim}; "
@@ -78,6 +86,26 @@ def main() -> None:
             size = checkpoints.path.stat().st_size
         print(f"| {seeds} | {per_seed:,} | {size / 2**20:,.1f} MiB | {statistics.median(saves):.2f} s | "
               f"{statistics.median(loads):.2f} s |")
+    if args.cache:
+        whole_runs(args)
+
+
+def whole_runs(args: argparse.Namespace) -> None:
+    """Whole training runs saving after every epoch against never, alternated (ABBA); the wall times."""
+    from pipeline.training import train
+
+    times: dict[float | None, list[float]] = {0.0: [], None: []}
+    order = [0.0, None, None, 0.0] * args.runs
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        for i, every in enumerate(order):
+            cfg = TrainConfig(cache=args.cache, out=str(Path(folder) / f"run{i}"), epochs=args.epochs, patience=None,
+                              rnn_dim=args.rnn_dim, device="cpu", threads=1, checkpoint_seconds=every)
+            started = time.perf_counter()
+            train(cfg, progress=False)
+            times[every].append(time.perf_counter() - started)
+    saving, never = statistics.median(times[0.0]), statistics.median(times[None])
+    print(f"\n{args.cache}: {args.epochs} epochs, 3 seeds, r={args.rnn_dim}, one thread, {len(order)} runs (ABBA): "
+          f"saving after every epoch {saving:.1f} s, never {never:.1f} s (median wall time); ratio {saving / never:.3f}")
 
 
 if __name__ == "__main__":
