@@ -106,6 +106,14 @@ def whole_runs(args: argparse.Namespace) -> None:
     saving, never = statistics.median(times[0.0]), statistics.median(times[None])
     print(f"\n{args.cache}: {args.epochs} epochs, 3 seeds, r={args.rnn_dim}, one thread, {len(order)} runs (ABBA): "
           f"saving after every epoch {saving:.1f} s, never {never:.1f} s (median wall time); ratio {saving / never:.3f}")
+    print("each run, in order: " + ", ".join(f"{'saving' if every == 0.0 else 'never'} {t:.1f} s"
+                                               for every, t in zip(order, _in_order(order, times))))
+
+
+def _in_order(order: list[float | None], times: dict[float | None, list[float]]) -> list[float]:
+    """The runs' wall times in the order they ran."""
+    seen = {every: iter(values) for every, values in times.items()}
+    return [next(seen[every]) for every in order]
 
 
 if __name__ == "__main__":
