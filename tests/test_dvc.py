@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,21 @@ def test_dvc_repro_end_to_end(tmp_path, glue_dir):
     assert ran(fourth) == {"extract@rte", "train@rte", "report"}, fourth
     new_fingerprint = json.loads((repo / "runs" / "rte" / "metrics.json").read_text())["fingerprint"]
     assert new_fingerprint != metrics["fingerprint"]
+
+    # A training stage killed after a checkpoint: `dvc repro` reruns it, DVC leaves the checkpoint (not an output)
+    # in place, and the stage goes on from it.
+    params["train"].update(epochs=400, patience=None, checkpoint_seconds=0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    checkpoint = repo / "runs" / "rte" / "checkpoint.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    stage = subprocess.Popen([sys.executable, "-m", "stages.train", "--task", "rte", "--cache", "data/rte.zarr",
+                              "--out", "runs/rte", "--quiet"], cwd=repo, env=env, stderr=subprocess.PIPE, text=True)
+    while stage.poll() is None and not checkpoint.exists():
+        time.sleep(0.01)
+    stage.send_signal(signal.SIGKILL)
+    stage.wait()
+    assert stage.returncode == -signal.SIGKILL and checkpoint.is_file(), stage.stderr.read()
+    fifth = dvc(repo, "repro")
+    assert "train@rte" in ran(fifth) and "resuming from runs/rte/checkpoint.pt, saved after epoch" in fifth, fifth
+    assert not checkpoint.exists()
+    assert json.loads((repo / "runs" / "rte" / "metrics.json").read_text())["resources"]["resumed_after_epoch"] >= 1
