@@ -2,7 +2,7 @@
 
     python -m stages.train --task rte --cache data/rte.zarr --out runs/rte [--params params.yaml]
 
-Reads only the store; writes metrics.json, history.csv, predictions and per-seed adapters to --out.
+Reads only the store; writes metrics.json, scores.json, history.csv, predictions and per-seed adapters to --out.
 """
 
 from __future__ import annotations

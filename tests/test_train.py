@@ -49,6 +49,14 @@ def test_train_writes_every_output(request, store, tmp_path):
     for name in ("metrics.json", "history.csv", "predictions/validation.csv", "config.json",
                  "adapters/seed_0/adapter_model.safetensors", "adapters/seed_1/adapter_config.json"):
         assert (tmp_path / name).is_file(), name
+    # scores.json, DVC's metric: the headline figures, flat, the same names for every task.
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores == {
+        "task": metrics["task"], "primary_metric": primary, "primary": metrics["mean"][primary],
+        "primary_std": metrics["std"][primary], "select_on": "selection",
+        "selection": metrics["mean"][f"selection/{primary}"],
+        "frozen_start": metrics["frozen_start"]["mean"][primary], "majority": metrics["majority_baseline"][primary],
+        "seeds": 2, "epochs_run": 2}
     adapter = json.loads((tmp_path / "adapters" / "seed_1" / "adapter_config.json").read_text())
     assert adapter["method"] == "READ" and adapter["seed"] == 1
     store = CacheStore(cache)

@@ -50,6 +50,7 @@ NEVER = 2**62  # "no non-finite loss yet" in the per-seed first-bad-step record
 # gates for every seed are alive at once: 128 examples hold less than a training step of 32 (T5-base shape, 5 seeds:
 # about 0.8 against 1.2 GB), so evaluating is never a run's peak; 256 held 1.6 GB, for no gain in speed on CPU.
 EVAL_BATCH_EXAMPLES = 128
+SCORES_NAME = "scores.json"  # the run's headline figures, DVC's metric (``headline_scores``)
 
 
 def read_config_for(store: CacheStore, cfg: TrainConfig, task: TaskSpec) -> ReadConfig:
@@ -545,6 +546,7 @@ class Trainer:
             **record,
         }
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / SCORES_NAME, json.dumps(headline_scores(metrics), indent=2) + "\n")
         columns = list(history[0])
         atomic_write_csv(out / "history.csv", columns, ([row.get(c, "") for c in columns] for row in history))
         (out / "predictions").mkdir(exist_ok=True)
@@ -565,6 +567,19 @@ class Trainer:
 def _first_line(error: BaseException) -> str:
     """The root cause of a compiler or CUDA graph failure, in one line."""
     return (str(error.__cause__ or error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def headline_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """scores.json: the few figures of a run that `dvc metrics show` and `dvc exp show` tabulate, flat and under the
+    same names for every task (metrics.json has them all: per seed, per metric, resources; DVC would make a column
+    of each, thousands of characters wide)."""
+    primary, select = metrics["primary_metric"], metrics["select_metric"]
+    return {"task": metrics["task"], "primary_metric": primary,
+            "primary": metrics["mean"][primary], "primary_std": metrics["std"][primary],
+            "select_on": metrics["select_on"], "selection": metrics["mean"][select],
+            "frozen_start": metrics["frozen_start"]["mean"][primary],
+            "majority": metrics["majority_baseline"][primary],
+            "seeds": metrics["num_seeds"], "epochs_run": metrics["epochs_run"]}
 
 
 def result_line(metrics: dict[str, Any]) -> str:
