@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -199,6 +200,22 @@ def test_free_text_jsonl_from_stdin_with_probabilities(trained):
             p = [r[f"p_negative_{seed}"], r[f"p_positive_{seed}"]]
             assert sum(p) == pytest.approx(1, abs=1e-5)
             assert r[f"prediction_{seed}"] == ("negative", "positive")[int(np.argmax(p))]
+
+
+def test_the_readme_python_example_predicts_what_the_command_predicts(trained, capsys):
+    # The README's snippet, run as written but for the run folder (and the CPU): its ensemble is the CLI's.
+    _, run, _ = trained("gpt2-sst2")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"From Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert '"runs/sst2"' in snippet and 'device="auto"' in snippet
+    names: dict = {}
+    exec(snippet.replace('"runs/sst2"', repr(str(run))).replace('device="auto"', 'device="cpu"'), names)
+    printed = capsys.readouterr().out
+    cli = invoke("--adapter", str(run), "--ensemble", "--input", "-", stdin='{"sentence": "a gripping, funny film"}\n')
+    assert cli.exit_code == 0, cli.output
+    row = json.loads(cli.stdout)
+    assert printed.startswith(row["prediction"] + " ")
+    np.testing.assert_allclose(names["ensemble"].probabilities[0], [row["p_negative"], row["p_positive"]], atol=1e-6)
 
 
 def test_ensemble_averages_probabilities(trained, tmp_path):
