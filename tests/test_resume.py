@@ -191,3 +191,27 @@ def test_a_run_killed_mid_training_resumes_from_its_checkpoint(synthetic_store, 
                            capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     assert_same_outputs(killed, tmp_path / "whole")
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_at_once(synthetic_store, tmp_path):
+    # Two runs writing one folder would mix their outputs, and the second would go on from the first one's
+    # checkpoint while the first still writes it. Another process's run holds the folder's lock (a separate lock
+    # object here: the same file, another open file description, as another process would have).
+    from click.testing import CliRunner
+    from filelock import FileLock
+
+    from pipeline.cli import main
+    from pipeline.common.files import RUN_LOCK
+
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["train", "--cache", cache, "--out", str(out), "--epochs", "1", "--rnn-dim", "8", "--device", "cpu",
+            "--quiet"]
+    with FileLock(str(out / RUN_LOCK), is_singleton=False):
+        busy = CliRunner().invoke(main, args)
+    assert busy.exit_code == 2 and busy.output.count("\n") == 1, busy.output
+    assert busy.output.startswith(f"Error: another run is writing {out} now") and "choose another --out" in busy.output
+    assert not (out / "metrics.json").exists()
+    done = CliRunner().invoke(main, args)  # once that run is over
+    assert done.exit_code == 0, done.output

@@ -75,6 +75,10 @@ class StoreBusyError(PipelineError, RuntimeError):
     """Another extraction (not a --part of the same run) is filling the same store right now."""
 
 
+class RunBusyError(PipelineError, RuntimeError):
+    """Another training run is writing the same run folder right now."""
+
+
 class TrainingError(PipelineError, RuntimeError):
     """Training met something it cannot go on from (non-finite loss or values, unusable label set)."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 PARTIAL_SUFFIX = ".partial"
+RUN_LOCK = ".run.lock"  # held in a run folder while a run writes it (``hold_run_folder``)
 
 
 def partial_path(path: str | Path) -> Path:
@@ -84,3 +85,22 @@ def check_writable_folder(path: str | Path) -> Path:
             except OSError:  # something else wrote there meanwhile: leave it
                 break
     return path
+
+
+def hold_run_folder(folder: str | Path) -> Any:
+    """Hold ``<folder>/.run.lock`` while a run writes the folder, so that a second run into it refuses at once
+    instead of mixing its files and checkpoints with the first one's. The lock goes with its process, even on
+    ``kill -9``; the empty file stays. Returns the held lock: ``release()`` it when the run ends."""
+    from filelock import FileLock, Timeout
+
+    from pipeline.common.errors import RunBusyError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / RUN_LOCK), is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunBusyError(f"another run is writing {folder} now (it holds {lock.lock_file}); let it finish, "
+                           "or choose another --out") from None
+    return lock

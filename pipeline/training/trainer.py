@@ -22,7 +22,7 @@ import torch
 
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError, plural
-from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder
+from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder, hold_run_folder
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
@@ -416,6 +416,13 @@ class Trainer:
 
         Between epochs the run's state is saved (``checkpoint_seconds``); a run that finds its own checkpoint
         (same store and settings) goes on from it and writes what an uninterrupted run writes."""
+        folder = hold_run_folder(self.out)  # one run at a time writes a folder: its checkpoint and outputs
+        try:
+            return self._run()
+        finally:
+            folder.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg, S = self.cfg, len(self.cfg.seeds)
         optimizer, scheduler = self.optimizer()
         checkpoints = Checkpoints(self.out, run_identity(cfg, self.store.fingerprint, self.device,
