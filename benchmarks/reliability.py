@@ -255,6 +255,27 @@ def concurrent(setup: Setup) -> Iterator[Row]:
     yield Row("two whole extractions at once", "the same command started twice on one store",
               f"exits {[c for c, _ in codes]}" + (f"; the other: `{refusals[0]}`" if refusals else "") + f"; {text}",
               len(refusals) <= 1 and well_refused and ok, f"`{EXTRACT_SHOWN} & {EXTRACT_SHOWN}`")
+    # Two training runs into one folder: the second starts once the first is training (its first epoch line), and
+    # long enough runs (400 epochs) that the first is still writing the folder when the second gets there.
+    out, clean = setup.work / "runs-twice", setup.work / "runs-twice-clean"
+    first = start(train_args(setup, out, epochs=400), stderr=subprocess.PIPE)
+    for line in first.stderr:
+        if "epoch 1/" in line:
+            break
+    second = run(train_args(setup, out, epochs=400))
+    first_rest = first.communicate()[1]
+    codes = [(first.returncode, first_rest.strip()), (second.returncode, second.stderr.strip())]
+    refusals = [line.splitlines()[-1] for code, line in codes if code != 0 and line]
+    well_refused = second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1 \
+        and "another run is writing" in second.stderr
+    run(train_args(setup, clean, epochs=400))
+    same = first.returncode == 0 and run_outputs(out) == run_outputs(clean)
+    yield Row("two `train` runs into one folder at once", "the same command (400 epochs) started again with the "
+              "same --out while the first trains",
+              f"exits {[c for c, _ in codes]}" + (f"; the second: `{refusals[0]}`" if refusals else "")
+              + ("; the first's outputs equal a run alone" if same else "; the first's outputs DIFFER from a run alone"),
+              well_refused and same, f"`{TRAIN_SHOWN.replace('--epochs 8', '--epochs 400')} --out R` twice, the "
+              "second once the first prints `epoch 1/400`")
 
 
 def disk_full(setup: Setup) -> Iterator[Row]:
