@@ -423,6 +423,7 @@ class Trainer:
             folder.release()
 
     def _run(self) -> dict[str, Any]:
+        """``run`` under the folder's lock: from the frozen start, or from the checkpoint it finds."""
         cfg, S = self.cfg, len(self.cfg.seeds)
         optimizer, scheduler = self.optimizer()
         checkpoints = Checkpoints(self.out, run_identity(cfg, self.store.fingerprint, self.device,
