@@ -38,8 +38,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -47,15 +48,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from pipeline.common.config import ExtractConfig  # noqa: E402
-from pipeline.common.settings import field_of  # noqa: E402
-from pipeline.extraction import Extraction, length_batches  # noqa: E402
-from pipeline.extraction import stage as extraction_stage  # noqa: E402
-from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
-from pipeline.store import CacheStore, plan_blocks  # noqa: E402
+from pipeline.common.config import ExtractConfig
+from pipeline.common.settings import field_of
+from pipeline.extraction import Extraction, length_batches
+from pipeline.extraction import stage as extraction_stage
+from pipeline.extraction.backbones import Backbone, load_backbone
+from pipeline.store import CacheStore, plan_blocks
 
 SECTION = "## Extraction (stage one)"
 CODEC = field_of(ExtractConfig, "codec")

@@ -37,16 +37,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import numpy as np  # noqa: E402
-import quality  # noqa: E402  (caps, paths: the same data as the stores)
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import quality
+import torch
+from torch import nn
 
-from pipeline.common.tasks import get_task  # noqa: E402
-from pipeline.extraction.glue import load_split  # noqa: E402
-from pipeline.training.metrics import compute_metrics, primary_metric  # noqa: E402
-from pipeline.training.selection import carve  # noqa: E402
-from pipeline.training.trainer import lr_lambda  # noqa: E402
+from pipeline.common.tasks import get_task
+from pipeline.extraction.glue import load_split
+from pipeline.training.metrics import compute_metrics, primary_metric
+from pipeline.training.selection import carve
+from pipeline.training.trainer import lr_lambda
 
 
 class FineTuned(nn.Module):
@@ -112,7 +112,7 @@ def run_one(task_name: str, seed: int, args: argparse.Namespace, tokenizer, path
     started = time.perf_counter()
     tokens = 0
     model.train()
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         order = rng.permutation(len(train_ids))
         for b in range(0, len(order), args.batch_size):
             picks = order[b : b + args.batch_size]

@@ -48,10 +48,10 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -60,20 +60,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from extract import Clock, machine, plain_forward, planned_batches  # noqa: E402
-from quality import write_section  # noqa: E402
+import numpy as np
+import torch
+from extract import Clock, machine, plain_forward, planned_batches
+from quality import write_section
 
-from pipeline.common.config import ExtractConfig, TrainConfig  # noqa: E402
-from pipeline.common.files import atomic_write_text  # noqa: E402
-from pipeline.common.resources import ResourceMeter, pick_device  # noqa: E402
-from pipeline.extraction import Extraction  # noqa: E402
-from pipeline.extraction.backbones import Backbone, load_backbone  # noqa: E402
-from pipeline.extraction.shapes import build_random_backbone  # noqa: E402
-from pipeline.extraction.stage import gather_splits  # noqa: E402
-from pipeline.training import Trainer, fused_gru  # noqa: E402
-from pipeline.training.trainer import EVAL_BATCH_EXAMPLES  # noqa: E402
+from pipeline.common.config import ExtractConfig, TrainConfig
+from pipeline.common.files import atomic_write_text
+from pipeline.common.resources import ResourceMeter, pick_device
+from pipeline.extraction import Extraction
+from pipeline.extraction.backbones import Backbone, load_backbone
+from pipeline.extraction.shapes import build_random_backbone
+from pipeline.extraction.stage import gather_splits
+from pipeline.training import Trainer, fused_gru
+from pipeline.training.trainer import EVAL_BATCH_EXAMPLES
 
 SECTION = "## GPU"
 
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             keep(key, fn())
             return True
-        except Exception as error:  # noqa: BLE001 - reported in its row, the run goes on
+        except Exception as error:
             trace = traceback.format_exc()
             print(trace, file=sys.stderr, flush=True)
             keep(key, {"error": " ".join(f"{type(error).__name__}: {error}".split()).replace("|", "/")[:300],

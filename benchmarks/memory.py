@@ -29,18 +29,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import torch  # noqa: E402
-from extract import plain_forward, planned_batches  # noqa: E402
+import torch
+from extract import plain_forward, planned_batches
 
-from pipeline.common.config import ExtractConfig  # noqa: E402
-from pipeline.common.resources import peak_tensor_bytes  # noqa: E402
-from pipeline.common.settings import field_of  # noqa: E402
-from pipeline.common.tasks import get_task  # noqa: E402
-from pipeline.extraction import Extraction  # noqa: E402
-from pipeline.extraction.backbones import Backbone, linear_weights_to, load_backbone  # noqa: E402
-from pipeline.extraction.shapes import build_random_backbone  # noqa: E402
-from pipeline.extraction.stage import StateSink, gather_splits, into_sinks  # noqa: E402
-from pipeline.store.format import torch_dtype  # noqa: E402
+from pipeline.common.config import ExtractConfig
+from pipeline.common.resources import peak_tensor_bytes
+from pipeline.common.settings import field_of
+from pipeline.common.tasks import get_task
+from pipeline.extraction import Extraction
+from pipeline.extraction.backbones import Backbone, linear_weights_to, load_backbone
+from pipeline.extraction.shapes import build_random_backbone
+from pipeline.extraction.stage import StateSink, gather_splits, into_sinks
+from pipeline.store.format import torch_dtype
 
 MIB = 2**20
 

@@ -25,11 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from pipeline.store import CacheStore  # noqa: E402
-from pipeline.store.reader import CachedSplit  # noqa: E402
-from pipeline.training.batches import load_chunk  # noqa: E402
+from pipeline.store import CacheStore
+from pipeline.store.reader import CachedSplit
+from pipeline.training.batches import load_chunk
 
 
 def main() -> None:

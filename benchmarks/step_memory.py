@@ -42,15 +42,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from pipeline.common.resources import peak_tensor_bytes  # noqa: E402
-from pipeline.training import fused_gru  # noqa: E402
-from pipeline.training.model import ReadConfig, ReadModel, StepLoss  # noqa: E402
-from pipeline.training.network import SideBatch  # noqa: E402
-from pipeline.training.trainer import EVAL_BATCH_EXAMPLES  # noqa: E402
+from pipeline.common.resources import peak_tensor_bytes
+from pipeline.training import fused_gru
+from pipeline.training.model import ReadConfig, ReadModel, StepLoss
+from pipeline.training.network import SideBatch
+from pipeline.training.trainer import EVAL_BATCH_EXAMPLES
 
 
 def t5_base_batch(tokens: int, examples: int = 32, states: int = 13, d: int = 768) -> SideBatch:
@@ -190,7 +189,7 @@ def host_ms_per_step(seeds: int, rounds: int) -> dict[str, float]:
 
     ways = {"composite": nullcontext, "fused cell (CUDA), kernels empty": lambda: as_on_cuda("empty")}
     times: dict[str, list[float]] = {way: [] for way in ways}
-    for way, context in ways.items():
+    for context in ways.values():
         with context():
             steps(20)  # warm-up
     for r in range(rounds):

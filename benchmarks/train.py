@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import torch  # noqa: E402
+import torch
 
-from pipeline.common.config import TrainConfig  # noqa: E402
-from pipeline.training.trainer import Trainer  # noqa: E402
+from pipeline.common.config import TrainConfig
+from pipeline.training.trainer import Trainer
 
 SECTION = "## Training throughput (stage two)"
 MODES = {"memory": "8GB", "streamed": 0}  # data mode -> memory_budget

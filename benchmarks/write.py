@@ -33,13 +33,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-import zarr  # noqa: E402
-from zarr.core.buffer import default_buffer_prototype  # noqa: E402
+import ml_dtypes
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
 
-from pipeline.store.format import chunk_rows_for, compressor, round_up  # noqa: E402
-from pipeline.store.writer import write_shards  # noqa: E402
+from pipeline.store.format import chunk_rows_for, compressor, round_up
+from pipeline.store.writer import write_shards
 
 ROWS, STATES, D_MODEL = 3200, 13, 768
 

@@ -333,7 +333,7 @@ def test_per_seed_loss_and_clip_are_per_seed():
     g = torch.Generator().manual_seed(3)
     logits, labels = torch.randn(3, B, K, generator=g), torch.randint(0, K, (B,), generator=g)
     losses = per_seed_loss(logits, labels, "classification")
-    torch.testing.assert_close(losses, torch.stack([F.cross_entropy(l, labels) for l in logits]))
+    torch.testing.assert_close(losses, torch.stack([F.cross_entropy(seed_logits, labels) for seed_logits in logits]))
     preds, targets = torch.randn(3, B, generator=g), torch.rand(B, generator=g)
     torch.testing.assert_close(per_seed_loss(preds, targets, "regression"), ((preds - targets) ** 2).mean(1))
 

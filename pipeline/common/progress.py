@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def progress_bar(iterable: Iterable | None = None, *, total: int, desc: str, unit: str, enabled: bool,

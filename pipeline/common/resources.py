@@ -99,7 +99,7 @@ class ResourceMeter:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    def __enter__(self) -> "ResourceMeter":
+    def __enter__(self) -> ResourceMeter:
         self.started = time.perf_counter()
         self.rapl = _rapl_uj()
         self.nvml = _nvml_mj(self.device)

@@ -14,8 +14,9 @@ import functools
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from pipeline.common.errors import ConfigError
 

@@ -198,7 +198,7 @@ def select_layers(layers: Sequence[int] | None, num_states: int) -> list[int]:
     """Resolve --layers against one side's L+1 states; the final state must stay (heads read it)."""
     if layers is None:
         return list(range(num_states))
-    resolved = sorted({l % num_states if -num_states <= l < num_states else -1 for l in layers})
+    resolved = sorted({layer % num_states if -num_states <= layer < num_states else -1 for layer in layers})
     if -1 in resolved:
         raise UnsupportedModelError(f"--layers {list(layers)} names a layer outside 0..{num_states - 1}")
     if resolved[-1] != num_states - 1:

@@ -11,8 +11,9 @@ Nothing volatile (times, paths of the store) is recorded, so the same inputs giv
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from pipeline.common.errors import StoreFormatError
 from pipeline.store.format import ATTRS_KEY, FORMAT_VERSION, fingerprint

@@ -96,7 +96,7 @@ def summarize_store(path: str | Path) -> dict[str, Any]:
         f"backbone   {bb.name}  [{bb.family}, {bb.model_type}, d={bb.d_model}, revision {bb.revision}]",
         f"task       {task.name} ({task.kind}; labels {', '.join(task.label_names) or 'score'})",
         f"stored     dtype {settings.dtype}, tokens {settings.tokens}, max_length {settings.max_length}, "
-        f"layers {', '.join(f'{s}: {len(l)}' for s, l in layout.layers.items())}, codec {settings.codec}",
+        f"layers {', '.join(f'{s}: {len(kept)}' for s, kept in layout.layers.items())}, codec {settings.codec}",
         f"on disk    {disk / 2**20:,.1f} MiB in {store.file_count()} files",
     ]
     for name, s in splits.items():

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline.common.config import SweepConfig, TrainConfig
 from pipeline.common.errors import ConfigError
