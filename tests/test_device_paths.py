@@ -167,6 +167,44 @@ def test_rows_held_on_the_host_stream_the_chunks_the_store_gives_reading_it_once
                     assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
 
 
+def test_an_epoch_yields_the_batches_it_counts(synthetic_store):
+    # Streamed, each group of blocks ends in a partial batch of its own, so an epoch has more batches than
+    # ceil(n / batch), as many as its group order makes; the learning-rate schedule is planned from this count.
+    from pipeline.training.batches import SplitBatches
+
+    split = CacheStore(synthetic_store(splits={"train": 90}, block_tokens=40).path).split("train")
+    labels = torch.from_numpy(np.asarray(split.labels))
+    assert split.num_blocks >= 5
+    held = SplitBatches(split, labels, memory_budget=2**40)
+    streams = [SplitBatches(split, labels, memory_budget=0, shuffle_buffer=b) for b in (1, 2, 3)]
+    more = 0
+    for whole in (held, *streams):
+        for data in (whole, whole.subset(np.arange(0, 90, 4))):
+            for batch_size in (4, 7):
+                for shuffle, seed in ((True, 1), (True, 2), (False, 0)):
+                    counted = data.num_batches(batch_size, shuffle=shuffle, seed=seed)
+                    assert counted == len(list(data.epoch(batch_size, shuffle=shuffle, seed=seed)))
+                    more += counted > -(-len(data) // batch_size)
+    assert more > 0  # the case at hand
+
+
+def test_a_streamed_run_plans_its_schedule_for_every_step(synthetic_store, tmp_path):
+    # Planned from ceil(n / batch) steps an epoch, a streamed run's warm-up and decay ran short: its last steps
+    # had a learning rate of zero. Every step now has a rate above zero, and the schedule ends on the last one.
+    cache = synthetic_store(splits={"train": 90, "validation": 10}, block_tokens=40).path
+    t = trainer(cache, tmp_path, memory_budget=0, shuffle_buffer=2)
+    assert not t.train_data.in_memory
+    epochs = 3
+    optimizer, scheduler = t.optimizer(epochs)
+    rates: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: rates.append(float(opt.param_groups[0]["lr"])))
+    for epoch in range(1, epochs + 1):
+        t.train_epoch(epoch, optimizer, scheduler)
+    assert len(rates) == scheduler.last_epoch == sum(t.steps_in_epoch(e) for e in range(1, epochs + 1))
+    assert len(rates) > epochs * -(-len(t.train_data) // t.cfg.batch_size)
+    assert min(rates) > 0 and scheduler.get_last_lr()[0] == 0.0
+
+
 def test_a_pool_of_writers_writes_the_same_bytes_as_one(tiny_t5, tmp_path, glue_dir):
     stores = {}
     for writers in (1, 4):

@@ -86,6 +86,26 @@ def test_lockstep_equals_separate_runs(t5_store, tmp_path):
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_early_stopping_is_each_seeds_own(synthetic_store, tmp_path):
+    # A large learning rate: selection scores go up and down, so the seeds stop improving at different epochs.
+    # Seed 1 alone stops after epoch 3; in the lockstep batch it trains on while seed 0 improves, and a
+    # later, better score of its own must not replace the best it chose when its patience ran out.
+    cache = synthetic_store(splits={"train": 200, "validation": 40}).path
+    options = dict(epochs=10, rnn_dim=8, batch_size=8, device="cpu", lr=3e-2, patience=1, threads=1)
+    together = train(TrainConfig(cache=cache, out=str(tmp_path / "together"), seeds=(0, 1), **options),
+                     progress=False)
+    epochs_alone = []
+    for seed in (0, 1):
+        alone = train(TrainConfig(cache=cache, out=str(tmp_path / f"alone{seed}"), seeds=(seed,), **options),
+                      progress=False)
+        epochs_alone.append(alone["epochs_run"])
+        assert alone["seeds"][str(seed)] == pytest.approx(together["seeds"][str(seed)], abs=1e-6)
+        a, b = adapter_tensors(tmp_path / "together", seed), adapter_tensors(tmp_path / f"alone{seed}", seed)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert epochs_alone[0] != epochs_alone[1] and together["epochs_run"] == max(epochs_alone)  # the case at hand
+
+
 def test_same_command_twice_gives_the_same_metrics(minilm_store, tmp_path):
     runner = CliRunner()
     args = ["train", "--cache", minilm_store, "--epochs", "2", "--rnn-dim", "16", "--batch-size", "8",

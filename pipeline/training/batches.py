@@ -281,22 +281,40 @@ class SplitBatches:
                 t.record_stream(compute)
         return chunk
 
-    def epoch(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[tuple[np.ndarray, SideBatch]]:
-        """(example indices into the split, batch) pairs covering the (sub)set once."""
-        rng = np.random.default_rng(seed)
+    def _stream_groups(self, rng: np.random.Generator, shuffle: bool) -> list[list[int]]:
+        """The groups of blocks a streamed epoch reads, ``shuffle_buffer`` at a time: the first draws of ``rng``."""
         blocks = np.arange(self.split.num_blocks)
+        if self._keep is not None:  # only the blocks that hold an example of the subset
+            starts = np.asarray(self.split.block_starts)
+            blocks = blocks[[self._keep[starts[j]:starts[j + 1]].any() for j in blocks]]
+        if shuffle:
+            rng.shuffle(blocks)
+        return [[int(j) for j in blocks[i : i + self.shuffle_buffer]] for i in range(0, len(blocks), self.shuffle_buffer)]
+
+    def num_batches(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> int:
+        """How many batches ``epoch`` yields with these arguments, from the block layout alone (nothing is read).
+
+        Streamed, each group of blocks ends in a batch of its own remainder, so an epoch has more batches than
+        ``ceil(len / batch_size)``, and the number depends on the group order, hence on ``seed``.
+        """
+        if self.in_memory:
+            return math.ceil(len(self) / batch_size)
+        starts = np.asarray(self.split.block_starts)
+        kept = np.arange(len(self.split) + 1) if self._keep is None else np.concatenate([[0], np.cumsum(self._keep)])
+        sizes = kept[starts[1:]] - kept[starts[:-1]]  # examples of the (sub)set in each block
+        groups = self._stream_groups(np.random.default_rng(seed), shuffle)
+        return sum(math.ceil(int(sizes[group].sum()) / batch_size) for group in groups)
+
+    def epoch(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[tuple[np.ndarray, SideBatch]]:
+        """(example indices into the split, batch) pairs covering the (sub)set once (``num_batches`` of them)."""
+        rng = np.random.default_rng(seed)
         self.preload()
         if self.in_memory:
             yield from _chunk_batches(self._all, batch_size, rng if shuffle else None, self._keep)
             return
-        if self._keep is not None:  # only the blocks that hold an example of the subset
-            starts = np.asarray(self.split.block_starts)
-            blocks = blocks[[self._keep[starts[j]:starts[j + 1]].any() for j in blocks]]
         # Streaming: blocks in a shuffled order, `shuffle_buffer` at a time, the next group read
         # in the background while the current one trains.
-        if shuffle:
-            rng.shuffle(blocks)
-        groups = [list(blocks[i : i + self.shuffle_buffer]) for i in range(0, len(blocks), self.shuffle_buffer)]
+        groups = self._stream_groups(rng, shuffle)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
             upcoming: Future | None = pool.submit(self._streamed, groups[0]) if groups else None
             for g in range(len(groups)):

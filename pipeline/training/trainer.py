@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -215,7 +214,7 @@ class Trainer:
         fills between steps: a float would stay in a recorded update at its value when recorded.
         """
         cfg = self.cfg
-        steps = (epochs or cfg.epochs) * math.ceil(len(self.train_data) / cfg.batch_size)
+        steps = sum(self.steps_in_epoch(epoch) for epoch in range(1, (epochs or cfg.epochs) + 1))
         recorded = self.recorder is not None
         optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=torch.tensor(cfg.lr, device=self.device) if recorded else cfg.lr,
@@ -225,6 +224,14 @@ class Trainer:
             for group in optimizer.param_groups:  # the schedule's base as a float: filling the tensor never waits
                 group["initial_lr"] = cfg.lr
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, cfg.warmup_ratio))
+
+    def _epoch_seed(self, epoch: int) -> int:
+        """The batch order's seed: a function of the data seed and the epoch only, so a resumed run replays it."""
+        return self.cfg.data_seed * 100_003 + epoch
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps in training epoch ``epoch``: more than ceil(n / batch) when the rows are streamed."""
+        return self.train_data.num_batches(self.cfg.batch_size, shuffle=True, seed=self._epoch_seed(epoch))
 
     # ---- one epoch -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -243,8 +250,8 @@ class Trainer:
         totals = torch.zeros(S, dtype=torch.float64, device=self.device)
         first_bad = torch.full((S,), NEVER, dtype=torch.long, device=self.device)
         count = 0
-        batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self.cfg.data_seed * 100_003 + epoch)
-        steps = math.ceil(len(self.train_data) / self.cfg.batch_size)
+        batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self._epoch_seed(epoch))
+        steps = self.steps_in_epoch(epoch)
         graphs = self._graphs_for(optimizer) if self.recorder is not None else None
         for step, (_, batch) in enumerate(progress_bar(batches, total=steps, desc=f"epoch {epoch}", unit="batch",
                                                        enabled=self.progress, leave=False)):
@@ -455,6 +462,8 @@ class Trainer:
                 train_loss = self.train_epoch(epoch, optimizer, scheduler)
                 per_seed, predictions = self.evaluate()
                 for k in range(S):
+                    if cfg.patience is not None and waited[k] >= cfg.patience:
+                        continue  # this seed's best is final, as if it had stopped alone; the others go on
                     score = per_seed[k][self.select_key]
                     if score > best_score[k]:
                         best_score[k], waited[k] = score, 0
