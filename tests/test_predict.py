@@ -331,6 +331,21 @@ def test_split_or_input_exactly_one(trained, tmp_path):
     one_line_error(invoke("--adapter", str(run), "--input", str(tmp_path / "missing.tsv")), "no such file")
 
 
+def test_text_not_in_utf8_and_damaged_weights_are_one_line(trained, tmp_path):
+    import shutil
+
+    _, run, _ = trained("minilm-rte-pooled")
+    latin = tmp_path / "latin1.tsv"
+    latin.write_bytes("sentence1\tsentence2\ncaf\u00e9\tb\n".encode("latin-1"))
+    one_line_error(invoke("--adapter", str(run), "--input", str(latin)), "not UTF-8 text (byte 23")
+    damaged = tmp_path / "seed_0"
+    shutil.copytree(run / "adapters" / "seed_0", damaged)
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    one_line_error(invoke("--adapter", str(damaged), "--input", "-", stdin="sentence1\tsentence2\na\tb\n"),
+                   "adapter_model.safetensors is damaged")
+
+
 def test_reading_texts_keeps_an_index_column(tmp_path):
     rte = get_task("rte")
     source = tmp_path / "in.tsv"

@@ -46,14 +46,15 @@ def format_of(path: str, first_line: str | None = None) -> str:
 
 def read_texts(path: str, task: TaskSpec, *, limit: int | None = None, stdin: TextIO | None = None) -> InputTexts:
     """Read ``path`` (``-``: stdin) as examples of ``task``; the first ``limit`` only if given."""
-    if path == "-":
-        source, lines = "<stdin>", (stdin or sys.stdin).read().splitlines()
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise InputFormatError(f"input {path}: no such file")
-        source = str(file)
-        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    source = "<stdin>" if path == "-" else str(Path(path))
+    if path != "-" and not Path(path).is_file():
+        raise InputFormatError(f"input {path}: no such file")
+    try:
+        text = (stdin or sys.stdin).read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputFormatError(f"input {source}: not UTF-8 text (byte {exc.start} cannot be decoded); "
+                               "save it as UTF-8") from None
+    lines = text.splitlines()
     if lines and lines[0].startswith("\ufeff"):  # a byte-order mark on stdin
         lines[0] = lines[0][1:]
     first = next((line for line in lines if line.strip()), None)

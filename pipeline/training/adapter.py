@@ -225,11 +225,17 @@ def read_adapter_config(directory: str | Path) -> AdapterConfig:
 
 def load_adapter(directory: str | Path) -> tuple[ReadModel, AdapterConfig]:
     """A 1-seed model equal to the saved seed, and its record."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config = read_adapter_config(directory)
-    tensors = load_file(str(_require(directory, ADAPTER_WEIGHTS_NAME)))
+    weights = _require(directory, ADAPTER_WEIGHTS_NAME)
+    try:
+        tensors = load_file(str(weights))
+    except SafetensorError as exc:  # truncated or not a safetensors file at all
+        raise AdapterError(f"{weights} is damaged ({str(exc).splitlines()[0]}); copy the adapter again, "
+                           "or train it again") from None
     label_rows = tensors.pop("label_rows", None)
     try:
         model = ReadModel(config.read, [config.seed], label_rows=label_rows)
