@@ -44,15 +44,18 @@ def reports_errors(command: Callable | None = None, *, stopped: str = "restarts"
             error_message,
             interrupted_message,
         )
+        from pipeline.common.progress import close_bars
 
         rerun = "the same command"
         try:
             return command(*args, **kwargs)
         except (PipelineError, OSError) as exc:
             message = error_message(exc, rerun=rerun, out=kwargs.get("out"), stopped=stopped)
+            close_bars()
             click.echo(f"Error: {message}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
+            close_bars()
             click.echo(interrupted_message(rerun, stopped), err=True)
             sys.exit(130)
 
@@ -210,8 +213,8 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
     from pipeline.store import CacheStore
     from pipeline.training.sweep import parse_grid, parse_settings, run_sweep
 
-    base = TrainConfig(cache=cache, seeds=seeds, **parse_settings(settings))
     grid = parse_grid(grid_items)
+    base = TrainConfig(cache=cache, seeds=seeds, **parse_settings(settings, grid))
     out_root = out or f"runs/{CacheStore(cache).meta.task.name}-sweep"
     rows = run_sweep(base, grid, out_root, scheduler=scheduler, workers=workers,
                      threads_per_worker=threads_per_worker, retrain=retrain)

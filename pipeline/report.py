@@ -58,16 +58,23 @@ def _duration(seconds: float | None) -> str:
 
 
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Rows of the table: per task the primary metric per seed, mean, std and the rest."""
+    """Rows of the table, one per run folder: its task's primary metric per seed, mean, std and the rest.
+
+    A row is named by the task its metrics.json records, and by its folder too when that is another name (a
+    variant's folder, say). The average is over tasks, so it is given only when no task has two rows.
+    """
     seeds = sorted({int(s) for run in runs.values() for s in run["metrics"]["seeds"]})
     rows = []
-    for task, run in runs.items():
+    for folder, run in runs.items():
         m = run["metrics"]
         primary = m["primary_metric"]
         per_seed = {int(s): values.get(primary) for s, values in m["seeds"].items()}
         resources = m.get("resources") or {}
+        task = m.get("task", folder)
         rows.append({
-            "task": task,
+            "run": folder,
+            "task": task if task == folder else f"{task} ({folder})",
+            "task_name": task,
             "metric": primary,
             "method": m.get("method"),
             "backbone": m.get("backbone"),
@@ -91,10 +98,13 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         floors = [v for v in (r["frozen"], r["majority"]) if v is not None]
         r["above_start"] = None if r["mean"] is None or not floors else r["mean"] > max(floors)
     means = [r["mean"] for r in rows if r["mean"] is not None]
+    tasks = [r["task_name"] for r in rows]
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
     return {
         "seeds": seeds,
         "rows": rows,
-        "average": sum(means) / len(means) if means else None,
+        "average": sum(means) / len(means) if means and not repeated else None,
+        "repeated_tasks": repeated,
         "total_wall_time_s": sum(r["wall_time_s"] or 0.0 for r in rows),
     }
 
@@ -151,7 +161,10 @@ def markdown(summary: dict[str, Any]) -> str:
         tail = ["", "", "", "", "", _duration(summary["total_wall_time_s"]), ""] + [""] * (gpu + energy)
         lines.append("| **average** | primary | " + " | ".join(blank) + (" | " if blank else "")
                      + f"**{_fmt(summary['average'])}** | " + " | ".join(tail) + " |")
-    meanings = sorted({f"{r['task']}: {r['frozen_meaning']}" for r in rows if r["frozen_meaning"]})
+    if summary["repeated_tasks"]:
+        lines += ["", f"No average over tasks: {', '.join(summary['repeated_tasks'])} "
+                  f"{'has' if len(summary['repeated_tasks']) == 1 else 'have'} more than one run here."]
+    meanings = sorted({f"{r['task_name']}: {r['frozen_meaning']}" for r in rows if r["frozen_meaning"]})
     if meanings:
         lines += ["", "Frozen start, per task: " + "; ".join(meanings) + "."]
     return "\n".join(lines) + "\n"
@@ -185,7 +198,7 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
     left.grid(axis="y", alpha=0.3)
 
     for i, r in enumerate(rows):
-        history = runs[r["task"]]["history"]
+        history = runs[r["run"]]["history"]
         if not history:
             continue
         epochs = [h["epoch"] for h in history]
@@ -200,7 +213,7 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
     right.set_ylabel("validation score (x100)")
     right.set_title("Validation curves from the frozen start (epoch 0): mean over seeds, band = seed range")
     right.grid(alpha=0.3)
-    if any(runs[r["task"]]["history"] for r in rows):
+    if any(runs[r["run"]]["history"] for r in rows):
         right.legend(loc="best", fontsize=9)
         right.xaxis.get_major_locator().set_params(integer=True)
 

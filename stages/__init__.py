@@ -23,6 +23,7 @@ from pipeline.common.errors import (
     error_message,
     interrupted_message,
 )
+from pipeline.common.progress import close_bars
 
 TOP_LEVEL = ("tasks", "glue_dir", "extract", "train")
 
@@ -95,7 +96,10 @@ def run_stage(body: Callable[[], None], *, stopped: str = "restarts") -> int:
     """
     rerun = "`dvc repro`"
     try:
-        body()
+        try:
+            body()
+        finally:
+            close_bars()  # a message below starts a line of its own, and no bar redraws itself after it
     except DataNotFoundError as exc:
         print(f"Error: {error_message(exc, rerun=rerun, stopped=stopped)}. In params.yaml: set glue_dir, e.g. "
               "`dvc exp run -S glue_dir=../shared/data/glue`, or export GLUE_DIR", file=sys.stderr)

@@ -145,6 +145,18 @@ def test_bugs_keep_their_traceback_and_ctrl_c_exits_130(monkeypatch, tmp_path):
     assert result.exit_code == 130
     assert result.output == "Interrupted; rerun the same command to resume.\n"
 
+    def interrupt_a_bar(*_args, **_kwargs):  # a progress bar open when Ctrl-C comes
+        from pipeline.common.progress import progress_bar
+
+        bar = progress_bar(total=10, desc="blocks", unit="block", enabled=True)
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.extraction, "extract", interrupt_a_bar)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130 and "blocks:  30%" in result.output
+    assert result.output.endswith("\nInterrupted; rerun the same command to resume.\n")  # a line of its own, last
+
 
 def test_stages_use_the_same_translation(capsys, tmp_path):
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "data" / "rte.zarr"))

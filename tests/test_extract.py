@@ -179,7 +179,8 @@ def test_verify_catches_a_missing_block_and_non_finite_values(tiny_t5, tmp_path,
     group["validation"]["encoder"]["hidden"][0, 0, 0] = np.nan
     problems = verify_store(store.path)
     assert [p for p in problems if "block 1" in p] == [
-        "validation/encoder block 1: hidden checksum mismatch (its shard is missing, truncated or altered)"]
+        "validation/encoder block 1: hidden checksum mismatch (its shard is missing, truncated or altered); "
+        "rerun the same `pipeline extract` command to re-extract it"]
     assert any("1 of" in p and "not written" in p for p in problems)
     assert any(p.startswith("validation/encoder block 0: ") and "1 non-finite values" in p for p in problems)
     result = CliRunner().invoke(main, ["verify", store.path])

@@ -57,6 +57,10 @@ def test_retraining_into_a_run_folder_says_first_which_seeds_it_replaces(store, 
     assert result_line(again).startswith("rte (read, 1 seed): ")  # not "1 seeds"
     train(quick(store, run, seeds=(5,), epochs=1), progress=False)
     assert capsys.readouterr().err == f"replacing the run in {run} (seed 5)\n"
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "task": "cola"}))  # a run of another task
+    train(quick(store, run, seeds=(5,), epochs=1), progress=False)
+    assert capsys.readouterr().err == f"replacing the run in {run} (a run of cola, seed 5; this one trains rte)\n"
 
 
 @pytest.mark.parametrize("victim", ["metrics.json", "history.csv", "config.json", "predictions/validation.csv",

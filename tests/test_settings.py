@@ -228,14 +228,16 @@ def test_grid_and_set_read_values_as_declared():
     assert parse_text(TrainConfig, "lr", "3e-4") == 3e-4
     with pytest.raises(ConfigError, match="threads 1.5 must be an integer"):
         parse_grid(["threads=1.5"])
-    with pytest.raises(ConfigError, match="cannot sweep 'seeds'; sweepable: .*rnn_dim"):
+    with pytest.raises(ConfigError, match="--set seeds: the sweep's own --seeds sets it, the same for every run"):
         parse_settings(["seeds=1"])
 
 
 @pytest.mark.parametrize("args, needles", [
     (["--grid", "lr=fast"], ["lr 'fast'", "a number"]),
     (["--grid", "rnn=gru,transformer"], ["rnn 'transformer'"]),
-    (["--grid", "nope=1"], ["cannot sweep 'nope'", "sweepable:", "rnn_dim", "threads"]),
+    (["--grid", "nope=1"], ["--grid 'nope': no such train setting", "the settings:", "rnn_dim", "threads"]),
+    (["--grid", "lr=1e-3", "--set", "epochs=1", "--set", "epochs=2"], ["--set epochs is given twice"]),
+    (["--grid", "lr=1e-3,3e-4", "--set", "lr=1e-3"], ["lr: both in --grid and in --set"]),
     (["--grid", "threads=1,2", "--set", "epochs=2.5"], ["epochs 2.5"]),
     (["--grid", "threads=1,2", "--set", "epochs"], ["name=value"]),
     (["--grid", "lr=1e-3", "--workers", "0"], ["workers 0 must be an integer >= 1"]),  # zero workers: a silent hang

@@ -41,3 +41,7 @@ def test_without_tokenizer_or_text_it_says_what_to_give(tmp_path, monkeypatch, c
     monkeypatch.delenv("GLUE_DIR", raising=False)
     assert main(["--shape", "t5-tiny", "--out", str(tmp_path / "x")]) == 2
     assert "--tokenizer FOLDER or --glue-dir DIR" in capsys.readouterr().err
+    assert main(["--shape", "t5-tiny", "--out", str(tmp_path / "y"), "--tokenizer", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == (f"Error: --tokenizer {tmp_path / 'nowhere'}: no such folder "
+                                               "(a folder with a saved tokenizer, e.g. a model's)")
+    assert not (tmp_path / "y").exists()

@@ -127,8 +127,8 @@ def test_missing_data_stops_at_once_naming_both_ways(tmp_path, capsys, monkeypat
 
 # ---- the report -----------------------------------------------------------------------------------
 def fake_run(runs: Path, task: str, primary: str, scores: dict[int, float], other: dict[str, float] | None = None,
-             frozen: float = 10.0, select_on: str | None = "selection"):
-    run = runs / task
+             frozen: float = 10.0, select_on: str | None = "selection", folder: str | None = None):
+    run = runs / (folder or task)
     run.mkdir(parents=True)
     seeds = {str(s): {"best_epoch": 2, primary: v, **(other or {})} for s, v in scores.items()}
     values = list(scores.values())
@@ -169,6 +169,20 @@ def test_report_table_and_image(tmp_path):
     assert report["average"] == pytest.approx(72.0)
     png = (tmp_path / "reports" / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_report_names_rows_by_their_task_and_averages_only_distinct_tasks(tmp_path):
+    # A variant's folder, and a folder that now holds another task's run: rows say which task they are, and an
+    # average over rows would count rte twice, so there is none.
+    runs = tmp_path / "runs"
+    fake_run(runs, "rte", "accuracy", {0: 60.0})
+    fake_run(runs, "rte", "accuracy", {0: 64.0}, folder="rte-lr3e-4")
+    fake_run(runs, "sst2", "accuracy", {0: 90.0}, folder="copy")
+    report = write_report(str(runs), str(tmp_path / "reports"))
+    rows = [line.split(" | ")[0] for line in report["markdown"].splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| sst2 (copy)", "| rte", "| rte (rte-lr3e-4)"]
+    assert report["average"] is None and "**average**" not in report["markdown"]
+    assert "No average over tasks: rte has more than one run here." in report["markdown"]
 
 
 def test_report_marks_scores_not_above_the_frozen_start_and_validation_selection(tmp_path):

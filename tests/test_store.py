@@ -312,6 +312,18 @@ def test_a_lost_chunk_of_a_per_example_array_is_named_and_a_rerun_writes_it_agai
     assert tree_bytes(made.path) == clean
 
 
+def test_verify_goes_on_to_the_blocks_after_a_damaged_per_example_array(synthetic_store):
+    made = synthetic_store()
+    for chunk in Path(made.path, "train", "ids", "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    damage_shard(Path(made.path, "train", "encoder", "hidden", "c", "1", "0", "0"), "flip")
+    problems = verify_store(made.path)
+    assert [p.split(" ")[0] for p in problems] == ["train/ids", "train/encoder"], problems
+    assert problems[1].startswith("train/encoder block 1: hidden checksum mismatch")
+    assert all(p.endswith("rerun the same `pipeline extract` command to re-extract it") for p in problems)
+
+
 def test_training_refuses_altered_labels_in_one_line(synthetic_store, tmp_path):
     made = synthetic_store()
     labels = zarr.open_array(Path(made.path, "train", "labels"), mode="r+")

@@ -13,7 +13,7 @@ from pipeline.common.config import TrainConfig
 from pipeline.common.errors import ConfigError
 from pipeline.store import CacheStore
 from pipeline.training.checkpoint import CHECKPOINT_NAME
-from pipeline.training.sweep import expand, finished_run, parse_grid, run_sweep
+from pipeline.training.sweep import expand, finished_run, parse_grid, parse_settings, run_sweep
 
 
 def test_grid_parsing_and_expansion():
@@ -23,10 +23,18 @@ def test_grid_parsing_and_expansion():
     assert len(runs) == 4
     assert {cfg.rnn_dim for _, cfg in runs} == {8, 16}
     assert runs[0][1].out == "root/lr=0.001-rnn_dim=8-encoder_side=False"
-    with pytest.raises(ConfigError, match="cannot sweep 'nope'"):
+    with pytest.raises(ConfigError, match="--grid 'nope': no such train setting; the settings: aggregate, "):
         parse_grid(["nope=1"])
     with pytest.raises(ConfigError, match="name=v1,v2"):
         parse_grid(["lr"])
+    with pytest.raises(ConfigError, match="--grid seeds: the sweep's own --seeds sets it"):
+        parse_grid(["seeds=0,1"])
+    with pytest.raises(ConfigError, match=r"--set epochs is given twice \('1' and '2'\); give it once"):
+        parse_settings(["epochs=1", "epochs=2"])
+    with pytest.raises(ConfigError, match="--set 'foo': no such train setting"):
+        parse_settings(["foo=1"])
+    with pytest.raises(ConfigError, match="lr: both in --grid and in --set"):
+        parse_settings(["lr=1e-3", "epochs=2"], grid)
 
 
 def test_run_sweep_refuses_an_empty_cluster_before_starting_it(tmp_path):

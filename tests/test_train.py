@@ -196,7 +196,12 @@ def test_incomplete_store_is_refused(t5_store, tmp_path):
     shutil.copytree(t5_store, copy)
     zarr.open_group(str(copy), mode="r+")["train"]["blocks_done"][0] = 0
     result = CliRunner().invoke(main, ["train", "--cache", str(copy), "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "incomplete" in result.output and "pipeline extract" in result.output
+    assert result.exit_code == 2 and "incomplete" in result.output and "rerun the same `pipeline extract`" in result.output
+    from filelock import FileLock
+
+    with FileLock(str(copy) + ".lock"):  # an extraction still writing the store: the fix is to wait
+        result = CliRunner().invoke(main, ["train", "--cache", str(copy), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "incomplete (" in result.output and "an extraction is writing it now" in result.output
     with pytest.raises(StoreIncompleteError, match="no split 'test'"):
         train(quick(t5_store, tmp_path, eval_splits=("test",)), progress=False)
 

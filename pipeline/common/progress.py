@@ -19,3 +19,12 @@ def progress_bar(iterable: Iterable | None = None, *, total: int, desc: str, uni
     interval = 0.1 if sys.stderr.isatty() else 30.0
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave,
                 file=sys.stderr, dynamic_ncols=True, mininterval=interval)
+
+
+def close_bars() -> None:
+    """Close every bar still open, so that a message printed after an error or Ctrl-C starts a line of its own and
+    no bar redraws itself after it."""
+    std = sys.modules.get("tqdm.std")  # no bar was ever made without it
+    if std is not None:
+        for bar in list(getattr(std.tqdm, "_instances", ())):
+            bar.close()

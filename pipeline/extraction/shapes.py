@@ -149,6 +149,8 @@ def build_random_backbone(shape_name: str, out: str | Path, *, glue_dir: str | P
     if shape_name not in SHAPES:
         raise ValueError(f"unknown shape {shape_name!r}; known: {', '.join(SHAPES)}")
     shape = SHAPES[shape_name]
+    if tokenizer is not None and not Path(tokenizer).is_dir():  # from_pretrained would take it for a Hub name
+        raise ValueError(f"--tokenizer {tokenizer}: no such folder (a folder with a saved tokenizer, e.g. a model's)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:

@@ -215,9 +215,13 @@ def gather_splits(cfg: ExtractConfig, task: TaskSpec) -> dict[str, GlueSplit]:
     for name in cfg.splits or task.splits:
         try:
             data[name] = load_split(task, name, cfg.glue_dir, limit=cfg.limit)
-        except DataNotFoundError:
-            if explicit or name in ("train",) or name in task.validation_splits:
+        except DataNotFoundError as exc:
+            if explicit:
                 raise
+            if name in ("train",) or name in task.validation_splits:  # the default's required splits
+                raise DataNotFoundError(f"{exc}; without --splits, train and {', '.join(task.validation_splits)} "
+                                        f"are required (--splits names the ones to extract, e.g. --splits "
+                                        f"{task.validation_splits[0]})") from None
             log.info("skipping %s/%s: not in the data source (unlabeled test split)", task.name, name)
     return data
 

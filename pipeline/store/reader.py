@@ -18,6 +18,11 @@ REEXTRACT = "rerun the same `pipeline extract` command to re-extract it"
 REBUILD = "rerun `pipeline extract` with --overwrite to rebuild the store"
 
 
+def checksum_mismatch(array: str) -> str:
+    """The line for a small array (``train/labels``, ``label_rows``) whose values no longer match their checksum."""
+    return f"{array} does not match its checksum (a chunk of it is missing or altered); {REEXTRACT}"
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """An exception as one short line (zarr's errors on a damaged shard span many)."""
     text = " ".join(str(exc).split())
@@ -27,13 +32,19 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
 class CachedSplit:
     """One split of a store: labels, offsets and block reads checked against the block's checksums."""
 
-    def __init__(self, group: Any, name: str, dtype: str, path: str = "") -> None:
+    def __init__(self, group: Any, name: str, dtype: str, path: str = "", *,
+                 mismatches: list[str] | None = None) -> None:
         """Reads the split's per-example arrays, each checked against its checksum: a damaged one raises one line
-        (a rerun of the extraction writes it again), as does a missing array (the store must be rebuilt)."""
+        (a rerun of the extraction writes it again), as does a missing array (the store must be rebuilt).
+
+        ``mismatches``, when given, collects the names of arrays that read but fail their checksum instead, so
+        that a check of the whole store (``pipeline verify``) goes on to the blocks.
+        """
         self.group = group
         self.name = name
         self.dtype = dtype
         self.path = path
+        self._mismatches = mismatches
         self._sums: dict[str, str] = dict(group.attrs.get(EXAMPLE_SUMS, {}))  # none in stores written before them
         self.labels = self._example_array("labels")
         self.ids = self._example_array("ids")
@@ -59,8 +70,10 @@ class CachedSplit:
             raise StoreCorruptError(f"{self.path}: {self.name}/{name} is unreadable ({first_line(exc)}); "
                                     f"{REEXTRACT}") from None
         if name in self._sums and checksum_hex(values) != self._sums[name]:
-            raise StoreCorruptError(f"{self.path}: {self.name}/{name} does not match its checksum (a chunk of it is "
-                                    f"missing or altered); {REEXTRACT}")
+            if self._mismatches is not None:
+                self._mismatches.append(name)
+                return values
+            raise StoreCorruptError(f"{self.path}: {checksum_mismatch(f'{self.name}/{name}')}")
         return values
 
     def __len__(self) -> int:
@@ -176,14 +189,15 @@ class CacheStore:
     def splits(self) -> list[str]:
         return [s for s in self.meta.splits if s in self.group]
 
-    def split(self, name: str) -> CachedSplit:
+    def split(self, name: str, *, mismatches: list[str] | None = None) -> CachedSplit:
+        """One split, its per-example arrays checked (``mismatches``: see ``CachedSplit``)."""
         if name not in self.splits:
             raise StoreIncompleteError(
                 f"{self.path} has no split {name!r} (it has {', '.join(self.splits) or 'none'}); if its extraction "
                 f"was stopped, rerun that `pipeline extract` command to finish it, else add the split with "
                 f"`pipeline extract ... --splits {name}`"  # the store does not record which splits were asked for
             )
-        split = CachedSplit(self.group[name], name, self.dtype, self.path)
+        split = CachedSplit(self.group[name], name, self.dtype, self.path, mismatches=mismatches)
         if split.sides != [side for side in SIDES if side in self.meta.layout.layers]:
             raise StoreCorruptError(f"{self.path}: split {name!r} has sides {split.sides}, its metadata "
                                     f"{list(self.meta.layout.layers)}; {REBUILD}")
@@ -200,8 +214,7 @@ class CacheStore:
             raise StoreCorruptError(f"{self.path}: label_rows is unreadable ({first_line(exc)}); {REEXTRACT}") from None
         expected = array.attrs.get(CHECKSUM)  # none in stores written before it was kept
         if expected is not None and checksum_hex(rows) != expected:
-            raise StoreCorruptError(f"{self.path}: label_rows does not match its checksum (a chunk of it is missing "
-                                    f"or altered); {REEXTRACT}")
+            raise StoreCorruptError(f"{self.path}: {checksum_mismatch('label_rows')}")
         return rows
 
     def blocks_missing(self) -> dict[str, str]:
@@ -226,10 +239,29 @@ class CacheStore:
             split = self.split(name)
             done = split.blocks_done()
             if not done.all():
+                fix = ("an extraction is writing it now (it holds the store's .lock); wait for it to finish"
+                       if self.being_extracted() else "rerun the same `pipeline extract` command to finish it")
                 raise StoreIncompleteError(
-                    f"{self.path}: split {name!r} is incomplete ({int(done.sum())}/{len(done)} blocks written); "
-                    "rerun the same `pipeline extract` command to finish it"
+                    f"{self.path}: split {name!r} is incomplete ({int(done.sum())}/{len(done)} blocks written); {fix}"
                 )
+
+    def being_extracted(self) -> bool:
+        """Whether a whole extraction holds the store's lock (``<store>.lock``) now; a --part one holds it only
+        while it creates the store."""
+        if "://" in self.path:
+            return False
+        lock_file = Path(str(Path(self.path).resolve()) + ".lock")  # where the extraction puts it
+        if not lock_file.is_file():
+            return False
+        from filelock import FileLock, Timeout
+
+        try:
+            with FileLock(str(lock_file)).acquire(timeout=0):
+                return False
+        except Timeout:
+            return True
+        except OSError:  # a lock file this process may not open: nobody can be told apart
+            return False
 
     def disk_bytes(self) -> int:
         if "://" in self.path:

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.common.errors import StoreCorruptError
 from pipeline.store.format import to_float32
-from pipeline.store.reader import CacheStore
+from pipeline.store.reader import REEXTRACT, CacheStore, checksum_mismatch
 
 
 def verify_store(path: str | Path) -> list[str]:
@@ -28,11 +28,15 @@ def verify_store(path: str | Path) -> list[str]:
     except StoreCorruptError as exc:
         problems.append(str(exc).removeprefix(f"{store.path}: "))  # verify's lines name no store, as below
     for name in store.splits:
+        mismatched: list[str] = []  # per-example arrays that read but fail their checksum
         try:
-            split = store.split(name)
-        except StoreCorruptError as exc:  # a per-example array damaged, or part of the layout missing
+            split = store.split(name, mismatches=mismatched)
+        except StoreCorruptError as exc:  # an array unreadable, or part of the layout missing
             problems.append(str(exc).removeprefix(f"{store.path}: "))
             continue
+        problems += [checksum_mismatch(f"{name}/{array}") for array in mismatched]
+        if any(array == "block_starts" or array.endswith("/offsets") for array in mismatched):
+            continue  # the blocks cannot be located from damaged boundaries
         info = store.meta.splits[name]
         data = store.meta.identity.data.get(name)
         n = len(split)
@@ -54,9 +58,11 @@ def verify_store(path: str | Path) -> list[str]:
                 if hi > lo and (off[lo, 0] != j * cap or off[hi - 1, 1] > (j + 1) * cap):
                     problems.append(f"{name}/{side}: block {j} rows fall outside its shard")
                 if done[j]:
-                    found = block_findings(split.inspect_block(j, side), store.dtype, empty=hi <= lo)
-                    if found:
-                        problems.append(f"{name}/{side} block {j}: {'; '.join(found)}")
+                    rows, damage = split.inspect_block(j, side)
+                    found = block_findings((rows, list(damage)), store.dtype, empty=hi <= lo)
+                    if found:  # damage is repaired by extracting the block again; non-finite values are the model's
+                        fix = f"; {REEXTRACT}" if damage else ""
+                        problems.append(f"{name}/{side} block {j}: {'; '.join(found)}{fix}")
     return problems
 
 

@@ -22,30 +22,40 @@ from pipeline.training.checkpoint import CHECKPOINT_NAME
 SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
 
 
-def _assignment(item: str, form: str) -> tuple[str, str]:
-    """'rnn-dim=8,16' -> ('rnn_dim', '8,16'), the name checked against TrainConfig's sweepable settings."""
-    key, sep, values = item.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not values.strip():
-        raise ConfigError(f"{item!r} must look like {form}")
-    sweepable = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SET_BY_SWEEP]
-    if key not in sweepable:
-        raise ConfigError(f"cannot sweep {key!r}; sweepable: {', '.join(sorted(sweepable))}")
-    return key, values
+def _assignments(items: Sequence[str], option: str, form: str) -> dict[str, str]:
+    """['rnn-dim=8,16'] -> {'rnn_dim': '8,16'}: each name a TrainConfig setting the sweep does not set itself,
+    given once."""
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise ConfigError(f"{option} {item!r} must look like {form}")
+        if key in SET_BY_SWEEP:
+            raise ConfigError(f"{option} {key}: the sweep's own --{key} sets it, the same for every run")
+        settings = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SET_BY_SWEEP]
+        if key not in settings:
+            raise ConfigError(f"{option} {key!r}: no such train setting; the settings: {', '.join(sorted(settings))}")
+        if key in found:
+            raise ConfigError(f"{option} {key} is given twice ({found[key]!r} and {values!r}); give it once")
+        found[key] = values
+    return found
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     """['lr=1e-3,3e-4', 'rnn=gru,lstm'] -> {'lr': [0.001, 0.0003], 'rnn': ['gru', 'lstm']}, read as declared."""
-    grid: dict[str, list[Any]] = {}
-    for item in items:
-        key, values = _assignment(item, "name=v1,v2")
-        grid[key] = [parse_text(TrainConfig, key, v) for v in values.split(",")]
-    return grid
+    return {key: [parse_text(TrainConfig, key, v) for v in values.split(",")]
+            for key, values in _assignments(items, "--grid", "name=v1,v2").items()}
 
 
-def parse_settings(items: Sequence[str]) -> dict[str, Any]:
-    """['epochs=3', 'eval_splits=a,b'] -> {'epochs': 3, 'eval_splits': ('a', 'b')}: one value each, read as declared."""
-    return dict((key, parse_text(TrainConfig, key, value)) for key, value in (_assignment(i, "name=value") for i in items))
+def parse_settings(items: Sequence[str], grid: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    """['epochs=3', 'eval_splits=a,b'] -> {'epochs': 3, 'eval_splits': ('a', 'b')}: one value each, read as declared;
+    none of them one that ``grid`` varies."""
+    fixed = _assignments(items, "--set", "name=value")
+    both = [key for key in fixed if key in (grid or {})]
+    if both:
+        raise ConfigError(f"{', '.join(both)}: both in --grid and in --set; a setting is either varied or fixed")
+    return {key: parse_text(TrainConfig, key, value) for key, value in fixed.items()}
 
 
 def expand(base: TrainConfig, grid: dict[str, list[Any]], out_root: str) -> list[tuple[str, TrainConfig]]:

@@ -121,14 +121,23 @@ def remove_stale_outputs(out: Path, seeds: Iterable[int], splits: Iterable[str])
             path.unlink()
 
 
-def announce_replacement(out: Path) -> None:
+def announce_replacement(out: Path, task: str) -> None:
     """Say on stderr, before training, that an earlier run in ``out`` will be replaced (its seeds' adapters too,
-    also those this run does not train): rerunning into the same folder replaces by design (DVC, reruns), but
-    never silently. Printed even with --quiet: it is about the user's files, not progress."""
+    also those this run does not train), and of which task when it is not ``task``: rerunning into the same folder
+    replaces by design (DVC, reruns), but never silently. Printed even with --quiet: it is about the user's
+    files, not progress."""
     seeds = saved_seeds(out / "adapters")
-    if not seeds and not (out / "metrics.json").is_file():
+    metrics = out / "metrics.json"
+    if not seeds and not metrics.is_file():
         return
-    which = f" ({plural(len(seeds), 'seed')} {', '.join(map(str, seeds))})" if seeds else ""
+    try:
+        earlier = json.loads(metrics.read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        earlier = None  # no readable metrics.json: the seeds say enough
+    which = f"{plural(len(seeds), 'seed')} {', '.join(map(str, seeds))}" if seeds else ""
+    if earlier not in (None, task):
+        which = f"a run of {earlier}{', ' + which if which else ''}; this one trains {task}"
+    which = f" ({which})" if which else ""
     log.info("replacing the run in %s%s", out, which)
     print(f"replacing the run in {out}{which}", file=sys.stderr)
 
@@ -162,7 +171,7 @@ class Trainer:
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
         self.out = check_writable_folder(cfg.out_dir(self.task.name))  # a bad --out fails now, not after training
-        announce_replacement(self.out)
+        announce_replacement(self.out, self.task.name)
         if self.device.type == "cuda":
             set_cuda_tf32(cfg.tf32)
         if cfg.threads is not None:
