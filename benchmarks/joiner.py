@@ -16,7 +16,7 @@ import dataclasses
 import tempfile
 
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import ConfigError
+from pipeline.common.errors import ConfigError, plural
 from pipeline.common.settings import field_of, option_name, parse_text, show
 from pipeline.store import CacheStore
 from pipeline.training import train
@@ -44,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     family = CacheStore(args.cache).meta.backbone.family
     if family != "seq2seq":
-        parser.error(f"{args.cache} holds a {family} backbone; the Joiner exists only for seq2seq (T5) stores")
+        parser.error(f"{args.cache} holds a backbone of the {family} family; the Joiner exists only for seq2seq "
+                     "(T5) stores")
     base = TrainConfig(cache=args.cache, seeds=args.seeds, epochs=args.epochs, rnn_dim=args.rnn_dim, device=args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +55,7 @@ def main() -> None:
             primary = metrics["primary_metric"]
             rows.append((label, metrics["mean"][primary], metrics["std"][primary], metrics["trainable_parameters"],
                          metrics["resources"]["wall_time_s"], primary))
-    print(f"| variant | {rows[0][5]} (mean ± std, {len(base.seeds)} seeds) | trainable parameters | wall s |")
+    print(f"| variant | {rows[0][5]} (mean ± std, {len(base.seeds)} {plural(len(base.seeds), 'seed')}) | trainable parameters | wall s |")
     print("|---|---:|---:|---:|")
     for label, mean, std, params, wall, _ in rows:
         print(f"| {label} | {mean:.2f} ± {std:.2f} | {params:,} | {wall:.1f} |")
