@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from pipeline.common.tasks import get_task
+from pipeline.extraction.backbones import pair_segments, segment_separator
 from pipeline.extraction.glue import load_split
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.selection import carve
@@ -50,16 +51,18 @@ from pipeline.training.trainer import lr_lambda
 
 
 class FineTuned(nn.Module):
-    def __init__(self, path: str, num_outputs: int, pooling: str) -> None:
+    def __init__(self, path: str, num_outputs: int, pooling: str, separator: int | None) -> None:
         super().__init__()
         from transformers import AutoModel
 
         self.backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
         self.head = nn.Linear(self.backbone.config.hidden_size, num_outputs)
         self.pooling = pooling
+        self.separator = separator  # segment ids as the store's extraction gives them (None: the model takes none)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        states = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d)
+        types = {} if self.separator is None else {"token_type_ids": pair_segments(ids, mask, self.separator)}
+        states = self.backbone(input_ids=ids, attention_mask=mask, **types).last_hidden_state  # (B, T, d)
         if self.pooling == "cls":
             pooled = states[:, 0]
         else:
@@ -101,7 +104,7 @@ def run_one(task_name: str, seed: int, args: argparse.Namespace, tokenizer, path
     y = torch.from_numpy(train.labels[trained].astype(np.float32 if regression else np.int64))
 
     torch.manual_seed(seed)
-    model = FineTuned(path, 1 if regression else task.num_labels, args.pooling)
+    model = FineTuned(path, 1 if regression else task.num_labels, args.pooling, segment_separator(tokenizer))
     head = list(model.head.parameters())
     body = list(model.backbone.parameters())
     optimizer = torch.optim.AdamW([{"params": body, "lr": args.lr}, {"params": head, "lr": args.head_lr}],

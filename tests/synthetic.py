@@ -133,7 +133,7 @@ def synthetic_meta(*, family: str = "seq2seq", dtype: str = "bfloat16", tokens: 
     uses_words = family != "encoder" and spec.kind == "classification"
     return StoreMeta(
         identity=StoreIdentity(format_version=FORMAT_VERSION, model=f"synthetic-{family}", task=spec.name,
-                               settings=settings),
+                               settings=settings, template="synthetic"),
         backbone=BackboneInfo(name=f"synthetic-{family}", revision="sha256:synthetic", family=family,
                               model_type="synthetic", d_model=d_model,
                               num_states_encoder=num_states if "encoder" in sides else 0,
@@ -183,6 +183,7 @@ def write_synthetic_store(path: str | Path, *, splits: dict[str, int] | None = N
         settings=meta.settings,
         data={name: SplitData(source="synthetic", sha256=examples_hash(s.texts, s.labels, s.ids),
                               num_examples=len(s.labels)) for name, s in data.items()},
+        template=meta.identity.template,
     )
     result.meta = meta = StoreMeta(identity=identity, backbone=meta.backbone, task=meta.task, layout=meta.layout,
                                    software=meta.software)

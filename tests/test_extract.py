@@ -40,8 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 BF16_RTOL = 2**-7  # bfloat16 keeps 8 significant bits
 
 
-def reference_states(model_path: Path, family: str, token_ids: list[int]) -> dict[str, torch.Tensor]:
-    """The model's own output_hidden_states for one example, unpadded: (tokens, L+1, d) per side."""
+def reference_states(model_path: Path, family: str, token_ids: list[int],
+                     pair: tuple[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's own output_hidden_states for one example, unpadded: (tokens, L+1, d) per side; an encoder's
+    ``pair`` is its texts, encoded by the model's tokenizer as a user would."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     ids = torch.tensor([token_ids])
@@ -58,7 +60,15 @@ def reference_states(model_path: Path, family: str, token_ids: list[int]) -> dic
             out = model(input_ids=ids, output_hidden_states=True)
             return {"decoder": torch.stack(out.hidden_states, 2)[0, -1:]}
         model = AutoModel.from_pretrained(model_path).eval()
-        out = model(input_ids=ids, output_hidden_states=True)
+        types = {}
+        if pair is not None:  # the model's own pair encoding, segment ids included, from its tokenizer
+            from transformers import AutoTokenizer
+
+            encoded = AutoTokenizer.from_pretrained(model_path)(*pair, truncation="longest_first", max_length=64,
+                                                                 return_tensors="pt")
+            assert encoded["input_ids"][0].tolist() == token_ids
+            types = {"token_type_ids": encoded["token_type_ids"]} if "token_type_ids" in encoded else {}
+        out = model(input_ids=ids, output_hidden_states=True, **types)
         return {"encoder": torch.stack(out.hidden_states, 2)[0]}
 
 
@@ -88,7 +98,8 @@ def test_stored_states_equal_the_models_own_hidden_states(request, fixture, tmp_
     if family != "decoder":  # one row per example there: 12 examples fit one block
         assert store.split("validation").num_blocks > 1  # the test crosses block boundaries
     for index in (0, 5, 11):
-        ref = reference_states(model_path, family, token_ids[index])
+        ref = reference_states(model_path, family, token_ids[index],
+                               (examples.texts[index]["sentence1"], examples.texts[index]["sentence2"]))
         for side, expected in ref.items():
             got = stored_example(store, "validation", side, index)
             if side == "decoder" and family == "seq2seq":
@@ -522,3 +533,49 @@ def test_states_caught_at_the_wrong_modules_are_noticed_and_the_model_s_own_are_
         backbone.forward(token_ids, lambda side, i, h: taken.append(h))
         assert backbone.catching_checked is False
         assert len(taken) == len(own) and all(torch.equal(a, b) for a, b in zip(taken, own))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_t5"])
+def test_the_label_row_check_runs_in_the_forwards_precision(request, fixture, tmp_path, glue_dir):
+    # On an accelerator load_backbone keeps the linear weights in bfloat16 and runs the forward under autocast;
+    # the check of the label rows against the model's own logits must too (GPT-2's Conv1D refused float32
+    # inputs there). The CPU stands in: the same weights and autocast.
+    from pipeline.extraction.backbones import linear_weights_to
+
+    path = request.getfixturevalue(fixture)
+    backbone = load_backbone(str(path), device="cpu")
+    backbone.autocast_dtype = torch.bfloat16
+    linear_weights_to(backbone.model, torch.bfloat16)
+    cfg = ExtractConfig(model=str(path), task="rte", out=str(tmp_path / "s.zarr"), glue_dir=str(glue_dir),
+                        splits="validation", limit=8, max_length=64)
+    Extraction(cfg, progress=False, backbone=backbone).run()
+    assert verify_store(cfg.out_path) == []
+
+
+def test_a_store_from_before_the_template_was_its_identity_is_refused(tiny_t5, tmp_path, glue_dir):
+    # Pair encoders now get their segment ids, so a store whose identity records no template may hold other
+    # states: it is another store. Its recorded fingerprint still checks out (verify finds nothing edited).
+    from pipeline.store import ATTRS_KEY
+    from pipeline.store.meta import StoreMeta
+
+    store = run_extract(tmp_path, tiny_t5, glue_dir)
+    assert store.meta.identity.template == "t5"
+    group = zarr.open_group(store.path, mode="r+")
+    attrs = dict(group.attrs[ATTRS_KEY])
+    attrs["identity"] = {k: v for k, v in attrs["identity"].items() if k != "template"}
+    attrs["fingerprint"] = StoreMeta.from_attrs(attrs, store.path).identity.fingerprint
+    group.attrs[ATTRS_KEY] = attrs
+    assert CacheStore(store.path).meta.consistent and verify_store(store.path) == []
+    with pytest.raises(StoreMismatchError, match=r"template t5 here, none recorded \(an older store\)"):
+        run_extract(tmp_path, tiny_t5, glue_dir)
+
+
+def test_a_store_without_its_label_rows_is_not_finished_and_a_rerun_writes_them(tiny_t5, tmp_path, glue_dir):
+    store = run_extract(tmp_path, tiny_t5, glue_dir)
+    rows = store.label_rows()
+    shutil.rmtree(Path(store.path, "label_rows"))
+    assert CacheStore(store.path).label_rows() is None
+    cfg = ExtractConfig(model=str(tiny_t5), task="rte", out=store.path, glue_dir=str(glue_dir), splits="validation",
+                        limit=12, max_length=64, batch_tokens=256)  # run_extract's
+    assert not finished_store(cfg)
+    np.testing.assert_array_equal(run_extract(tmp_path, tiny_t5, glue_dir).label_rows(), rows)

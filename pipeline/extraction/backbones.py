@@ -49,7 +49,9 @@ PACKAGED_MODELS = {
 # Decoder-family prompt: the T5 template (it names the task and the fields) plus a cue for the label.
 DECODER_SUFFIX = "\nanswer:"
 # How each family formats an example (recorded in the store and in adapters, checked by `pipeline predict`).
-TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair"}
+# How each family reads an example. The encoder's is the field pair as its tokenizer encodes it, segment ids
+# included ("pair" was the same without them: the second sentence embedded as segment 0).
+TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair+segments"}
 
 
 def resolve_model_path(name: str) -> str:
@@ -108,6 +110,26 @@ def model_content_hash(path: str, config: Any) -> str:
         return "sha256:" + digest.hexdigest()[:16]
     commit = getattr(config, "_commit_hash", None)
     return f"hub:{commit}" if commit else "unknown"
+
+
+def segment_separator(tokenizer: Any) -> int | None:
+    """The separator token that ends a pair's first segment, for a tokenizer whose model takes segment ids."""
+    return tokenizer.sep_token_id if "token_type_ids" in tokenizer.model_input_names else None
+
+
+def pair_segments(input_ids: torch.Tensor, mask: torch.Tensor, separator: int) -> torch.Tensor:
+    """Segment ids (B, T) as a BERT-style tokenizer gives a pair: 0 through the first separator, 1 after it, 0 on
+    padding; all 0 for a single text."""
+    is_sep = (input_ids == separator).long()
+    after_first = (is_sep.cumsum(1) - is_sep) > 0  # a separator strictly before this position
+    return (after_first & mask.bool()).long()
+
+
+def template_of(path: str) -> str:
+    """The template a local model folder's family reads examples with, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    return TEMPLATES[detect_family(AutoConfig.from_pretrained(path, local_files_only=True))]
 
 
 def detect_family(config: Any) -> str:
@@ -242,6 +264,15 @@ class Backbone:
             enc = self.tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)
         return [list(ids) for ids in enc["input_ids"]]
 
+    def segment_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The token type ids the tokenizer gives a sentence pair (0 through the first separator, 1 after it),
+        rebuilt from the ids; None for a model that takes none.
+
+        A BERT-style encoder embeds them, so a pair encoded without them is not the model's own encoding.
+        """
+        sep = segment_separator(self.tokenizer)
+        return None if self.family != "encoder" or sep is None else pair_segments(input_ids, mask, sep)
+
     # ---- label rows -------------------------------------------------------------------------
     def label_token_ids(self, task: TaskSpec) -> list[int]:
         """First sub-word of each label word; refuses words that the head cannot tell apart."""
@@ -331,6 +362,7 @@ class Backbone:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        segments = self.segment_ids(input_ids, mask)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -376,7 +408,8 @@ class Backbone:
                 out = self.model.base_model(input_ids=input_ids, attention_mask=mask, **kept)
                 caught = {"decoder": out.hidden_states}
             else:
-                out = self.model(input_ids=input_ids, attention_mask=mask, **kept)
+                types = {} if segments is None else {"token_type_ids": segments}
+                out = self.model(input_ids=input_ids, attention_mask=mask, **types, **kept)
                 caught = {"encoder": out.hidden_states}
         if checking:
             self.catching_checked = all(
@@ -523,11 +556,15 @@ def model_label_logits(backbone: Backbone, batch_ids: Sequence[Sequence[int]], t
     model, device = backbone.model, backbone.device
     ids = [torch.tensor(list(b), dtype=torch.long, device=device)[None] for b in batch_ids]
     rows = []
-    for one in ids:  # unpadded, one at a time: the reference must not depend on padding
-        if backbone.family == "seq2seq":
-            start = torch.full((1, 1), model.config.decoder_start_token_id, device=device)
-            logits = model(input_ids=one, decoder_input_ids=start).logits[0, 0]
-        else:
-            logits = model(input_ids=one).logits[0, -1]
-        rows.append(logits.float().cpu()[list(token_ids)])
+    # Under the forward's own autocast: on an accelerator load_backbone keeps the linear weights in its dtype.
+    precision = (torch.autocast(device.type, dtype=backbone.autocast_dtype) if backbone.autocast_dtype is not None
+                 else contextlib.nullcontext())
+    with precision:
+        for one in ids:  # unpadded, one at a time: the reference must not depend on padding
+            if backbone.family == "seq2seq":
+                start = torch.full((1, 1), model.config.decoder_start_token_id, device=device)
+                logits = model(input_ids=one, decoder_input_ids=start).logits[0, 0]
+            else:
+                logits = model(input_ids=one).logits[0, -1]
+            rows.append(logits.float().cpu()[list(token_ids)])
     return torch.stack(rows)

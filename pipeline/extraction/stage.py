@@ -37,6 +37,7 @@ from pipeline.extraction.backbones import (
     model_content_hash,
     model_label_logits,
     resolve_model_path,
+    template_of,
 )
 from pipeline.extraction.glue import GlueSplit, load_split
 from pipeline.store import (
@@ -240,14 +241,16 @@ def split_data(split: GlueSplit) -> SplitData:
                      num_examples=len(split))
 
 
-def store_identity(cfg: ExtractConfig, data: dict[str, GlueSplit], model: str) -> StoreIdentity:
-    """What decides the store's content, computable before the backbone loads (``model``: its revision)."""
+def store_identity(cfg: ExtractConfig, data: dict[str, GlueSplit], model: str, template: str) -> StoreIdentity:
+    """What decides the store's content, computable before the backbone loads (``model``: its revision;
+    ``template``: how its family reads an example, from its config alone)."""
     settings = ExtractionSettings(
         max_length=cfg.max_length, dtype=cfg.dtype, tokens=cfg.tokens, layers=cfg.layers, limit=cfg.limit,
         block_tokens=cfg.block_tokens, codec=cfg.codec,
     )
     return StoreIdentity(format_version=FORMAT_VERSION, model=model, task=get_task(cfg.task).name,
-                         settings=settings, data={name: split_data(split) for name, split in data.items()})
+                         settings=settings, data={name: split_data(split) for name, split in data.items()},
+                         template=template)
 
 
 def model_identity(revision: str, name: str) -> str:
@@ -288,7 +291,7 @@ class Extraction:
     def _meta(self) -> StoreMeta:
         cfg, bb, task = self.cfg, self.backbone, self.task
         return StoreMeta(
-            identity=store_identity(cfg, self.data, model_identity(bb.revision, bb.name)),
+            identity=store_identity(cfg, self.data, model_identity(bb.revision, bb.name), bb.template),
             backbone=bb.info(),
             task=TaskInfo(
                 name=task.name, kind=task.kind, label_names=list(task.label_names),
@@ -445,11 +448,16 @@ def finished_store(cfg: ExtractConfig, data: dict[str, GlueSplit] | None = None)
     if not Path(path).is_dir():
         return False  # a Hub model's revision is known only once it is loaded
     data = gather_splits(cfg, get_task(cfg.task)) if data is None else data
-    wanted = store_identity(cfg, data, model_identity(model_content_hash(path, None), cfg.model))
+    try:
+        template = template_of(path)
+    except (OSError, ValueError, PipelineError):  # no readable config: loading the model will say why
+        return False
+    wanted = store_identity(cfg, data, model_identity(model_content_hash(path, None), cfg.model), template)
     if not set(wanted.data) <= set(store.splits) or wanted.mismatch(store.meta.identity):
         return False
     try:
-        store.label_rows()
+        if store.label_rows() is None and store.meta.task.label_token_ids:
+            return False  # the head's label rows are gone: the extraction writes them again
         for name in wanted.data:
             split = store.split(name)
             if not split.blocks_done().all() or split.damaged_blocks(range(split.num_blocks)):

@@ -50,10 +50,16 @@ class StoreIdentity:
     task: str
     settings: ExtractionSettings
     data: dict[str, SplitData] = field(default_factory=dict)  # the splits the store holds
+    # How the examples become model inputs (TaskInfo.template): "" in a store made before it was part of the
+    # identity, when pair encoders did not get their segment ids yet.
+    template: str = ""
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(dataclasses.asdict(self))
+        plain = dataclasses.asdict(self)
+        if not self.template:
+            del plain["template"]  # hashed as it was when recorded
+        return fingerprint(plain)
 
     def only(self, splits: set[str] | list[str]) -> StoreIdentity:
         return dataclasses.replace(self, data={k: v for k, v in self.data.items() if k in splits})
@@ -66,10 +72,10 @@ class StoreIdentity:
         common = set(self.data) & set(other.data)
         if self.only(common).fingerprint == other.only(common).fingerprint:
             return None
-        for name in ("format_version", "model", "task"):
+        for name in ("format_version", "model", "task", "template"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
-                return f"{name} {mine} here, {theirs} in the store"
+                return f"{name} {mine or 'none'} here, {theirs or 'none recorded (an older store)'} in the store"
         for name in (f.name for f in dataclasses.fields(ExtractionSettings)):
             mine, theirs = getattr(self.settings, name), getattr(other.settings, name)
             if mine != theirs:
@@ -201,7 +207,7 @@ class StoreMeta:
             identity = StoreIdentity(
                 format_version=ident["format_version"], model=ident["model"], task=ident["task"],
                 settings=ExtractionSettings(**settings),
-                data={k: SplitData(**v) for k, v in ident["data"].items()},
+                data={k: SplitData(**v) for k, v in ident["data"].items()}, template=ident.get("template", ""),
             )
             return cls(
                 identity=identity,
