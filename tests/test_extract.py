@@ -400,6 +400,19 @@ def test_config_refuses_clashing_settings():
         ExtractConfig(model="m", task="rte", dtype="int8")
 
 
+def test_max_length_past_the_models_positions_is_refused_before_any_block(tiny_gpt2, tiny_t5, minilm, glue_dir,
+                                                                          tmp_path):
+    """A longer input would fail in the position-embedding lookup mid-split (a device assert on CUDA)."""
+    out = tmp_path / "s.zarr"
+    cfg = ExtractConfig(model=str(tiny_gpt2), task="rte", glue_dir=str(glue_dir), splits="validation",
+                        max_length=600, out=str(out))
+    with pytest.raises(ConfigError, match=r"max_length 600 is more than .* \(512 positions\); pass --max-length 512 "):
+        extract(cfg, progress=False)
+    assert not out.exists()
+    assert load_backbone(str(minilm), device="cpu").max_positions == 512
+    assert load_backbone(str(tiny_t5), device="cpu").max_positions is None  # relative positions: no table
+
+
 def test_missing_model_and_task_errors_are_typed(tmp_path):
     with pytest.raises(ModelLoadError):
         load_backbone(str(tmp_path / "absent"), device="cpu")

@@ -264,6 +264,19 @@ class Backbone:
             enc = self.tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)
         return [list(ids) for ids in enc["input_ids"]]
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest input the model can embed: its absolute position table (and its tokenizer's limit, which
+        for RoBERTa is the usable part of it), or None for T5's relative positions, which have no table."""
+        if self.family == "seq2seq":
+            return None
+        config = self.model.config
+        limits = [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
+        declared = getattr(self.tokenizer, "model_max_length", None)
+        if limits and isinstance(declared, int) and declared < 1_000_000:  # unset: a huge sentinel
+            limits.append(declared)
+        return min(limits) if limits else None
+
     def segment_ids(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The token type ids the tokenizer gives a sentence pair (0 through the first separator, 1 after it),
         rebuilt from the ids; None for a model that takes none.

@@ -33,6 +33,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,6 +73,12 @@ def compressor(name: str) -> list[Any]:
 
 
 # ---- checksums and data identity ---------------------------------------------------------------
+
+
+def lock_path(store: str) -> Path | None:
+    """The lock file beside a local store (``<store>.lock``), where extraction and readers both look;
+    None for a remote (fsspec) store, which has no lock."""
+    return None if "://" in store else Path(str(Path(store).resolve()) + ".lock")
 
 
 def checksum(rows: np.ndarray) -> int:

@@ -10,7 +10,16 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.common.errors import StoreCorruptError, StoreIncompleteError
-from pipeline.store.format import ATTRS_KEY, CHECKSUM, EXAMPLE_SUMS, SIDES, block_rows, checksum, checksum_hex
+from pipeline.store.format import (
+    ATTRS_KEY,
+    CHECKSUM,
+    EXAMPLE_SUMS,
+    SIDES,
+    block_rows,
+    checksum,
+    checksum_hex,
+    lock_path,
+)
 from pipeline.store.meta import StoreMeta
 from pipeline.store.shards import ShardFile
 
@@ -248,10 +257,8 @@ class CacheStore:
     def being_extracted(self) -> bool:
         """Whether a whole extraction holds the store's lock (``<store>.lock``) now; a --part one holds it only
         while it creates the store."""
-        if "://" in self.path:
-            return False
-        lock_file = Path(str(Path(self.path).resolve()) + ".lock")  # where the extraction puts it
-        if not lock_file.is_file():
+        lock_file = lock_path(self.path)
+        if lock_file is None or not lock_file.is_file():
             return False
         from filelock import FileLock, Timeout
 

@@ -40,6 +40,7 @@ from pipeline.store.format import (
     checksum_hex,
     compressor,
     example_arrays,
+    lock_path,
     round_up,
 )
 from pipeline.store.meta import SplitData, StoreMeta
@@ -386,13 +387,13 @@ def store_lock(path: str) -> Any:
     throughout (``exclusive_extraction``). Remote (fsspec) stores get no lock: start part 0 first
     there, and let it create the splits.
     """
-    if "://" in path:
+    lock_file = lock_path(path)
+    if lock_file is None:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    local = Path(path).resolve()
-    local.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(local) + ".lock", is_singleton=True)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock_file), is_singleton=True)
 
 
 @contextlib.contextmanager
