@@ -8,7 +8,7 @@ The READ model of a T5-base backbone (seq2seq, d=``--d-model``, GRU r=``--rnn-di
 the parameters do not depend on the number of layers), after
 one AdamW step (so its moments exist), with every seed's best epoch held (weights and RTE-validation-sized
 predictions), is saved through ``pipeline.training.checkpoint.Checkpoints`` exactly as ``pipeline train`` saves
-it between epochs (serialised, written to a temporary file, fsync'd, renamed), into ``--dir``, then loaded.
+it between steps (serialised, written to a temporary file, fsync'd, renamed), into ``--dir``, then loaded.
 The values are random; the size and time do not depend on them. Prints a table to paste into BENCHMARKS.md.
 
 With ``--cache STORE``, also whole `pipeline train` runs (``--epochs``, 3 seeds, r=``--rnn-dim``, one thread) from

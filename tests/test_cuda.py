@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_device_paths import check_block_buffer
-from test_resume import Stop, stopped_at
+from test_resume import Stop, stopped_at, stopped_within
 
 from pipeline.common.config import ExtractConfig, TrainConfig
 from pipeline.extraction.stage import extract
@@ -169,20 +169,23 @@ def test_compiled_cuda_graphs_train_the_eager_weights_with_every_step_graphed(sy
     assert_trained_alike(expected, got)
 
 
+@pytest.mark.parametrize("within", [False, True], ids=["between-epochs", "within-an-epoch"])
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "recorded"])
 def test_a_run_resumed_on_the_device_writes_what_the_uninterrupted_run_writes(synthetic_store, tmp_path, monkeypatch,
-                                                                             cuda_graphs):
+                                                                             cuda_graphs, within):
     # The checkpoint holds the device's dropout generators (Philox) and fused AdamW's state; under --cuda-graphs the
-    # learning rate stays in its device tensor and the resumed run records its graphs again.
+    # learning rate stays in its device tensor and the resumed run records its graphs again. 2 epochs, stopped
+    # before the second, or after its second batch (a checkpoint due after every step).
     cache = synthetic_store(splits={"train": 60, "validation": 20}).path
-    options = dict(checkpoint_seconds=0, cuda_graphs=cuda_graphs)  # 2 epochs, stopped before the second
+    options = dict(checkpoint_seconds=1e-9 if within else 0, cuda_graphs=cuda_graphs)
     whole = trainer(cache, tmp_path / "whole", DEVICE, **options).run()
     with monkeypatch.context() as patch:
-        stopped_at(patch, 2)
+        stopped_within(patch, 2, 2) if within else stopped_at(patch, 2)
         with pytest.raises(Stop):
             trainer(cache, tmp_path / "resumed", DEVICE, **options).run()
     resumed = trainer(cache, tmp_path / "resumed", DEVICE, **options).run()
     assert resumed["resources"]["resumed_after_epoch"] == 1
+    assert resumed["resources"].get("resumed_after_batches") == (2 if within else None)
     for seed, metrics in whole["seeds"].items():
         assert resumed["seeds"][seed] == pytest.approx(metrics, abs=1e-6)
     for seed in (0, 1):

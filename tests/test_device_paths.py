@@ -160,11 +160,17 @@ def test_rows_held_on_the_host_stream_the_chunks_the_store_gives_reading_it_once
             got = list(data.epoch(8, shuffle=True, seed=epoch))
             assert loads == []  # the host's rows, read once before
             assert len(got) == len(want) >= 4
-            for (index_a, a), (index_b, b) in zip(want, got):
-                np.testing.assert_array_equal(index_a, index_b)
-                for name in ("labels", "encoder", "encoder_segment", "encoder_first", "decoder"):
-                    x, y = getattr(a, name), getattr(b, name)
-                    assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
+            assert_same_batches(got, want)
+
+
+def assert_same_batches(got: list, want: list) -> None:
+    """The same (example indices, batch) pairs, bit for bit, in the same order."""
+    assert len(got) == len(want)
+    for (index_a, a), (index_b, b) in zip(want, got):
+        np.testing.assert_array_equal(index_a, index_b)
+        for name in ("labels", "encoder", "encoder_segment", "encoder_first", "decoder"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
 
 
 def test_an_epoch_yields_the_batches_it_counts(synthetic_store):
@@ -186,6 +192,34 @@ def test_an_epoch_yields_the_batches_it_counts(synthetic_store):
                     assert counted == len(list(data.epoch(batch_size, shuffle=shuffle, seed=seed)))
                     more += counted > -(-len(data) // batch_size)
     assert more > 0  # the case at hand
+
+
+def test_an_epoch_resumed_after_k_batches_yields_the_rest_reading_only_their_blocks(synthetic_store, monkeypatch):
+    # A run resumed within an epoch replays that epoch's order from batch k on: the same batches as the epoch's
+    # own k-th onward, held or streamed (the seeded order of the groups and of the rows in each), whole or a subset.
+    from pipeline.training import batches as module
+    from pipeline.training.batches import SplitBatches
+
+    loads: list[list[int]] = []
+    load_chunk = module.load_chunk
+    monkeypatch.setattr(module, "load_chunk", lambda split, blocks, labels, **kw: loads.append(list(blocks))
+                        or load_chunk(split, blocks, labels, **kw))
+    split = CacheStore(synthetic_store(splits={"train": 90}, block_tokens=40).path).split("train")
+    labels = torch.from_numpy(np.asarray(split.labels))
+    held = SplitBatches(split, labels, memory_budget=2**40)
+    streams = [SplitBatches(split, labels, memory_budget=0, shuffle_buffer=b) for b in (1, 3)]
+    unread = 0
+    for whole in (held, *streams):
+        for data in (whole, whole.subset(np.arange(0, 90, 4))):
+            for shuffle, seed in ((True, 1), (True, 2), (False, 0)):
+                loads.clear()
+                want = list(data.epoch(7, shuffle=shuffle, seed=seed))
+                read_whole = sum(map(len, loads))
+                for skip in sorted({1, 2, 5, len(want) - 1, len(want)}):
+                    loads.clear()
+                    assert_same_batches(list(data.epoch(7, shuffle=shuffle, seed=seed, skip=skip)), want[skip:])
+                    unread += sum(map(len, loads)) < read_whole
+    assert unread > 0  # streamed: the groups that only skipped batches come from stay unread
 
 
 def test_a_streamed_run_plans_its_schedule_for_every_step(synthetic_store, tmp_path):

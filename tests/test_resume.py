@@ -1,8 +1,9 @@
 """A stopped training run goes on from its checkpoint and writes exactly what an uninterrupted run writes.
 
-The state between epochs (weights, AdamW's moments, the schedule, the dropout streams, each seed's best epoch
-and patience) is saved to ``<out>/checkpoint.pt``; these tests stop runs after an epoch (in process, and with
-kill -9 from outside) and compare every output of the resumed run with one that never stopped.
+The state between steps (weights, AdamW's moments, the schedule, the dropout streams, each seed's best epoch
+and patience, the epoch's batches done) is saved to ``<out>/checkpoint.pt``; these tests stop runs after an epoch
+or within one (in process, and with kill -9 from outside) and compare every output of the resumed run with one that
+never stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from pipeline.common.config import TrainConfig
 from pipeline.training import Trainer, train
-from pipeline.training.checkpoint import CHECKPOINT_NAME
+from pipeline.training.checkpoint import CHECKPOINT_NAME, Checkpoints, RunState
 
 
 def config(cache: str, out: Path, **kw) -> TrainConfig:
@@ -45,6 +46,18 @@ def stopped_at(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
         return original(self, at, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+
+
+def stopped_within(monkeypatch: pytest.MonkeyPatch, epoch: int, steps: int) -> None:
+    """Make the run stop (a crash, Ctrl-C) right after it saves its state after batch ``steps`` of ``epoch``."""
+    save = Checkpoints.save
+
+    def save_then_stop(self: Checkpoints, state: RunState) -> None:
+        save(self, state)
+        if state.within is not None and (state.epoch + 1, state.within.steps) == (epoch, steps):
+            raise Stop(f"stopped after batch {steps} of epoch {epoch}")
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_stop)
 
 
 def outputs(run: Path) -> dict[str, object]:
@@ -91,6 +104,32 @@ def test_a_resumed_run_writes_what_an_uninterrupted_run_writes(synthetic_store, 
     metrics = train(config(cache, tmp_path / "resumed", **options), progress=False)
     assert "saved after epoch 2" in capsys.readouterr().err  # said even without progress: it is about the files
     assert metrics["resources"]["resumed_after_epoch"] == 2 and metrics["epochs_run"] == 4
+    assert_same_outputs(tmp_path / "resumed", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("family, memory_budget, recorded", [("seq2seq", "8GB", False), ("encoder", 0, False),
+                                                             ("seq2seq", "8GB", True)])
+def test_a_run_stopped_within_an_epoch_resumes_from_that_batch(synthetic_store, tmp_path, monkeypatch, capsys,
+                                                               family, memory_budget, recorded):
+    # A long epoch is not lost either: checkpoint_seconds also saves between two steps, and the rerun goes on
+    # from the next batch of the same order (streamed: groups of blocks it skips are not read), with the
+    # epoch's loss sums so far, to the outputs of a run that never stopped. recorded: the CUDA graphs' stand-in.
+    cache = synthetic_store(family=family, splits={"train": 60, "validation": 20}, max_tokens=6, block_tokens=60).path
+    options = dict(memory_budget=memory_budget, shuffle_buffer=2)
+
+    def run(out: Path, **kw) -> dict:
+        cfg = config(cache, out, **{**options, **kw})
+        return Trainer(cfg, progress=False, recorder=TapeRecorder() if recorded else None).run()
+
+    run(tmp_path / "whole", checkpoint_seconds=None)
+    with monkeypatch.context() as patch:
+        stopped_within(patch, 3, 4)
+        with pytest.raises(Stop):
+            run(tmp_path / "resumed", checkpoint_seconds=1e-9)  # due after every step
+    capsys.readouterr()
+    metrics = run(tmp_path / "resumed", checkpoint_seconds=1e-9)
+    assert "saved after batch 4 of epoch 3" in capsys.readouterr().err
+    assert metrics["resources"]["resumed_after_epoch"] == 2 and metrics["resources"]["resumed_after_batches"] == 4
     assert_same_outputs(tmp_path / "resumed", tmp_path / "whole")
 
 

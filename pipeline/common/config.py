@@ -210,9 +210,10 @@ class TrainConfig(SideConfig):
         "faster under load on 2 cores).", bounds=at_least(1), none="torch's own",
         example="1")
     checkpoint_seconds: float | None = setting(
-        60.0, "Save the run's state to <out>/checkpoint.pt after an epoch once this many seconds have passed since the "
-        "last save (0: after every epoch), so that the same command, rerun after a crash or Ctrl-C, goes on from there "
-        "with the results of an uninterrupted run. Removed when the run's outputs are written.",
+        60.0, "Save the run's state to <out>/checkpoint.pt between two steps (within an epoch too) once this many "
+        "seconds have passed since the last save (0: after every epoch only), so that the same command, rerun after a "
+        "crash or Ctrl-C, goes on from there with the results of an uninterrupted run. Removed when the run's outputs "
+        "are written.",
         bounds=at_least(0), none="never save", example="0")
     resume: bool = setting(
         True, "Go on from <out>/checkpoint.pt when a run of the same store and settings left it (--no-resume: start "

@@ -100,13 +100,13 @@ _RESUMABLE = {errno.ENOSPC, errno.EDQUOT}
 
 # What a stopped command leaves, so that Ctrl-C's message is true of it. An extraction keeps its finished
 # blocks (a rerun resumes); training writes its outputs only at the end, each file whole, and saves its state
-# between epochs (a rerun goes on from there); predict and the report write their outputs only at the end, so
+# between steps (a rerun goes on from there); predict and the report write their outputs only at the end, so
 # nothing of a stopped run is on disk (a rerun starts it again); a sweep keeps the grid points that had
 # finished, each a whole training run (a rerun keeps them), and the checkpoints of those it stopped.
 INTERRUPTED = {
     "resumes": "Interrupted; rerun {rerun} to resume.",
     "checkpoints": ("Interrupted; the run's outputs are written when it ends and earlier outputs are untouched; "
-                    "rerun {rerun} to go on from its last checkpoint (saved between epochs; with none yet, "
+                    "rerun {rerun} to go on from its last checkpoint (saved between steps; with none yet, "
                     "the run starts again)."),
     "restarts": ("Interrupted; nothing of this run was written and earlier outputs are untouched; "
                  "rerun {rerun} to start it again."),

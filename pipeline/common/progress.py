@@ -8,7 +8,7 @@ from typing import Any
 
 
 def progress_bar(iterable: Iterable | None = None, *, total: int, desc: str, unit: str, enabled: bool,
-                 leave: bool = True) -> Any:
+                 leave: bool = True, initial: int = 0) -> Any:
     """A tqdm bar that stays out of stdout (where the CLI prints results) and can be switched off.
 
     Into a log rather than a terminal (CI, `dvc repro > log`), it writes a line at most every 30 s:
@@ -17,7 +17,7 @@ def progress_bar(iterable: Iterable | None = None, *, total: int, desc: str, uni
     from tqdm.auto import tqdm
 
     interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave,
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, leave=leave,
                 file=sys.stderr, dynamic_ncols=True, mininterval=interval)
 
 

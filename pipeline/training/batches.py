@@ -291,6 +291,13 @@ class SplitBatches:
             rng.shuffle(blocks)
         return [[int(j) for j in blocks[i : i + self.shuffle_buffer]] for i in range(0, len(blocks), self.shuffle_buffer)]
 
+    def _group_sizes(self, groups: list[list[int]]) -> list[int]:
+        """Examples of the (sub)set in each group of blocks, from the block layout alone (nothing is read)."""
+        starts = np.asarray(self.split.block_starts)
+        kept = np.arange(len(self.split) + 1) if self._keep is None else np.concatenate([[0], np.cumsum(self._keep)])
+        sizes = kept[starts[1:]] - kept[starts[:-1]]  # examples of the (sub)set in each block
+        return [int(sizes[group].sum()) for group in groups]
+
     def num_batches(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> int:
         """How many batches ``epoch`` yields with these arguments, from the block layout alone (nothing is read).
 
@@ -299,39 +306,50 @@ class SplitBatches:
         """
         if self.in_memory:
             return math.ceil(len(self) / batch_size)
-        starts = np.asarray(self.split.block_starts)
-        kept = np.arange(len(self.split) + 1) if self._keep is None else np.concatenate([[0], np.cumsum(self._keep)])
-        sizes = kept[starts[1:]] - kept[starts[:-1]]  # examples of the (sub)set in each block
         groups = self._stream_groups(np.random.default_rng(seed), shuffle)
-        return sum(math.ceil(int(sizes[group].sum()) / batch_size) for group in groups)
+        return sum(math.ceil(size / batch_size) for size in self._group_sizes(groups))
 
-    def epoch(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[tuple[np.ndarray, SideBatch]]:
-        """(example indices into the split, batch) pairs covering the (sub)set once (``num_batches`` of them)."""
+    def epoch(self, batch_size: int, *, shuffle: bool, seed: int = 0,
+              skip: int = 0) -> Iterator[tuple[np.ndarray, SideBatch]]:
+        """(example indices into the split, batch) pairs covering the (sub)set once (``num_batches`` of them).
+
+        ``skip``: leave out the first ``skip`` of those batches, the rest in the same order (a run resumed within
+        an epoch); streamed, the groups of blocks that only skipped batches come from are not read.
+        """
         rng = np.random.default_rng(seed)
         self.preload()
         if self.in_memory:
-            yield from _chunk_batches(self._all, batch_size, rng if shuffle else None, self._keep)
+            yield from _chunk_batches(self._all, batch_size, rng if shuffle else None, self._keep, skip)
             return
         # Streaming: blocks in a shuffled order, `shuffle_buffer` at a time, the next group read
         # in the background while the current one trains.
         groups = self._stream_groups(rng, shuffle)
+        first = 0
+        for size in self._group_sizes(groups):
+            if skip < math.ceil(size / batch_size):
+                break
+            if shuffle:  # the draws the group's own shuffle would take: they depend on its size alone
+                rng.shuffle(np.arange(size))
+            skip -= math.ceil(size / batch_size)
+            first += 1
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            upcoming: Future | None = pool.submit(self._streamed, groups[0]) if groups else None
-            for g in range(len(groups)):
+            upcoming: Future | None = pool.submit(self._streamed, groups[first]) if first < len(groups) else None
+            for g in range(first, len(groups)):
                 chunk = self._arrived(upcoming.result())
                 upcoming = pool.submit(self._streamed, groups[g + 1]) if g + 1 < len(groups) else None
-                yield from _chunk_batches(chunk, batch_size, rng if shuffle else None, self._keep)
+                yield from _chunk_batches(chunk, batch_size, rng if shuffle else None, self._keep,
+                                          skip if g == first else 0)
 
 
 _lock = threading.Lock()
 
 
 def _chunk_batches(
-    chunk: Chunk, batch_size: int, rng: np.random.Generator | None, keep: np.ndarray | None = None
+    chunk: Chunk, batch_size: int, rng: np.random.Generator | None, keep: np.ndarray | None = None, skip: int = 0
 ) -> Iterator[tuple[np.ndarray, SideBatch]]:
     order = np.arange(len(chunk.examples)) if keep is None else np.flatnonzero(keep[chunk.examples])
     if rng is not None:
         rng.shuffle(order)
-    for i in range(0, len(order), batch_size):
+    for i in range(skip * batch_size, len(order), batch_size):
         picks = order[i : i + batch_size]
         yield chunk.examples[picks], chunk.batch(picks)

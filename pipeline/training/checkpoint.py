@@ -1,10 +1,11 @@
-"""A training run's state between epochs, so that a stopped `pipeline train` goes on where it was.
+"""A training run's state between two steps, so that a stopped `pipeline train` goes on where it was.
 
-Everything the rest of a run depends on is saved after an epoch (at most every ``checkpoint_seconds``) to
-``<out>/checkpoint.pt``, written whole or not at all: every seed's weights, AdamW's moments, the schedule's
-step, the dropout streams' positions, each seed's best epoch so far (weights, scores, predictions), the
-patience counters and the history. The batch order is a function of the epoch alone, so a run resumed
-from epoch k writes the outputs an uninterrupted run writes. A checkpoint is used only by a run of the
+Everything the rest of a run depends on is saved between steps, at most every ``checkpoint_seconds`` (0: after
+each epoch only), to ``<out>/checkpoint.pt``, written whole or not at all: every seed's weights, AdamW's
+moments, the schedule's step, the dropout streams' positions, each seed's best epoch so far (weights, scores,
+predictions), the patience counters, the history, and within an epoch the batches done and their loss sums.
+The batch order is a function of the epoch alone, so a run resumed from epoch k, batch j writes the outputs
+an uninterrupted run writes. A checkpoint is used only by a run of the
 same store, torch version, training device and result-changing settings (``identity``); it is removed
 once the run's outputs are written. It is not a DVC output, so `dvc repro` leaves it for the rerun.
 """
@@ -26,7 +27,7 @@ from pipeline.common.files import atomic_write_bytes, partial_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2  # 2: a checkpoint may be saved within an epoch
 # Settings that change how a run goes, never what it computes: a rerun may change them and still resume. The
 # memory budgets choose between held and streamed rows, whose batch order can differ: the identity records
 # which one the run used instead.
@@ -47,9 +48,20 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 @dataclass
+class EpochProgress:
+    """The part of an epoch a run has trained: its first ``steps`` batches, with the seeds' summed losses
+    (loss times examples) over them and their ``examples``, from which the epoch's mean loss goes on."""
+
+    steps: int
+    loss_sums: list[float]
+    examples: int
+
+
+@dataclass
 class RunState:
-    """A run after ``epoch`` epochs. ``best[k]``: seed k's best epoch so far ({} before any), with its
-    ``state`` (weights), ``metrics`` and eval ``predictions`` (numpy arrays)."""
+    """A run after ``epoch`` epochs (and ``within`` the next one, when saved between two of its steps).
+    ``best[k]``: seed k's best epoch so far ({} before any), with its ``state`` (weights), ``metrics`` and eval
+    ``predictions`` (numpy arrays)."""
 
     epoch: int
     model: dict[str, torch.Tensor]
@@ -62,6 +74,12 @@ class RunState:
     history: list[dict[str, Any]]
     frozen: dict[str, Any]
     wall_time_s: float  # spent by this run in the processes that saved the checkpoints so far
+    within: EpochProgress | None = None
+
+    @property
+    def position(self) -> str:
+        """Where the run stands, for the user: "epoch 3", or "batch 120 of epoch 4"."""
+        return f"epoch {self.epoch}" if self.within is None else f"batch {self.within.steps} of epoch {self.epoch + 1}"
 
 
 def _plain(value: Any) -> Any:
@@ -81,7 +99,7 @@ def _tensors(best: list[dict[str, Any]], to_tensor: bool) -> list[dict[str, Any]
 
 
 class Checkpoints:
-    """The checkpoint file of one run directory: found and checked at the start, saved between epochs."""
+    """The checkpoint file of one run directory: found and checked at the start, saved between steps."""
 
     def __init__(self, out: Path, identity: dict[str, Any], every_s: float | None) -> None:
         self.path = Path(out) / CHECKPOINT_NAME
@@ -96,6 +114,8 @@ class Checkpoints:
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
             identity, state = saved["identity"], RunState(**saved["state"])
+            if state.within is not None:
+                state.within = EpochProgress(**state.within)  # saved as a plain dict (torch.load's safe mode)
         except Exception as error:  # a file of another version or damaged on disk: a run can always start over
             log.warning("checkpoint %s unreadable: %r", self.path, error)
             return None, f"{self.path} cannot be read ({type(error).__name__}); starting over"
@@ -103,21 +123,25 @@ class Checkpoints:
         if changed:
             return None, f"{self.path} was saved by a run with other {', '.join(changed)}; starting over"
         state.best = _tensors(state.best, to_tensor=False)
-        return state, f"resuming from {self.path}, saved after epoch {state.epoch}"
+        return state, f"resuming from {self.path}, saved after {state.position}"
 
-    def due(self) -> bool:
-        """Whether an epoch that just ended should be saved."""
-        return self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
+    def due(self, within_epoch: bool = False) -> bool:
+        """Whether the run should be saved now: after an epoch, or ``within_epoch`` after a step (never with
+        ``every_s`` 0, which saves after each epoch only)."""
+        if self.every_s is None or (within_epoch and self.every_s == 0):
+            return False
+        return time.monotonic() - self.last_save >= self.every_s
 
     def save(self, state: RunState) -> None:
         """Write ``state`` whole (a crash mid-write leaves the previous checkpoint)."""
-        payload = _plain({**vars(state), "best": _tensors(state.best, to_tensor=True)})
+        within = None if state.within is None else vars(state.within)
+        payload = _plain({**vars(state), "best": _tensors(state.best, to_tensor=True), "within": within})
         buffer = io.BytesIO()
         torch.save({"identity": self.identity, "state": payload}, buffer)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path, buffer.getvalue())
         self.last_save = time.monotonic()
-        log.info("saved %s after epoch %d", self.path, state.epoch)
+        log.info("saved %s after %s", self.path, state.position)
 
     def remove(self) -> None:
         """Once the outputs are written: the checkpoint, and what a save stopped mid-write left."""

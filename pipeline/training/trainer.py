@@ -29,7 +29,14 @@ from pipeline.store import CacheStore
 from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter, saved_seeds
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
-from pipeline.training.checkpoint import Checkpoints, RunState, best_scores, restore_optimizer, run_identity
+from pipeline.training.checkpoint import (
+    Checkpoints,
+    EpochProgress,
+    RunState,
+    best_scores,
+    restore_optimizer,
+    run_identity,
+)
 from pipeline.training.graphs import CudaGraphRecorder, Recorder, StepGraphs
 from pipeline.training.metrics import compute_metrics, primary_metric
 from pipeline.training.model import (
@@ -244,26 +251,34 @@ class Trainer:
 
     # ---- one epoch -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    phase: Callable[[str], None] | None = None) -> np.ndarray:
+                    phase: Callable[[str], None] | None = None, *, done: EpochProgress | None = None,
+                    checkpoints: Checkpoints | None = None,
+                    state_at: Callable[[EpochProgress], RunState] | None = None) -> np.ndarray:
         """One pass over the training split; the mean loss per seed (S,).
 
         Losses are summed on the device and checked for finiteness every ``FINITE_CHECK_EVERY`` steps
         and at the end (a host sync each time, not every step); a non-finite loss names the seed(s)
         whose loss first went non-finite, as a check every step would. ``phase``, when given, is called
         as each part of a step ends ("batch", "forward", "backward", "step"; a recorded step is one part,
-        "step"), so a benchmark can time the parts of this very loop.
+        "step"), so a benchmark can time the parts of this very loop. ``done``: the part of this epoch a
+        resumed run trained before (its batches are skipped). ``checkpoints``: where the run's state
+        (``state_at`` the epoch's progress) is saved after a step when one is due, the losses so far checked
+        finite first.
         """
         mark = phase or (lambda _: None)
         self.model.train()
         S = len(self.cfg.seeds)
-        totals = torch.zeros(S, dtype=torch.float64, device=self.device)
+        skip = 0 if done is None else done.steps
+        sums = [0.0] * S if done is None else done.loss_sums
+        totals = torch.tensor(sums, dtype=torch.float64, device=self.device)
         first_bad = torch.full((S,), NEVER, dtype=torch.long, device=self.device)
-        count = 0
-        batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self._epoch_seed(epoch))
+        count = 0 if done is None else done.examples
+        batches = self.train_data.epoch(self.cfg.batch_size, shuffle=True, seed=self._epoch_seed(epoch), skip=skip)
         steps = self.steps_in_epoch(epoch)
         graphs = self._graphs_for(optimizer) if self.recorder is not None else None
-        for step, (_, batch) in enumerate(progress_bar(batches, total=steps, desc=f"epoch {epoch}", unit="batch",
-                                                       enabled=self.progress, leave=False)):
+        bar = progress_bar(batches, total=steps, initial=skip, desc=f"epoch {epoch}", unit="batch",
+                           enabled=self.progress, leave=False)
+        for step, (_, batch) in enumerate(bar, start=skip):
             batch = batch.to(self.device, non_blocking=True)
             mark("batch")
             if graphs is not None:
@@ -286,6 +301,10 @@ class Trainer:
                 self._check_finite(first_bad, epoch)
             totals += losses.detach().double() * batch.num_examples
             count += batch.num_examples
+            if checkpoints is not None and state_at is not None and step + 1 < steps \
+                    and checkpoints.due(within_epoch=True):
+                self._check_finite(first_bad, epoch)  # a checkpoint holds finite weights only
+                checkpoints.save(state_at(EpochProgress(step + 1, totals.tolist(), count)))
         self._check_finite(first_bad, epoch)
         return totals.cpu().numpy() / max(count, 1)
 
@@ -430,7 +449,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train every seed; keep each seed's epoch chosen by ``select_key`` (never the reported split by default).
 
-        Between epochs the run's state is saved (``checkpoint_seconds``); a run that finds its own checkpoint
+        Between steps the run's state is saved (``checkpoint_seconds``); a run that finds its own checkpoint
         (same store and settings) goes on from it and writes what an uninterrupted run writes."""
         folder = hold_run_folder(self.out)  # one run at a time writes a folder: its checkpoint and outputs
         try:
@@ -466,9 +485,20 @@ class Trainer:
                            + ("; the step is compiled" if cfg.compile else "; eager steps"))
             if self.compiled:  # the first step is silent for a while: say why
                 self._note("--compile: the first steps build the compiled step (about a minute, once per run)")
+            def state_at(epoch: int, within: EpochProgress | None = None) -> RunState:
+                """The run as it stands after ``epoch`` epochs (and ``within`` the next one)."""
+                return RunState(
+                    epoch=epoch, model=self.model.state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), dropout=self.model.dropout_state(),
+                    best_score=best_score.tolist(), waited=waited.tolist(), best=best, history=history,
+                    frozen=frozen, wall_time_s=meter.elapsed() + (resumed.wall_time_s if resumed else 0.0),
+                    within=within)
+
             epoch = first = 1 if resumed is None else resumed.epoch + 1
             for epoch in range(first, cfg.epochs + 1):
-                train_loss = self.train_epoch(epoch, optimizer, scheduler)
+                done = resumed.within if resumed is not None and epoch == first else None
+                train_loss = self.train_epoch(epoch, optimizer, scheduler, done=done, checkpoints=checkpoints,
+                                              state_at=partial(state_at, epoch - 1))
                 per_seed, predictions = self.evaluate()
                 for k in range(S):
                     if cfg.patience is not None and waited[k] >= cfg.patience:
@@ -483,11 +513,7 @@ class Trainer:
                 history.append(self._history_row(epoch, train_loss, per_seed))
                 stop = cfg.patience is not None and (waited >= cfg.patience).all()
                 if not stop and epoch < cfg.epochs and checkpoints.due():  # saved before said: a line seen is kept
-                    checkpoints.save(RunState(
-                        epoch=epoch, model=self.model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), dropout=self.model.dropout_state(),
-                        best_score=best_score.tolist(), waited=waited.tolist(), best=best, history=history,
-                        frozen=frozen, wall_time_s=meter.elapsed() + (resumed.wall_time_s if resumed else 0.0)))
+                    checkpoints.save(state_at(epoch))
                 self._say(epoch, train_loss, per_seed)
                 if stop:
                     break
@@ -496,6 +522,8 @@ class Trainer:
         resources = meter.summary()
         if resumed is not None:
             resources.update(resumed_after_epoch=resumed.epoch, earlier_wall_time_s=round(resumed.wall_time_s, 3))
+            if resumed.within is not None:
+                resources.update(resumed_after_batches=resumed.within.steps)
         metrics = self._write_outputs(best, history, resources, epochs_run=epoch, record=self._selection_record(frozen))
         checkpoints.remove()
         return metrics
