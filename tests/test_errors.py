@@ -310,6 +310,8 @@ def test_device_refusals_are_one_line_and_name_the_device_asked_for(monkeypatch,
     with pytest.raises(ConfigError, match=r"--device cuda:3: there is no CUDA device 3 \(1 visible: cuda:0\)"):
         pick_device("cuda:3")
     assert pick_device("cuda:0") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert pick_device("cuda") == pick_device("auto") == torch.device("cuda:0")  # one device, one checkpoint identity
 
 
 # ---- outputs: a bad --out is refused before the work ------------------------------------------------------

@@ -25,11 +25,13 @@ def pick_device(device: str) -> torch.device:
 
     Every command picks its device here, so each says the same thing, before any work: a value outside the
     declared ones (the ``device`` setting's), a GPU kind this torch or machine lacks, a CUDA index past the
-    visible devices. 'auto' -> CUDA when visible, else CPU.
+    visible devices. 'auto' -> CUDA when visible, else CPU. A CUDA device always carries its index ('cuda' is
+    the current one, cuda:0 unless set otherwise), so that `cuda` and `cuda:0` are one device wherever devices are
+    compared or recorded (a checkpoint's identity, a batch already in place).
     """
     device = parse_text(TrainConfig, "device", device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps was asked for but this torch or machine has no MPS (Apple GPU) support; "
                           "use --device cpu or auto")
@@ -40,6 +42,7 @@ def pick_device(device: str) -> torch.device:
         if index is not None and index >= count:
             raise ConfigError(f"--device {device}: there is no CUDA device {index} ({count} visible: "
                               f"{', '.join(f'cuda:{i}' for i in range(count))}); use one of those, cuda or auto")
+        return torch.device("cuda", torch.cuda.current_device() if index is None else index)
     return torch.device(device)
 
 
