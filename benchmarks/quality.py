@@ -174,6 +174,25 @@ def _merged(pattern: str) -> dict[str, Any]:
     return merged
 
 
+def _finetune_results() -> dict[str, Any]:
+    """Full fine-tuning per task, its seeds gathered from every file (seeds of one task may run in separate
+    processes, each with its own --out)."""
+    tasks: dict[str, Any] = {}
+    for path in sorted(OUT.glob("finetune*.json")):
+        for task, entry in json.loads(path.read_text()).items():
+            if task.startswith("_"):
+                continue
+            merged = tasks.setdefault(task, {"per_seed": {}, "settings": entry["settings"]})
+            if merged["settings"] != entry["settings"]:
+                raise SystemExit(f"{path.name}: {task} ran with other settings than in another file; "
+                                 "seeds of different recipes cannot be averaged")
+            merged["per_seed"].update(entry["per_seed"])
+    for entry in tasks.values():
+        entry["per_seed"] = dict(sorted(entry["per_seed"].items(), key=lambda kv: int(kv[0])))
+        entry["scores"] = [s["score"] for s in entry["per_seed"].values()]
+    return tasks
+
+
 def _winner(read: dict[str, Any], task: str) -> str | None:
     """The READ variant with the best mean *selection* score on ``task`` (validation never looked at)."""
     names = [v for v in VARIANTS if v != "probe" and f"{task}/{v}" in read]
@@ -197,7 +216,7 @@ def _gap_to_finetuning(read: dict[str, Any], ft: dict[str, Any], tasks: list[str
 
 def cmd_table(args: argparse.Namespace) -> None:
     read = _merged("read*.json")
-    ft = {k: v for k, v in _merged("finetune*.json").items() if not k.startswith("_")}
+    ft = _finetune_results()
     tasks = [t for t in TASKS if any(k.startswith(f"{t}/") for k in read)]
     lines = [SECTION, "", (
         "all-MiniLM-L6-v2 (real weights), real GLUE (`../shared/data/glue`), **whole training splits** (SST-2: "
