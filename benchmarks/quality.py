@@ -220,7 +220,7 @@ def cmd_table(args: argparse.Namespace) -> None:
     tasks = [t for t in TASKS if any(k.startswith(f"{t}/") for k in read)]
     lines = [SECTION, "", (
         "all-MiniLM-L6-v2 (real weights), real GLUE (`../shared/data/glue`), **whole training splits** (SST-2: "
-        "its first 20,000), max_length 128, CPU only (2 cores, two benchmark processes side by side with 1 torch "
+        "its first 20,000), max_length 128, CPU only (2 cores, two or three benchmark processes side by side with 1 torch "
         "thread each, see below: wall times are upper bounds). Scores are validation x100, mean ± sample std over seeds "
         "0,1,2, **at the epoch each seed chose on the selection split** (10% of the training split, at most 1,000 "
         "examples, fixed by a hash of the GLUE idx and held out of training for every method): the validation "
