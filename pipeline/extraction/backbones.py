@@ -48,9 +48,9 @@ PACKAGED_MODELS = {
 
 # Decoder-family prompt: the T5 template (it names the task and the fields) plus a cue for the label.
 DECODER_SUFFIX = "\nanswer:"
-# How each family formats an example (recorded in the store and in adapters, checked by `pipeline predict`).
-# How each family reads an example. The encoder's is the field pair as its tokenizer encodes it, segment ids
-# included ("pair" was the same without them: the second sentence embedded as segment 0).
+# How each family reads an example (recorded in the store's identity and in adapters, checked by `pipeline
+# predict`). The encoder's is the field pair as its tokenizer encodes it, segment ids included ("pair" was the
+# same without them: the second sentence embedded as segment 0).
 TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair+segments"}
 
 
