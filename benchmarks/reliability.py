@@ -89,12 +89,14 @@ def one_line_error(proc: subprocess.CompletedProcess) -> tuple[bool, str]:
     return ok, shown if ok else f"exit {proc.returncode}, {len(lines)} stderr line(s): {' / '.join(lines[-3:])}"
 
 
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], poll_s: float = 0.002) -> bool:
-    """SIGKILL ``proc`` as soon as ``ready()``; False if it finished first."""
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], poll_s: float = 0.002,
+              sig: signal.Signals = signal.SIGKILL) -> bool:
+    """Send ``sig`` (SIGKILL: and wait for the end) to ``proc`` as soon as ``ready()``; False if it finished first."""
     while proc.poll() is None:
         if ready():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                proc.wait()
             return True
         time.sleep(poll_s)
     return False
@@ -245,6 +247,21 @@ def concurrent(setup: Setup) -> Iterator[Row]:
     yield Row("two `--part` processes at once", "`--part 0/2` and `--part 1/2` started together on one store",
               f"exits {[c for c, _ in codes]}; {text}", all(c == 0 for c, _ in codes) and ok,
               f"`{EXTRACT_SHOWN} --part 0/2 & ... --part 1/2`")
+    store = setup.work / "part-then-whole.zarr"
+    part = start(setup.extract_args(store, "--part", "0/2"), stderr=subprocess.PIPE)
+    paused = kill_when(part, lambda: blocks_done(store) >= 1, sig=signal.SIGSTOP)  # mid-way, holding the lock
+    whole = run(setup.extract_args(store))
+    refused, line = one_line_error(whole)
+    part.send_signal(signal.SIGCONT)
+    part_rest = part.communicate()[1]
+    rest = run(setup.extract_args(store, "--part", "1/2"))
+    ok, text = same_as_clean(setup, store)
+    yield Row("a whole extraction while `--part` processes run", "the whole command started while `--part 0/2` "
+              "(paused by SIGSTOP after its first block) holds the store",
+              f"{line}; then part 0 exit {part.returncode}, part 1 exit {rest.returncode}; {text}",
+              paused and refused and "--part processes are filling" in line and part.returncode == 0
+              and rest.returncode == 0 and ok and not part_rest.strip(),
+              f"`{EXTRACT_SHOWN} --part 0/2`, `kill -STOP` it, `{EXTRACT_SHOWN}`, `kill -CONT` it, `... --part 1/2`")
     store = setup.work / "twice.zarr"
     procs = [start(setup.extract_args(store), stderr=subprocess.PIPE) for _ in range(2)]
     codes = [(p.returncode, err.strip()) for p in procs for _, err in [p.communicate()]]
@@ -346,31 +363,53 @@ def whole_files(run_dir: Path) -> tuple[bool, str]:
         + f", {partial} partial temp file(s)"
 
 
+@dataclass
+class KillPoint:
+    label: str
+    line: str | None  # kill on the stderr line containing this; None: watch the files (``within``, or the writes)
+    # The least the rerun must go on from: (whole epochs done, and within the next one). Each epoch's checkpoint is
+    # saved before its line is printed, so a kill right after `epoch K` finds epoch K's.
+    earliest: tuple[int, bool]
+    within: int | None = None  # kill right after a save between two steps of this epoch (saving every 10 ms)
+
+
+def saved_within(checkpoint: Path, epoch: int) -> bool:
+    """Whether ``checkpoint`` (written whole by a rename) was saved between two steps of ``epoch``."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]
+    except Exception:  # absent, or replaced while this read it
+        return False
+    return state["within"] is not None and state["epoch"] + 1 == epoch
+
+
 def training_kills(setup: Setup) -> Iterator[Row]:
+    from pipeline.training.checkpoint import CHECKPOINT_NAME
+
     clean = setup.work / "runs-clean"
     run(train_args(setup, clean))
     expected = run_outputs(clean)
-    # (what, when to kill, the earliest epoch the rerun must go on from: each epoch's checkpoint is saved before
-    # its line is printed, so a kill right after `epoch k` finds epoch k's)
-    points: list[tuple[str, Callable[[Path], Callable[[str], bool] | None], int]] = [
-        (f"after the `epoch {k}/8` line", lambda out, k=k: lambda line: f"epoch {k}/" in line, k)
-        for k in (1, 3, 5, 7)
-    ]
-    points.append(("while writing outputs (first adapter file replaced)", lambda out: None, 7))
-    for index, (label, when, earliest) in enumerate(points):
+    points = [KillPoint(f"after the `epoch {k}/8` line", f"epoch {k}/", (k, False)) for k in (1, 3, 5, 7)]
+    points.append(KillPoint("while writing outputs (first adapter file replaced)", None, (7, False)))
+    points.append(KillPoint("right after a save within epoch 4 (`--checkpoint-seconds 0.01`)", None,
+                            (3, True), within=4))
+    for index, point in enumerate(points):
         out = setup.work / f"runs-kill-{index}"
         shutil.rmtree(out, ignore_errors=True)
         run(train_args(setup, out, seeds="0,1,2", epochs=1))  # an earlier complete run in the same --out
         first = out / "adapters" / "seed_0" / "adapter_model.safetensors"
         stamp, earlier = first.stat().st_mtime_ns, stamps(out)
-        match = when(out)
-        proc = start(train_args(setup, out), stderr=subprocess.DEVNULL if match is None else subprocess.PIPE)
-        if match is None:  # watch the write phase: kill the moment the first output is replaced
+        often = ["--checkpoint-seconds", "0.01"] if point.within else []
+        proc = start(train_args(setup, out) + often, stderr=subprocess.PIPE if point.line else subprocess.DEVNULL)
+        if point.within:
+            killed = kill_when(proc, lambda c=out / CHECKPOINT_NAME, e=point.within: saved_within(c, e), poll_s=0.001)
+        elif point.line is None:  # watch the write phase: kill the moment the first output is replaced
             killed = kill_when(proc, lambda f=first, s=stamp: f.stat().st_mtime_ns != s, poll_s=0.0005)
         else:
             killed = False
             for line in proc.stderr:
-                if match(line):
+                if point.line in line:
                     proc.send_signal(signal.SIGKILL)
                     killed = True
                     break
@@ -381,14 +420,18 @@ def training_kills(setup: Setup) -> Iterator[Row]:
         state = f"{replaced} of the earlier run's {len(earlier)} files replaced at the kill; {state}"
         rerun = run(train_args(setup, out))
         same = rerun.returncode == 0 and run_outputs(out) == expected
-        found = re.search(r"saved after epoch (\d+)", rerun.stderr)
-        after = int(found.group(1)) if found else 0
-        went_on = f"went on from epoch {after}'s checkpoint" if found else "started over (no checkpoint)"
-        yield Row("kill -9 during `train`", f"over an earlier run (seeds 0,1,2); SIGKILL {label}",
+        found = re.search(r"saved after (batch \d+ of )?epoch (\d+)", rerun.stderr)
+        went_on = f"went on from the checkpoint saved after {found.group(1) or ''}epoch {found.group(2)}" if found \
+            else "started over (no checkpoint)"
+        # (epoch, within): a save within epoch E comes after E - 1 whole ones, and later than a save after them
+        resumed = (int(found.group(2)) - bool(found.group(1)), bool(found.group(1))) if found else (0, False)
+        yield Row("kill -9 during `train`", f"over an earlier run (seeds 0,1,2); SIGKILL {point.label}",
                   f"{'killed' if killed else 'finished before the kill'}: {state}; rerun exit {rerun.returncode}, "
                   f"{went_on}: "
                   f"{'files, metrics.json seeds, adapter tensors and CSVs equal the uninterrupted run' if same else 'DIFFERS from the uninterrupted run'}",
-                  killed and whole and same and after >= earliest, f"`{TRAIN_SHOWN} --out R`, `kill -9` it, rerun it")
+                  killed and whole and same and resumed >= point.earliest,
+                  f"`{TRAIN_SHOWN}{' '.join([''] + often)} --out R`, `kill -9` it, rerun it"
+                  + (" without `--checkpoint-seconds 0.01`" if often else ""))
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------------

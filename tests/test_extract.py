@@ -338,7 +338,7 @@ def test_rte_with_minilm_has_the_glue_counts_and_verifies(minilm, tmp_path, glue
     assert len(store.split("train")) == 2490 and len(store.split("validation")) == 277
     assert CliRunner().invoke(main, ["verify", out]).exit_code == 0
     info = CliRunner().invoke(main, ["info", out])
-    assert "2,490 examples" in info.output and "complete" in info.output
+    assert "2,490 examples" in info.output and "complete  computed in float32" in info.output
 
 
 # ---- refusals: one line, non-zero exit, nothing written ------------------------------------------
@@ -563,6 +563,34 @@ def test_the_label_row_check_runs_in_the_forwards_precision(request, fixture, tm
                         splits="validation", limit=8, max_length=64)
     Extraction(cfg, progress=False, backbone=backbone).run()
     assert verify_store(cfg.out_path) == []
+
+
+def test_a_split_begun_in_other_arithmetic_is_not_finished_in_this_one(tiny_t5, tmp_path, glue_dir):
+    # An extraction begun on an accelerator (bfloat16 autocast; the CPU stands in) and resumed on a CPU (float32)
+    # would mix blocks computed both ways: refused in one line. A finished store is the same store anywhere.
+    from pipeline.extraction.backbones import linear_weights_to
+
+    cfg = ExtractConfig(model=str(tiny_t5), task="rte", out=str(tmp_path / "s.zarr"), glue_dir=str(glue_dir),
+                        splits="validation", limit=12, max_length=64, batch_tokens=256, block_tokens=128)
+    backbone = load_backbone(str(tiny_t5), device="cpu")
+    backbone.autocast_dtype = torch.bfloat16
+    linear_weights_to(backbone.model, torch.bfloat16)
+    assert backbone.precision == "bfloat16 autocast"
+    Extraction(cfg, progress=False, backbone=backbone).run(max_blocks=1)
+    assert CacheStore(cfg.out_path).meta.splits["validation"].precision == "bfloat16 autocast"
+    args = ["--model", str(tiny_t5), "--task", "rte", "--glue-dir", str(glue_dir), "--splits", "validation",
+            "--limit", "12", "--max-length", "64", "--batch-tokens", "256", "--block-tokens", "128", "--quiet"]
+    before = tree_bytes(cfg.out_path)
+    result = cli(*args, "--out", cfg.out_path)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert ("split 'validation' was begun computing in bfloat16 autocast, and this run computes in float32"
+            in result.output and "--overwrite" in result.output)
+    assert tree_bytes(cfg.out_path) == before  # nothing written
+    Extraction(cfg, progress=False, backbone=backbone).run()  # finished where it was begun
+    assert cli(*args, "--out", cfg.out_path).exit_code == 0  # a finished store: nothing to compute, nothing refused
+    assert tree_bytes(cfg.out_path) != before and verify_store(cfg.out_path) == []
+    assert cli(*args, "--out", cfg.out_path, "--overwrite").exit_code == 0
+    assert CacheStore(cfg.out_path).meta.splits["validation"].precision == "float32"
 
 
 def test_a_store_from_before_the_template_was_its_identity_is_refused(tiny_t5, tmp_path, glue_dir):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -448,25 +450,47 @@ def test_extract_refuses_a_path_that_is_not_a_store_in_one_line(tmp_path, tiny_g
     assert not Path(f"{plain}.lock").exists()  # refused before anything was created beside it
 
 
-def test_a_second_whole_extraction_on_the_same_store_refuses(tmp_path, tiny_glue, monkeypatch):
-    out = tmp_path / "s.zarr"
-    lock = f"{out.resolve()}.lock"
-    script = "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(120)"
+@contextlib.contextmanager
+def lock_held_elsewhere(lock: str, *, shared: bool) -> Iterator[None]:
+    """Another process holding ``lock`` as an extraction does: shared as a --part process, else as a whole one."""
+    mode = "LOCK_SH" if shared else "LOCK_EX"
+    script = (f"import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+              f"fcntl.flock(fd, fcntl.{mode}); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", script, lock], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr("pipeline.store.writer.BUSY_WAIT_S", 0.2)
-        result = extract_cli(tmp_path, tiny_glue, out)
-        assert "another extraction is filling" in one_line_error(result) and "--part" in result.output
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(("held_by", "part", "expected"), [
+    ("whole", None, "another extraction is filling"),
+    ("part", None, "--part processes are filling"),  # a whole one would rewrite the parts' blocks under them
+    ("whole", "1/2", "a whole extraction is filling"),
+])
+def test_an_extraction_refuses_while_a_conflicting_one_holds_the_store(tmp_path, tiny_glue, monkeypatch, held_by,
+                                                                       part, expected):
+    out = tmp_path / "s.zarr"
+    monkeypatch.setattr("pipeline.store.writer.BUSY_WAIT_S", 0.2)
+    with lock_held_elsewhere(f"{out.resolve()}.lock", shared=held_by == "part"):
+        result = extract_cli(tmp_path, tiny_glue, out, *(["--part", part] if part else []))
+    assert expected in one_line_error(result) and "--part" in result.output
     assert not out.exists()
+
+
+def test_a_store_that_parts_are_filling_reads_as_being_extracted(synthetic_store):
+    store = CacheStore(synthetic_store().path)
+    assert not store.being_extracted()
+    with lock_held_elsewhere(f"{Path(store.path).resolve()}.lock", shared=True):
+        assert store.being_extracted()
+    assert not store.being_extracted()
 
 
 def test_a_whole_extraction_removes_writes_a_killed_process_left(synthetic_store):
     """kill -9 in the middle of zarr's write leaves <file>.<uuid>.partial; the next whole extraction deletes it."""
-    from pipeline.store.writer import exclusive_extraction
+    from pipeline.store.writer import extraction_hold
 
     made = synthetic_store()
     flags = Path(made.path) / "train" / "blocks_done" / "c"
@@ -475,6 +499,6 @@ def test_a_whole_extraction_removes_writes_a_killed_process_left(synthetic_store
     mine = flags / "notes.partial"  # not zarr's pattern: not ours to delete
     mine.write_bytes(b"")
     before = tree_bytes(made.path)
-    with exclusive_extraction(made.path):
+    with extraction_hold(made.path, whole=True):
         assert not orphan.exists() and mine.exists()
     assert tree_bytes(made.path) == {k: v for k, v in before.items() if not k.endswith("cdef.partial")}

@@ -235,6 +235,14 @@ class Backbone:
             num_parameters=int(sum(p.numel() for p in self.model.parameters())), extra=dict(self.extra),
         )
 
+    @property
+    def precision(self) -> str:
+        """The arithmetic its forward runs in, as a store's split records it: ``float32``, or the autocast dtype on
+        an accelerator (``bfloat16 autocast``). Blocks computed both ways differ in their low bits and more."""
+        if self.autocast_dtype is None:
+            return "float32"
+        return f"{str(self.autocast_dtype).removeprefix('torch.')} autocast"
+
     # ---- inputs -----------------------------------------------------------------------------
     @property
     def template(self) -> str:

@@ -9,7 +9,6 @@ exactly as it would have been in one uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import platform
 import time
@@ -56,7 +55,7 @@ from pipeline.store import (
     block_layout,
     check_target,
     examples_hash,
-    exclusive_extraction,
+    extraction_hold,
     logical_view,
     path_kind,
     plan_blocks,
@@ -288,7 +287,7 @@ class Extraction:
             per_token=self.per_token, max_length=cfg.max_length, block_tokens=cfg.block_tokens,
         )
         self.meta = self._meta()
-        self.writer = StoreWriter(cfg.out_path, self.meta, overwrite=cfg.overwrite)
+        self.writer = StoreWriter(cfg.out_path, self.meta, overwrite=cfg.overwrite, precision=self.backbone.precision)
         if self.label_rows is not None:
             self.writer.ensure_array("label_rows", self.label_rows)
         self.checked_label_rows = False
@@ -333,6 +332,7 @@ class Extraction:
         if not todo:
             self.writer.mark_complete(name)
             return
+        self.writer.check_precision(name)
         total = int(sum(plan.block_starts[j + 1] - plan.block_starts[j] for j in todo))
         bar = progress_bar(total=total, desc=f"{self.task.name}/{name}", unit="ex", enabled=self.progress)
         started, seen_tokens = time.perf_counter(), 0
@@ -476,8 +476,8 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> str:
     """Stage one end to end; returns the store path. Idempotent: a finished store is not recomputed.
 
     The data is read first (its errors come before any model loads) and defines the store's identity.
-    A whole extraction holds the store's lock throughout, so a second one on the same --out refuses;
-    --part runs share the store and take the lock only briefly.
+    An extraction holds the store's lock while it runs: a whole one alone, --part processes together, so a
+    second whole one, or a part beside a whole one, refuses at once.
     """
     data = gather_splits(cfg, get_task(cfg.task))
     whole = cfg.part_index == (0, 1)
@@ -485,5 +485,5 @@ def extract(cfg: ExtractConfig, *, progress: bool = True) -> str:
         log.info("%s is complete with these settings and data; nothing to do", cfg.out_path)
         return cfg.out_path
     check_target(cfg.out_path, overwrite=cfg.overwrite)  # before any lock file or model load
-    with exclusive_extraction(cfg.out_path) if whole else contextlib.nullcontext():
+    with extraction_hold(cfg.out_path, whole=whole):
         return Extraction(cfg, progress=progress, data=data).run()

@@ -39,7 +39,7 @@ from pipeline.store.verify import summarize_store, verify_store
 from pipeline.store.writer import (
     StoreWriter,
     check_target,
-    exclusive_extraction,
+    extraction_hold,
     path_kind,
     remove_store,
 )
@@ -48,6 +48,6 @@ __all__ = [
     "ATTRS_KEY", "FORMAT_VERSION", "SIDES", "STORED_DTYPES", "BackboneInfo", "BlockPlan", "CacheStore",
     "CachedSplit", "ExtractionSettings", "SplitData", "SplitInfo", "StoreIdentity", "StoreLayout", "StoreMeta",
     "StoreWriter", "TaskInfo", "block_layout", "block_rows", "check_target", "checksum", "compressor", "examples_hash",
-    "exclusive_extraction", "fingerprint", "logical_view", "path_kind", "plan_blocks", "remove_store",
+    "extraction_hold", "fingerprint", "logical_view", "path_kind", "plan_blocks", "remove_store",
     "summarize_store", "stored_view", "to_float32", "torch_dtype", "torch_view", "verify_store",
 ]

@@ -75,10 +75,22 @@ def compressor(name: str) -> list[Any]:
 # ---- checksums and data identity ---------------------------------------------------------------
 
 
+def is_remote(store: str) -> bool:
+    """Whether a store path is a URL (``s3://...``, read and written through fsspec) rather than a local folder."""
+    return "://" in store
+
+
 def lock_path(store: str) -> Path | None:
-    """The lock file beside a local store (``<store>.lock``), where extraction and readers both look;
-    None for a remote (fsspec) store, which has no lock."""
-    return None if "://" in store else Path(str(Path(store).resolve()) + ".lock")
+    """The extraction lock beside a local store (``<store>.lock``): every extraction holds it while it runs, a
+    whole one alone and ``--part`` processes together, so readers can tell a store still being written. None
+    for a remote store, which has no lock."""
+    return None if is_remote(store) else Path(str(Path(store).resolve()) + ".lock")
+
+
+def attrs_lock_path(store: str) -> Path | None:
+    """The lock beside a local store (``<store>.attrs.lock``) that a writer holds for the moment it creates the
+    store or a split or rewrites the root attributes, so that ``--part`` processes never interleave those."""
+    return None if is_remote(store) else Path(str(Path(store).resolve()) + ".attrs.lock")
 
 
 def checksum(rows: np.ndarray) -> int:

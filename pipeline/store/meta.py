@@ -144,6 +144,10 @@ class SplitInfo:
     num_tokens: dict[str, int]
     num_rows: dict[str, int]
     complete: bool = False
+    # The arithmetic its blocks were computed in (``Backbone.precision``); "" in a store made before it was recorded.
+    # Not part of the identity: a finished store is the same store wherever it is read or checked, but a rerun that
+    # would add blocks computed otherwise is refused (``StoreWriter.check_precision``).
+    precision: str = ""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pipeline.store.format import (
     block_rows,
     checksum,
     checksum_hex,
+    is_remote,
     lock_path,
 )
 from pipeline.store.meta import StoreMeta
@@ -178,7 +179,7 @@ class CacheStore:
         import zarr
 
         self.path = str(path)
-        if "://" not in self.path and not Path(self.path).exists():
+        if not is_remote(self.path) and not Path(self.path).exists():
             raise FileNotFoundError(f"no store at {self.path}; run `pipeline extract` first")
         try:
             self.group = zarr.open_group(self.path, mode="r")
@@ -255,8 +256,7 @@ class CacheStore:
                 )
 
     def being_extracted(self) -> bool:
-        """Whether a whole extraction holds the store's lock (``<store>.lock``) now; a --part one holds it only
-        while it creates the store."""
+        """Whether an extraction (a whole one or a --part process) holds the store's lock (``<store>.lock``) now."""
         lock_file = lock_path(self.path)
         if lock_file is None or not lock_file.is_file():
             return False
@@ -271,11 +271,11 @@ class CacheStore:
             return False
 
     def disk_bytes(self) -> int:
-        if "://" in self.path:
+        if is_remote(self.path):
             return -1
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
     def file_count(self) -> int:
-        if "://" in self.path:
+        if is_remote(self.path):
             return -1
         return sum(1 for f in Path(self.path).rglob("*") if f.is_file())

@@ -95,6 +95,7 @@ def summarize_store(path: str | Path) -> dict[str, Any]:
             "blocks": f"{int(done.sum())}/{len(done)}",
             "complete": bool(done.all()),
             "source": meta.identity.data[name].source,
+            "computed_in": meta.splits[name].precision or "not recorded",
         }
     disk = store.disk_bytes()
     lines = [
@@ -108,7 +109,8 @@ def summarize_store(path: str | Path) -> dict[str, Any]:
     for name, s in splits.items():
         tokens = ", ".join(f"{side} {n:,}" for side, n in s["tokens"].items())
         state = "complete" if s["complete"] else "INCOMPLETE"
-        lines.append(f"split      {name:<22} {s['examples']:>8,} examples  tokens: {tokens}  blocks {s['blocks']}  {state}")
+        lines.append(f"split      {name:<22} {s['examples']:>8,} examples  tokens: {tokens}  blocks {s['blocks']}  {state}"
+                     f"  computed in {s['computed_in']}")
     plain = meta.to_attrs()
     return {
         "path": store.path, "fingerprint": store.fingerprint, "backbone": plain["backbone"], "task": plain["task"],

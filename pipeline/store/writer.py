@@ -12,8 +12,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,28 +36,37 @@ from pipeline.store.format import (
     EXAMPLE_SUMS,
     STORED_DTYPES,
     BlockPlan,
+    attrs_lock_path,
     block_rows,
     checksum,
     checksum_columns,
     checksum_hex,
     compressor,
     example_arrays,
+    is_remote,
     lock_path,
     round_up,
 )
 from pipeline.store.meta import SplitData, StoreMeta
 from pipeline.store.reader import CachedSplit, first_line
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so extractions take no lock (see extraction_hold)
+    fcntl = None
+
 log = logging.getLogger(__name__)
-BUSY_WAIT_S = 5.0  # --part processes hold the lock for milliseconds; a whole extraction holds it throughout
+BUSY_WAIT_S = 1.0  # how long an extraction waits for the store's lock: a reader's check holds it for milliseconds
 
 
 class StoreWriter:
     """Creates or reopens a store, checks it is the same store (identity), and writes whole blocks."""
 
-    def __init__(self, path: str | Path, meta: StoreMeta, *, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, meta: StoreMeta, *, overwrite: bool = False, precision: str = "") -> None:
+        """``precision``: the arithmetic this run's blocks are computed in (``Backbone.precision``)."""
         self.path = str(path)
         self.meta = meta  # this run's record: its identity's data names the splits it will write
+        self.precision = precision
         self.lock = store_lock(self.path)
         self._rows: dict[str, tuple[np.ndarray, dict[str, np.ndarray], list[str]]] = {}
         with self.lock:
@@ -177,7 +188,18 @@ class StoreWriter:
                            num_tokens={side: int(examples[f"{side}/lengths"].sum()) for side in sides},
                            num_rows={side: int((plan.offsets[side][:, 1] - plan.offsets[side][:, 0]).sum())
                                      for side in sides},
-                           complete=False)
+                           complete=False, precision=self.precision)
+
+    def check_precision(self, split: str) -> None:
+        """Refuse to add blocks computed in other arithmetic than the split's blocks so far (a resume or another
+        --part on another device): the split would mix both. A store from before it was recorded is not checked."""
+        recorded = self._stored_meta().splits[split].precision
+        if recorded and recorded != self.precision:
+            raise StoreMismatchError(
+                f"{self.path}: split {split!r} was begun computing in {recorded}, and this run computes in "
+                f"{self.precision} (another --device or --dtype); finish it where it was begun, or pass --overwrite "
+                "to extract it again in one way"
+            )
 
     def _update_split(self, split: str, data: SplitData | None = None, **info: Any) -> None:
         """Read-modify-write of the root attributes, one process at a time; unchanged ones are not rewritten."""
@@ -337,7 +359,7 @@ def zarr_reopen(path: str) -> Any:
 
 def path_kind(path: str) -> str:
     """'absent', 'empty' (an empty folder), 'store' (a READ store), 'remote', or a phrase for anything else."""
-    if "://" in path:
+    if is_remote(path):
         return "remote"
     local = Path(path)
     if local.is_symlink():
@@ -381,13 +403,10 @@ def remove_store(path: str) -> None:
 
 
 def store_lock(path: str) -> Any:
-    """The lock file beside a local store (``<store>.lock``): one lock object per store in a process.
-
-    --part processes take it briefly to create and annotate the store; a whole extraction holds it
-    throughout (``exclusive_extraction``). Remote (fsspec) stores get no lock: start part 0 first
-    there, and let it create the splits.
-    """
-    lock_file = lock_path(path)
+    """The lock a writer holds while it creates the store or a split or rewrites the root attributes
+    (``<store>.attrs.lock``): one lock object per store in a process. Remote (fsspec) stores get no lock:
+    start part 0 first there, and let it create the splits."""
+    lock_file = attrs_lock_path(path)
     if lock_file is None:
         return contextlib.nullcontext()
     from filelock import FileLock
@@ -397,26 +416,59 @@ def store_lock(path: str) -> Any:
 
 
 @contextlib.contextmanager
-def exclusive_extraction(path: str) -> Iterator[None]:
-    """Hold the store's lock for a whole extraction, so a second one on the same store refuses at once."""
-    from filelock import Timeout
+def extraction_hold(path: str, *, whole: bool) -> Iterator[None]:
+    """Hold the store's extraction lock (``<store>.lock``) while extracting: a whole extraction alone (it clears
+    the writes a killed process left, and writes every block), ``--part`` processes shared with each other.
 
-    lock = store_lock(path)
-    if isinstance(lock, contextlib.nullcontext):
+    So a whole extraction refuses while another one or any part runs, and a part while a whole one runs; the
+    kernel releases the lock when its process ends, ``kill -9`` included. Remote stores and systems without
+    ``flock`` (Windows) get no lock.
+    """
+    lock_file = lock_path(path)
+    if lock_file is None or fcntl is None:
         yield
         return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        lock.acquire(timeout=BUSY_WAIT_S)
-    except Timeout:
-        raise StoreBusyError(
-            f"another extraction is filling {path} now (it holds {lock.lock_file}); let it finish and rerun, "
-            "or split the work between processes with --part I/N"
-        ) from None
-    try:
-        remove_orphaned_writes(path)
+        if not _flock(fd, exclusive=whole, wait_s=BUSY_WAIT_S):
+            raise StoreBusyError(_busy_reason(path, lock_file, whole=whole))
+        if whole:
+            remove_orphaned_writes(path)
         yield
     finally:
-        lock.release()
+        os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, *, exclusive: bool, wait_s: float) -> bool:
+    """Take ``flock`` on ``fd``, shared or exclusive, trying for up to ``wait_s`` seconds; whether it was taken."""
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, mode)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _busy_reason(path: str, lock_file: Path, *, whole: bool) -> str:
+    """Why an extraction may not start now, and what to do: who holds the lock (shared: --part processes)."""
+    if not whole:
+        return (f"a whole extraction is filling {path} now (it holds {lock_file}); let it finish (it writes every "
+                "block), or stop it and run the --part processes")
+    probe = os.open(lock_file, os.O_RDWR)
+    try:
+        by_parts = _flock(probe, exclusive=False, wait_s=0)
+    finally:
+        os.close(probe)
+    if by_parts:
+        return (f"--part processes are filling {path} now (they hold {lock_file}); let them finish, or join them "
+                "with another --part I/N")
+    return (f"another extraction is filling {path} now (it holds {lock_file}); let it finish and rerun, or split "
+            "the work between processes with --part I/N")
 
 
 # zarr's local store writes every file as ``<name>.<uuid4 hex>.partial`` and then renames it.
@@ -431,7 +483,7 @@ def remove_orphaned_writes(path: str) -> int:
     them. Returns how many were removed.
     """
     root = Path(path)
-    if "://" in path or not root.is_dir():
+    if is_remote(path) or not root.is_dir():
         return 0
     orphans = [p for p in root.rglob("*.partial") if _ORPHAN.search(p.name) and p.is_file()]
     for orphan in orphans:
