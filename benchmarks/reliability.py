@@ -253,14 +253,14 @@ def concurrent(setup: Setup) -> Iterator[Row]:
     whole = run(setup.extract_args(store))
     refused, line = one_line_error(whole)
     part.send_signal(signal.SIGCONT)
-    part_rest = part.communicate()[1]
+    part.communicate()
     rest = run(setup.extract_args(store, "--part", "1/2"))
     ok, text = same_as_clean(setup, store)
     yield Row("a whole extraction while `--part` processes run", "the whole command started while `--part 0/2` "
               "(paused by SIGSTOP after its first block) holds the store",
-              f"{line}; then part 0 exit {part.returncode}, part 1 exit {rest.returncode}; {text}",
+              f"`{line}`; then part 0 exit {part.returncode}, part 1 exit {rest.returncode}; {text}",
               paused and refused and "--part processes are filling" in line and part.returncode == 0
-              and rest.returncode == 0 and ok and not part_rest.strip(),
+              and rest.returncode == 0 and ok,
               f"`{EXTRACT_SHOWN} --part 0/2`, `kill -STOP` it, `{EXTRACT_SHOWN}`, `kill -CONT` it, `... --part 1/2`")
     store = setup.work / "twice.zarr"
     procs = [start(setup.extract_args(store), stderr=subprocess.PIPE) for _ in range(2)]
@@ -430,8 +430,8 @@ def training_kills(setup: Setup) -> Iterator[Row]:
                   f"{went_on}: "
                   f"{'files, metrics.json seeds, adapter tensors and CSVs equal the uninterrupted run' if same else 'DIFFERS from the uninterrupted run'}",
                   killed and whole and same and resumed >= point.earliest,
-                  f"`{TRAIN_SHOWN}{' '.join([''] + often)} --out R`, `kill -9` it, rerun it"
-                  + (" without `--checkpoint-seconds 0.01`" if often else ""))
+                  f"`{TRAIN_SHOWN.replace('--checkpoint-seconds 0', ' '.join(often)) if often else TRAIN_SHOWN} --out R`, "
+                  "`kill -9` it, rerun it" + (" with `--checkpoint-seconds 0`" if often else ""))
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------------
