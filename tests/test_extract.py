@@ -290,30 +290,51 @@ def test_a_store_built_from_other_data_is_stale(tiny_t5, tmp_path, glue_dir):
     assert finished_store(cfg) and verify_store(out) == []
 
 
+def blocks_done(store: str) -> np.ndarray | None:
+    """The train split's done-flags of a store being written, or None while it cannot be read yet."""
+    try:
+        return np.asarray(zarr.open_group(store, mode="r")["train"]["blocks_done"][:])
+    except Exception:
+        return None
+
+
+def kill_part_way(command: list[str], out: str, env: dict[str, str], timeout_s: float = 240) -> np.ndarray | None:
+    """Start ``command`` writing ``out`` and kill -9 it once some but not all blocks are done; the done-flags
+    then, or None if it finished first (a starved poller can miss the window). The process is stopped
+    (SIGSTOP) before its flags are read, so what is checked is what the kill leaves."""
+    proc = subprocess.Popen([*command, "--out", out], env=env, cwd=REPO)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = blocks_done(out)
+            if done is not None and 1 <= done.sum() < len(done) - 1:
+                proc.send_signal(signal.SIGSTOP)
+                done = blocks_done(out)
+                if done is not None and 0 < done.sum() < len(done):
+                    return done
+                proc.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def test_killed_extraction_resumes_to_the_same_store(minilm, tmp_path, glue_dir):
     """kill -9 part-way, rerun the same command: the result equals an uninterrupted run."""
     args = ["--model", str(minilm), "--task", "rte", "--glue-dir", str(glue_dir), "--splits", "train",
             "--limit", "160", "--max-length", "128", "--block-tokens", "1024", "--batch-tokens", "512", "--quiet"]
     command = [sys.executable, "-m", "pipeline.cli", "extract", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = str(tmp_path / "killed.zarr")
     # The killed run and its resume write with a pool of writers, the clean one with a single writer.
-    proc = subprocess.Popen([*command, "--out", killed, "--writers", "4"], env=env, cwd=REPO)
-    deadline = time.time() + 240
-    done = None
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = np.asarray(zarr.open_group(killed, mode="r")["train"]["blocks_done"][:])
-        except Exception:
-            done = None
-        if done is not None and 1 <= done.sum() < len(done) - 1:
+    for attempt in range(3):  # a new store each time the extraction outran the poller
+        killed = str(tmp_path / f"killed{attempt}.zarr")
+        interrupted = kill_part_way([*command, "--writers", "4"], killed, env)
+        if interrupted is not None:
             break
-        time.sleep(0.05)
-    assert proc.poll() is None, "extraction finished before it could be killed; use a larger --limit"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted = np.asarray(zarr.open_group(killed, mode="r")["train"]["blocks_done"][:])
-    assert 0 < interrupted.sum() < len(interrupted)
+    assert interrupted is not None, "extraction finished before it could be killed, 3 times; use a larger --limit"
+    assert np.array_equal(blocks_done(killed), interrupted)  # the kill left what was seen
     assert subprocess.run([*command, "--out", killed, "--writers", "4"], env=env, cwd=REPO).returncode == 0
     clean = str(tmp_path / "clean.zarr")
     assert subprocess.run([*command, "--out", clean, "--writers", "1"], env=env, cwd=REPO).returncode == 0

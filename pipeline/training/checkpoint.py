@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,21 @@ class Checkpoints:
         """Once the outputs are written: the checkpoint, and what a save stopped mid-write left."""
         self.path.unlink(missing_ok=True)
         partial_path(self.path).unlink(missing_ok=True)
+
+
+@dataclass
+class SavesWithinEpoch:
+    """How an epoch saves its run between two steps: the run's checkpoint file, and the run's state at a point
+    of the epoch (built only when a save is due, as it syncs with the device)."""
+
+    checkpoints: Checkpoints
+    state_at: Callable[[EpochProgress], RunState]
+
+    def due(self) -> bool:
+        return self.checkpoints.due(within_epoch=True)
+
+    def save(self, progress: EpochProgress) -> None:
+        self.checkpoints.save(self.state_at(progress))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from pipeline.training.checkpoint import (
     Checkpoints,
     EpochProgress,
     RunState,
+    SavesWithinEpoch,
     best_scores,
     restore_optimizer,
     run_identity,
@@ -252,8 +253,7 @@ class Trainer:
     # ---- one epoch -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any,
                     phase: Callable[[str], None] | None = None, *, done: EpochProgress | None = None,
-                    checkpoints: Checkpoints | None = None,
-                    state_at: Callable[[EpochProgress], RunState] | None = None) -> np.ndarray:
+                    saves: SavesWithinEpoch | None = None) -> np.ndarray:
         """One pass over the training split; the mean loss per seed (S,).
 
         Losses are summed on the device and checked for finiteness every ``FINITE_CHECK_EVERY`` steps
@@ -261,9 +261,8 @@ class Trainer:
         whose loss first went non-finite, as a check every step would. ``phase``, when given, is called
         as each part of a step ends ("batch", "forward", "backward", "step"; a recorded step is one part,
         "step"), so a benchmark can time the parts of this very loop. ``done``: the part of this epoch a
-        resumed run trained before (its batches are skipped). ``checkpoints``: where the run's state
-        (``state_at`` the epoch's progress) is saved after a step when one is due, the losses so far checked
-        finite first.
+        resumed run trained before (its batches are skipped). ``saves``: how the run is saved after a step
+        when a save is due, the losses so far checked finite first.
         """
         mark = phase or (lambda _: None)
         self.model.train()
@@ -301,10 +300,9 @@ class Trainer:
                 self._check_finite(first_bad, epoch)
             totals += losses.detach().double() * batch.num_examples
             count += batch.num_examples
-            if checkpoints is not None and state_at is not None and step + 1 < steps \
-                    and checkpoints.due(within_epoch=True):
+            if saves is not None and step + 1 < steps and saves.due():
                 self._check_finite(first_bad, epoch)  # a checkpoint holds finite weights only
-                checkpoints.save(state_at(EpochProgress(step + 1, totals.tolist(), count)))
+                saves.save(EpochProgress(step + 1, totals.tolist(), count))
         self._check_finite(first_bad, epoch)
         return totals.cpu().numpy() / max(count, 1)
 
@@ -497,8 +495,8 @@ class Trainer:
             epoch = first = 1 if resumed is None else resumed.epoch + 1
             for epoch in range(first, cfg.epochs + 1):
                 done = resumed.within if resumed is not None and epoch == first else None
-                train_loss = self.train_epoch(epoch, optimizer, scheduler, done=done, checkpoints=checkpoints,
-                                              state_at=partial(state_at, epoch - 1))
+                saves = SavesWithinEpoch(checkpoints, partial(state_at, epoch - 1))
+                train_loss = self.train_epoch(epoch, optimizer, scheduler, done=done, saves=saves)
                 per_seed, predictions = self.evaluate()
                 for k in range(S):
                     if cfg.patience is not None and waited[k] >= cfg.patience:
