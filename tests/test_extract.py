@@ -434,6 +434,26 @@ def test_max_length_past_the_models_positions_is_refused_before_any_block(tiny_g
     assert load_backbone(str(tiny_t5), device="cpu").max_positions is None  # relative positions: no table
 
 
+def test_a_decoder_max_length_no_longer_than_the_answer_cue_is_refused(tiny_gpt2, glue_dir, tmp_path):
+    """Every prompt ends in the answer cue: a max_length that only fits the cue stored the cue alone for every
+    example, and one shorter than the cue did not truncate at all."""
+    cue = len(load_backbone(str(tiny_gpt2), device="cpu")._cue_ids())
+    out = tmp_path / "s.zarr"
+    for max_length in (2, cue):
+        cfg = ExtractConfig(model=str(tiny_gpt2), task="sst2", glue_dir=str(glue_dir), splits="validation",
+                            max_length=max_length, limit=8, out=str(out))
+        with pytest.raises(ConfigError, match=rf"max_length {max_length} leaves no room .* --max-length {cue + 1} "):
+            extract(cfg, progress=False)
+        assert not out.exists()
+    cfg = dataclasses.replace(cfg, max_length=cue + 1)
+    extract(cfg, progress=False)
+    assert len(CacheStore(str(out)).split("validation")) == 8
+    backbone = load_backbone(str(tiny_gpt2), device="cpu")
+    prompts = backbone.tokenize(get_task("sst2"), load_split("sst2", "validation", glue_dir).texts[:8], cue + 1)
+    assert {len(p) for p in prompts} == {cue + 1}  # truncated to max_length, the cue kept whole
+    assert {tuple(p[1:]) for p in prompts} == {tuple(backbone._cue_ids())}
+
+
 def test_missing_model_and_task_errors_are_typed(tmp_path):
     with pytest.raises(ModelLoadError):
         load_backbone(str(tmp_path / "absent"), device="cpu")

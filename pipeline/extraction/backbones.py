@@ -257,11 +257,26 @@ class Backbone:
             return [task.t5_input(example) + DECODER_SUFFIX]
         return [example[f] for f in task.text_fields]
 
+    def _cue_ids(self) -> list[int]:
+        """The decoder prompt's answer cue as tokens: kept whole at the end of every truncated prompt."""
+        return self.tokenizer(DECODER_SUFFIX, add_special_tokens=False)["input_ids"]
+
+    def check_max_length(self, max_length: int) -> None:
+        """Refuse a max_length the model cannot read: past its position table, or (decoder) no longer than the
+        answer cue, which would leave no room for the example's text."""
+        limit = self.max_positions
+        if limit is not None and max_length > limit:  # the embedding lookup would fail mid-split
+            raise ConfigError(f"max_length {max_length} is more than {self.name} can read ({limit} "
+                              f"positions); pass --max-length {limit} or less")
+        if self.family == "decoder" and max_length <= (cue := len(self._cue_ids())):
+            raise ConfigError(f"max_length {max_length} leaves no room for the text: {self.name}'s prompts end in "
+                              f"the {cue}-token cue {DECODER_SUFFIX!r}; pass --max-length {cue + 1} or more")
+
     def tokenize(self, task: TaskSpec, examples: Sequence[Mapping[str, str]], max_length: int) -> list[list[int]]:
         """Token ids per example, truncated to max_length (decoder prompts keep their answer cue)."""
         texts = [self.input_text(task, ex) for ex in examples]
         if self.family == "decoder":
-            cue = self.tokenizer(DECODER_SUFFIX, add_special_tokens=False)["input_ids"]
+            cue = self._cue_ids()
             bodies = self.tokenizer([t[0][: -len(DECODER_SUFFIX)] for t in texts], add_special_tokens=True)["input_ids"]
             return [body[: max_length - len(cue)] + cue for body in bodies]
         if len(texts[0]) == 2:

@@ -23,7 +23,6 @@ import torch
 
 from pipeline.common.config import ExtractConfig
 from pipeline.common.errors import (
-    ConfigError,
     DataNotFoundError,
     EmptySplitError,
     PipelineError,
@@ -272,10 +271,7 @@ class Extraction:
             if len(split) == 0:
                 raise EmptySplitError(f"split {name!r} of {self.task.name} has no examples")
         self.backbone = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        limit = self.backbone.max_positions
-        if limit is not None and cfg.max_length > limit:  # the embedding lookup would fail mid-split
-            raise ConfigError(f"max_length {cfg.max_length} is more than {self.backbone.name} can read ({limit} "
-                              f"positions); pass --max-length {limit} or less")
+        self.backbone.check_max_length(cfg.max_length)
         self.label_ids = self.backbone.label_token_ids(self.task)
         self.label_rows = self.backbone.label_rows(self.task)
         bb = self.backbone
