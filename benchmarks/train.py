@@ -164,7 +164,7 @@ def main() -> None:
     r0 = next(iter(results.values()))
     lines.append(f"Store `{args.cache}`: all-MiniLM-L6-v2 on RTE train (first 300 examples, {r0['tokens']} tokens, "
                  f"7 states x 384, bfloat16 per token, {r0['nbytes'] / 2**20:.1f} MiB in {r0['blocks']} block(s)). "
-                 f"READ settings: GRU r={args.rnn_dim} (CLI default 256), batch {args.batch_size}, dropout 0.1; CPU, "
+                 f"READ settings: GRU r={args.rnn_dim}, batch {args.batch_size}, dropout 0.1; CPU, "
                  f"torch threads {args.threads} ({platform.processor() or platform.machine()}, 2 shared cores). "
                  f"One epoch = {math.ceil(r0['examples'] / args.batch_size)} steps. Median over {args.reps} "
                  "interleaved (ABBA) rounds after one warm-up epoch; ratio = median of per-round ratios.")

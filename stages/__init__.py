@@ -65,11 +65,17 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return params
 
 
-def section(params: dict[str, Any], name: str, *, set_here: tuple[str, ...], path: str | Path) -> dict[str, Any]:
-    """One stage's section; keys that the stage sets itself (per task, from dvc.yaml) are refused."""
+def section(params: dict[str, Any], name: str, *, set_here: tuple[str, ...], top_level: tuple[str, ...] = (),
+            path: str | Path) -> dict[str, Any]:
+    """One stage's section; keys that the stage sets itself (per task, from dvc.yaml) or takes from the top
+    level of the params file (``top_level``) are refused."""
     values = params.get(name) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: section {name!r} must be a mapping of settings, got {type(values).__name__}")
+    misplaced = sorted(set(values) & set(top_level))
+    if misplaced:
+        raise ConfigError(f"{path}: {name}.{misplaced[0]} is a top-level setting; move it out of the {name!r} "
+                          f"section to the top level of the file ({misplaced[0]}: ...)")
     clash = sorted(set(values) & set(set_here))
     if clash:
         raise ConfigError(

@@ -24,7 +24,7 @@ def extract_config(params: dict[str, Any], task: str, out: str | None, *, path: 
     """ExtractConfig from the ``extract`` section, the top-level ``glue_dir`` and the per-task paths."""
     from pipeline.common.config import ExtractConfig, from_mapping
 
-    values = section(params, "extract", set_here=("task", "out", "glue_dir"), path=path)
+    values = section(params, "extract", set_here=("task", "out"), top_level=("glue_dir",), path=path)
     values.update(task=task, out=out, glue_dir=params.get("glue_dir"))
     return from_mapping(ExtractConfig, values)
 

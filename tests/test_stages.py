@@ -73,15 +73,17 @@ def test_unknown_top_level_key_is_refused(tmp_path, capsys):
     assert "unknown top-level key(s) ['glue_data']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage, section, key", [
-    (extract_stage, "extract", "task"), (extract_stage, "extract", "glue_dir"), (train_stage, "train", "cache"),
+@pytest.mark.parametrize("stage, section, key, said", [
+    (extract_stage, "extract", "task", "is set per task by dvc.yaml (--task)"),
+    (extract_stage, "extract", "glue_dir", "is a top-level setting; move it out of the 'extract' section"),
+    (train_stage, "train", "cache", "is set per task by dvc.yaml (--cache)"),
 ])
-def test_per_task_keys_are_refused_in_a_section(tmp_path, capsys, stage, section, key):
+def test_per_task_and_top_level_keys_are_refused_in_a_section(tmp_path, capsys, stage, section, key, said):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params[section][key] = "x"
     path = write_params(tmp_path / "params.yaml", **{section: params[section]})
     assert stage.main(["--task", "rte", "--params", str(path)]) == 2
-    assert f"{section}.{key} is set per task" in capsys.readouterr().err
+    assert f"{section}.{key} {said}" in capsys.readouterr().err
 
 
 def test_bad_value_is_refused_with_the_config_message(tmp_path, capsys):

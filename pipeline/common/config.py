@@ -234,7 +234,7 @@ class SweepConfig(Settings):
     zero workers never runs a task and the sweep would wait forever."""
 
     workers: int = setting(2, "LocalCluster worker processes.", bounds=at_least(1))
-    threads_per_worker: int = setting(1, "LocalCluster threads (torch threads) per worker.", bounds=at_least(1))
+    threads_per_worker: int = setting(1, "Dask task threads per LocalCluster worker (each run's torch threads: --set threads=N).", bounds=at_least(1))
     retrain: bool = setting(False, "Train every grid point again, also those whose run folder holds a finished run of "
                             "the same settings from the same store (kept as they are by default).")
 

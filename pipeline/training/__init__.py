@@ -1,7 +1,7 @@
 """Stage two: READ side networks trained from a store alone, never touching backbone code.
 
-``side`` is the network, ``batches`` reads training batches from the store, ``trainer`` runs the
-lockstep training, ``metrics`` scores it, ``sweep`` spreads grids of runs over Dask workers.
+``network`` is the recurrence over layers, ``model`` the per-family model and its losses, ``batches`` reads
+training batches from the store, ``trainer`` runs the lockstep training, ``metrics`` scores it, ``sweep`` spreads grids of runs over Dask workers.
 """
 
 from pipeline.training.trainer import Trainer, train
