@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner, Result
+from synthetic import tree_bytes
 
 from pipeline.cli import main
 from pipeline.common.errors import MalformedGlueFileError, ModelLoadError, error_message
@@ -339,6 +340,20 @@ def test_an_unwritable_out_is_refused_before_any_work_naming_the_path_in_the_way
     assert afile.read_text() == "mine" and not (tmp_path / "none").exists()
     check_writable_folder(tmp_path / "new" / "run")  # the check itself leaves nothing behind
     assert not (tmp_path / "new").exists()
+
+
+def test_a_run_is_never_written_into_a_store(monkeypatch, synthetic_store):
+    """A store is deleted whole by `extract --overwrite` (and dvc repro): a run written in it would go too."""
+    from pipeline.training.trainer import Trainer
+
+    cache = Path(synthetic_store(family="encoder", splits={"train": 20, "validation": 8}).path)
+    before = tree_bytes(cache)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *_a, **_k: pytest.fail("trained into a store"))
+    train = ["train", "--cache", str(cache), "--epochs", "1", "--rnn-dim", "4", "--device", "cpu", "--quiet"]
+    for out in (cache, cache / "runs" / "rte"):
+        assert_one_line(CliRunner().invoke(main, [*train, "--out", str(out)]),
+                        f"--out {out} is inside the store {cache}", "choose a folder outside any store")
+    assert tree_bytes(cache) == before
 
 
 def test_a_split_the_store_lacks_gets_the_hint_that_fits(synthetic_store, tmp_path):

@@ -39,6 +39,7 @@ from pipeline.store.verify import summarize_store, verify_store
 from pipeline.store.writer import (
     StoreWriter,
     check_target,
+    enclosing_store,
     extraction_hold,
     path_kind,
     remove_store,
@@ -47,7 +48,7 @@ from pipeline.store.writer import (
 __all__ = [
     "ATTRS_KEY", "FORMAT_VERSION", "SIDES", "STORED_DTYPES", "BackboneInfo", "BlockPlan", "CacheStore",
     "CachedSplit", "ExtractionSettings", "SplitData", "SplitInfo", "StoreIdentity", "StoreLayout", "StoreMeta",
-    "StoreWriter", "TaskInfo", "block_layout", "block_rows", "check_target", "checksum", "compressor", "examples_hash",
-    "extraction_hold", "fingerprint", "logical_view", "path_kind", "plan_blocks", "remove_store",
+    "StoreWriter", "TaskInfo", "block_layout", "block_rows", "check_target", "checksum", "compressor", "enclosing_store",
+    "examples_hash", "extraction_hold", "fingerprint", "logical_view", "path_kind", "plan_blocks", "remove_store",
     "summarize_store", "stored_view", "to_float32", "torch_dtype", "torch_view", "verify_store",
 ]

@@ -399,6 +399,19 @@ def remove_store(path: str) -> None:
         shutil.rmtree(path)
 
 
+def enclosing_store(path: str | Path) -> Path | None:
+    """The READ store that ``path`` is or lies in (None: none). Other outputs must stay out of stores: a store
+    is deleted whole by `pipeline extract --overwrite` (and `dvc repro`), with whatever was written into it."""
+    local = Path(path).absolute()
+    for folder in (local, *local.parents):
+        try:
+            if (folder / "zarr.json").is_file() and path_kind(str(folder)) == "store":
+                return folder
+        except OSError:  # an ancestor this user may not list: not a store of theirs
+            continue
+    return None
+
+
 # ---- locks --------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from pipeline.common.files import atomic_write_csv, atomic_write_text, check_wri
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
-from pipeline.store import CacheStore
+from pipeline.store import CacheStore, enclosing_store
 from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter, saved_seeds
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
@@ -178,7 +178,11 @@ class Trainer:
                               "it is always scored")
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
-        self.out = check_writable_folder(cfg.out_dir(self.task.name))  # a bad --out fails now, not after training
+        out = cfg.out_dir(self.task.name)
+        if (store := enclosing_store(out)) is not None:
+            raise ConfigError(f"--out {out} is inside the store {store}, which `pipeline extract --overwrite` (and "
+                              f"dvc repro) deletes whole; choose a folder outside any store, e.g. runs/{self.task.name}")
+        self.out = check_writable_folder(out)  # a bad --out fails now, not after training
         announce_replacement(self.out, self.task.name)
         if self.device.type == "cuda":
             set_cuda_tf32(cfg.tf32)
