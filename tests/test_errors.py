@@ -356,6 +356,17 @@ def test_a_run_is_never_written_into_a_store(monkeypatch, synthetic_store):
     assert tree_bytes(cache) == before
 
 
+def test_the_split_trained_on_is_never_the_reported_one(synthetic_store, tmp_path):
+    """Scoring the training split after the reported one is a diagnostic (tests/test_outputs.py does)."""
+    cache = synthetic_store(family="encoder", splits={"train": 20, "validation": 8}).path
+    train = ["train", "--cache", cache, "--epochs", "1", "--rnn-dim", "4", "--device", "cpu", "--quiet"]
+    for split in (["--train-split", "validation"], ["--eval-splits", "train,validation"]):
+        assert_one_line(CliRunner().invoke(main, [*train, *split, "--out", str(tmp_path / "run")]),
+                        "is both trained on (--train-split) and reported (the first of --eval-splits)",
+                        "report another split")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_split_the_store_lacks_gets_the_hint_that_fits(synthetic_store, tmp_path):
     """A stopped extraction (train done, validation not begun) is finished by rerunning it; a typo is a typo."""
     half = synthetic_store("half.zarr", splits={"train": 20}).path

@@ -196,7 +196,7 @@ class TrainConfig(SideConfig):
         "store once into pinned host memory, and each epoch copies its blocks to the device from there; a larger one "
         "is read and decoded from the store every epoch. Unused on a CPU, where --memory-budget is the host's.")
     train_split: str = setting("train", "Split to train on.")
-    eval_splits: tuple[str, ...] | None = setting(None, "Splits to evaluate on, comma-separated.",
+    eval_splits: tuple[str, ...] | None = setting(None, "Splits to evaluate on, comma-separated; the first is the one reported (never the split trained on).",
                                                   none="the task's validation split(s)", example="validation")
     select_on: str = setting(
         "selection", "Split whose scores choose each seed's epoch, stop early and rank sweeps. selection: a fixed "

@@ -176,6 +176,9 @@ class Trainer:
         if SELECTION in self.eval_splits:
             raise ConfigError(f"eval_splits: {SELECTION!r} names the split carved from {cfg.train_split}; "
                               "it is always scored")
+        if cfg.train_split == self.eval_splits[0]:  # scoring it too, after the reported split, is a diagnostic
+            raise ConfigError(f"split {cfg.train_split!r} is both trained on (--train-split) and reported (the first "
+                              "of --eval-splits): a score on trained examples measures nothing; report another split")
         check_store(self.store, cfg, self.task, [cfg.train_split, *self.eval_splits])
         self.device = pick_device(cfg.device)
         out = cfg.out_dir(self.task.name)
