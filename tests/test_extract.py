@@ -606,6 +606,36 @@ def test_the_label_row_check_runs_in_the_forwards_precision(request, fixture, tm
     assert verify_store(cfg.out_path) == []
 
 
+def test_a_split_not_begun_when_an_extraction_stopped_leaves_the_store_unfinished(tiny_t5, tmp_path, glue_dir,
+                                                                                  monkeypatch):
+    """Stopped (Ctrl-C) after the first split, before the second began: verify, info and train must not take
+    the store for finished; the same command finishes it."""
+    cfg = ExtractConfig(model=str(tiny_t5), task="rte", glue_dir=str(glue_dir), splits="validation,train",
+                        limit=12, max_length=32, out=str(tmp_path / "s.zarr"))
+    real = Extraction.run_split
+
+    def stop_before_train(self, name, **kw):
+        if name == "train":
+            raise KeyboardInterrupt
+        return real(self, name, **kw)
+
+    monkeypatch.setattr(Extraction, "run_split", stop_before_train)
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, progress=False)
+    monkeypatch.setattr(Extraction, "run_split", real)
+    assert CacheStore(cfg.out_path).splits == ["validation"]
+    assert verify_store(cfg.out_path) == ["train: not begun (its extraction stopped before it; rerun the extract command)"]
+    info = CliRunner().invoke(main, ["info", cfg.out_path])
+    assert "train                  INCOMPLETE: not begun" in info.output
+    result = CliRunner().invoke(main, ["train", "--cache", cfg.out_path, "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code != 0 and "split 'train' was asked for, but its extraction stopped before it began; " \
+        "rerun that `pipeline extract` command" in result.output
+    assert not finished_store(cfg)
+    extract(cfg, progress=False)
+    assert verify_store(cfg.out_path) == [] and CacheStore(cfg.out_path).meta.asked == ("train", "validation")
+    assert CacheStore(cfg.out_path).unbegun == []
+
+
 def test_a_split_begun_in_other_arithmetic_is_not_finished_in_this_one(tiny_t5, tmp_path, glue_dir):
     # An extraction begun on an accelerator (bfloat16 autocast; the CPU stands in) and resumed on a CPU (float32)
     # would mix blocks computed both ways: refused in one line. A finished store is the same store anywhere.

@@ -160,6 +160,9 @@ class StoreMeta:
     layout: StoreLayout
     splits: dict[str, SplitInfo] = field(default_factory=dict)
     software: dict[str, str] = field(default_factory=dict)  # versions when the store was created
+    # Every split an extraction of this store was asked for, recorded as it starts: one stopped before a split
+    # began leaves it here and not in ``splits``, so the store reads as unfinished (verify, info, train).
+    asked: tuple[str, ...] = ()
     recorded_fingerprint: str | None = field(default=None, compare=False)  # as read from disk
 
     @property
@@ -220,6 +223,7 @@ class StoreMeta:
                 layout=StoreLayout(**attrs["layout"]),
                 splits={k: SplitInfo(**v) for k, v in attrs["splits"].items()},
                 software=dict(attrs.get("software", {})),
+                asked=tuple(attrs.get("asked", ())),  # not recorded before: ()
                 recorded_fingerprint=attrs.get("fingerprint"),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -199,13 +199,21 @@ class CacheStore:
     def splits(self) -> list[str]:
         return [s for s in self.meta.splits if s in self.group]
 
+    @property
+    def unbegun(self) -> list[str]:
+        """Splits an extraction was asked for and stopped before beginning: the store is unfinished."""
+        return [s for s in self.meta.asked if s not in self.splits]
+
     def split(self, name: str, *, mismatches: list[str] | None = None) -> CachedSplit:
         """One split, its per-example arrays checked (``mismatches``: see ``CachedSplit``)."""
+        if name in self.unbegun:
+            raise StoreIncompleteError(f"{self.path}: split {name!r} was asked for, but its extraction stopped "
+                                       "before it began; rerun that `pipeline extract` command to finish it")
         if name not in self.splits:
             raise StoreIncompleteError(
                 f"{self.path} has no split {name!r} (it has {', '.join(self.splits) or 'none'}); if its extraction "
                 f"was stopped, rerun that `pipeline extract` command to finish it, else add the split with "
-                f"`pipeline extract ... --splits {name}`"  # the store does not record which splits were asked for
+                f"`pipeline extract ... --splits {name}`"  # a store from before ``asked`` was recorded
             )
         split = CachedSplit(self.group[name], name, self.dtype, self.path, mismatches=mismatches)
         if split.sides != [side for side in SIDES if side in self.meta.layout.layers]:

@@ -27,6 +27,8 @@ def verify_store(path: str | Path) -> list[str]:
         store.label_rows()
     except StoreCorruptError as exc:
         problems.append(str(exc).removeprefix(f"{store.path}: "))  # verify's lines name no store, as below
+    problems += [f"{name}: not begun (its extraction stopped before it; rerun the extract command)"
+                 for name in store.unbegun]
     for name in store.splits:
         mismatched: list[str] = []  # per-example arrays that read but fail their checksum
         try:
@@ -111,6 +113,9 @@ def summarize_store(path: str | Path) -> dict[str, Any]:
         state = "complete" if s["complete"] else "INCOMPLETE"
         lines.append(f"split      {name:<22} {s['examples']:>8,} examples  tokens: {tokens}  blocks {s['blocks']}  {state}"
                      f"  computed in {s['computed_in']}")
+    for name in store.unbegun:
+        splits[name] = {"complete": False, "begun": False}
+        lines.append(f"split      {name:<22} INCOMPLETE: not begun (its extraction stopped before it)")
     plain = meta.to_attrs()
     return {
         "path": store.path, "fingerprint": store.fingerprint, "backbone": plain["backbone"], "task": plain["task"],

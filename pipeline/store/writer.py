@@ -85,9 +85,10 @@ class StoreWriter:
         except Exception as exc:
             raise StoreCorruptError(f"{self.path} exists but is not a readable Zarr group ({first_line(exc)}); "
                                     "remove it or pass --overwrite") from None
+        asking = set(self.meta.identity.data)  # the splits this run will write
         if group is None:
             empty = dataclasses.replace(self.meta.identity, data={})
-            attrs = dataclasses.replace(self.meta, identity=empty, splits={}).to_attrs()
+            attrs = dataclasses.replace(self.meta, identity=empty, splits={}, asked=tuple(sorted(asking))).to_attrs()
             # Attributes in the same write as the group: a store is never left without them.
             return zarr.open_group(self.path, mode="w", attributes={ATTRS_KEY: attrs})
         try:
@@ -100,6 +101,8 @@ class StoreWriter:
                 f"{self.path} was made from other inputs ({problem}); "
                 "pass --overwrite to replace it or choose another --out"
             )
+        if not asking <= set(old.asked):  # more splits asked for: recorded before any is begun
+            group.attrs[ATTRS_KEY] = dataclasses.replace(old, asked=tuple(sorted(asking | set(old.asked)))).to_attrs()
         return group
 
     # ---- splits -------------------------------------------------------------------------------
