@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -478,6 +482,32 @@ def test_an_extraction_refuses_while_a_conflicting_one_holds_the_store(tmp_path,
         result = extract_cli(tmp_path, tiny_glue, out, *(["--part", part] if part else []))
     assert expected in one_line_error(result) and "--part" in result.output
     assert not out.exists()
+
+
+def test_an_extraction_refused_before_making_the_store_leaves_no_lock_file(tmp_path, tiny_glue):
+    out = tmp_path / "s.zarr"
+    result = extract_cli(tmp_path, tiny_glue, out)  # no model there: refused inside the hold
+    assert "no-model" in one_line_error(result)
+    assert not out.exists() and not Path(f"{out}.lock").exists() and not Path(f"{out}.attrs.lock").exists()
+
+
+def test_a_lock_taken_on_a_removed_lock_file_is_retaken_on_the_new_one(tmp_path):
+    """A refused extraction removes the lock file it made; one that waited on it must not hold a lock on a file
+    nobody else can see."""
+    from pipeline.store.writer import _held_lock
+
+    lock = tmp_path / "s.zarr.lock"
+    first = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(first, fcntl.LOCK_EX)
+    taken: list[int | None] = []
+    waiter = threading.Thread(target=lambda: taken.append(_held_lock(lock, exclusive=True, wait_s=5)))
+    waiter.start()
+    time.sleep(0.3)  # the waiter has opened the first file and polls its lock
+    lock.unlink()
+    os.close(first)
+    waiter.join()
+    assert taken[0] is not None and os.fstat(taken[0]).st_ino == lock.stat().st_ino
+    os.close(taken[0])
 
 
 def test_a_store_that_parts_are_filling_reads_as_being_extracted(synthetic_store):

@@ -445,15 +445,36 @@ def extraction_hold(path: str, *, whole: bool) -> Iterator[None]:
         yield
         return
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _held_lock(lock_file, exclusive=whole, wait_s=BUSY_WAIT_S)
+    if fd is None:
+        raise StoreBusyError(_busy_reason(path, lock_file, whole=whole))
     try:
-        if not _flock(fd, exclusive=whole, wait_s=BUSY_WAIT_S):
-            raise StoreBusyError(_busy_reason(path, lock_file, whole=whole))
         if whole:
             remove_orphaned_writes(path)
         yield
     finally:
+        # Refused before the store was made (bad settings): leave no lock file beside nothing. Only a sole holder
+        # removes it, and whoever waited on the removed file takes the new one (``_held_lock``).
+        if path_kind(path) == "absent" and _flock(fd, exclusive=True, wait_s=0):
+            lock_file.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
+
+
+def _held_lock(lock_file: Path, *, exclusive: bool, wait_s: float) -> int | None:
+    """A descriptor of ``lock_file`` holding ``flock`` (None: not taken within ``wait_s``). A lock taken on a file
+    that was removed meanwhile guards nothing, so it is dropped and the file now at the path locked instead."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _flock(fd, exclusive=exclusive, wait_s=max(0.0, deadline - time.monotonic())):
+            os.close(fd)
+            return None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_file).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _flock(fd: int, *, exclusive: bool, wait_s: float) -> bool:
@@ -475,7 +496,10 @@ def _busy_reason(path: str, lock_file: Path, *, whole: bool) -> str:
     if not whole:
         return (f"a whole extraction is filling {path} now (it holds {lock_file}); let it finish (it writes every "
                 "block), or stop it and run the --part processes")
-    probe = os.open(lock_file, os.O_RDWR)
+    try:
+        probe = os.open(lock_file, os.O_RDWR)
+    except FileNotFoundError:  # its holder was refused and removed it meanwhile: busy a moment ago
+        return f"another extraction was starting on {path}; rerun"
     try:
         by_parts = _flock(probe, exclusive=False, wait_s=0)
     finally:
