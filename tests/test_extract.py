@@ -335,7 +335,11 @@ def test_killed_extraction_resumes_to_the_same_store(minilm, tmp_path, glue_dir)
             break
     assert interrupted is not None, "extraction finished before it could be killed, 3 times; use a larger --limit"
     assert np.array_equal(blocks_done(killed), interrupted)  # the kill left what was seen
-    assert subprocess.run([*command, "--out", killed, "--writers", "4"], env=env, cwd=REPO).returncode == 0
+    rerun = subprocess.run([*command, "--out", killed, "--writers", "4"], env=env, cwd=REPO, capture_output=True,
+                           text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (f"resuming {killed}: split 'train' has {interrupted.sum()} of {len(interrupted)} blocks written; "
+            f"extracting the other {len(interrupted) - interrupted.sum()}") in rerun.stderr
     clean = str(tmp_path / "clean.zarr")
     assert subprocess.run([*command, "--out", clean, "--writers", "1"], env=env, cwd=REPO).returncode == 0
     a, b = CacheStore(killed), CacheStore(clean)

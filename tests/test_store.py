@@ -515,7 +515,8 @@ def test_a_store_that_parts_are_filling_reads_as_being_extracted(synthetic_store
     assert not store.being_extracted()
     with lock_held_elsewhere(f"{Path(store.path).resolve()}.lock", shared=True):
         assert store.being_extracted()
-    assert not store.being_extracted()
+        assert verify_store(store.path)[0].startswith("an extraction is writing it now (it holds ")  # not "damaged"
+    assert not store.being_extracted() and verify_store(store.path) == []
 
 
 def test_a_whole_extraction_removes_writes_a_killed_process_left(synthetic_store):

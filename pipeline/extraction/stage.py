@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -323,6 +324,11 @@ class Extraction:
         for problem in damaged.values():
             log.warning("%s: %s; re-extracting it", cfg.out_path, problem)
         todo = [j for j in mine if not done[j] or j in damaged]
+        if todo and len(todo) < len(mine):  # said always, as a checkpoint's resume is: it is about the user's files
+            note = (f"resuming {cfg.out_path}: split {name!r} has {len(mine) - len(todo)} of {len(mine)} blocks "
+                    f"{'of this part ' if count > 1 else ''}written; extracting the other {len(todo)}")
+            log.info(note)
+            print(note, file=sys.stderr)
         if max_blocks is not None:
             todo = todo[:max_blocks]
         if not todo:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.common.errors import StoreCorruptError
-from pipeline.store.format import to_float32
+from pipeline.store.format import lock_path, to_float32
 from pipeline.store.reader import REEXTRACT, CacheStore, checksum_mismatch
 
 
@@ -20,6 +20,9 @@ def verify_store(path: str | Path) -> list[str]:
     """
     store = CacheStore(path)
     problems: list[str] = []
+    if store.being_extracted():  # unwritten blocks are then work in progress, not damage
+        problems.append(f"an extraction is writing it now (it holds {lock_path(store.path)}); verify it again once "
+                        "that has finished")
     if not store.meta.consistent:
         problems.append(f"fingerprint {store.meta.recorded_fingerprint} does not match the recorded identity "
                         f"({store.fingerprint}): the metadata was edited")
