@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline.common.files import atomic_write_bytes, atomic_write_text
+from pipeline.common.files import atomic_write_bytes, atomic_write_text, check_writable_folder
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -231,6 +231,7 @@ def write_report(runs_dir: str = "runs", out_dir: str = "reports", tasks: list[s
     ``tasks``: the run directories to include, in this order; None: every one with a metrics.json.
     Returns the summary (rows, average, markdown text, paths written).
     """
+    check_writable_folder(out_dir)  # a file in the way of --out is named before the runs are read
     runs_path = Path(runs_dir)
     names = list(tasks) if tasks else discover_tasks(runs_path)
     if not names:

@@ -221,6 +221,17 @@ def test_error_message_keeps_our_own_os_error_text_and_collapses_lines():
     )
 
 
+@pytest.mark.parametrize("code, line", [
+    (errno.EEXIST, "x/out already exists; remove it or choose another --out"),
+    (errno.ENOTEMPTY, "the folder x/out is not empty; remove what it holds or choose another --out"),
+    (errno.ENOENT, "x/out does not exist; check the path"),
+    (errno.ENAMETOOLONG, "the name x/out is too long for the file system; choose a shorter path"),
+    (errno.EMFILE, "too many open files; raise the limit (`ulimit -n`) and rerun"),
+])
+def test_common_os_errors_name_their_fix(code, line):
+    assert error_message(OSError(code, os.strerror(code), "x/out"), rerun="it") == line
+
+
 # ---- models: say what is really wrong, and fast ----------------------------------------------------
 
 
@@ -230,7 +241,7 @@ def test_missing_local_model_folder_says_it_does_not_exist(monkeypatch, glue_dir
         result = CliRunner().invoke(main, extract_args(model, glue_dir, tmp_path / "x.zarr"))
         assert_one_line(result, f"cannot load model {model!r}: the folder {Path(model).absolute()} does not exist")
         assert "unreachable" not in result.output and "HF_HUB_OFFLINE" not in result.output
-        assert "`pipeline predict --model FOLDER`" in result.output  # an adapter names its model as extract got it
+        assert "predict" not in result.output  # predict's own hint (the adapter's model) is predict's to add
 
 
 def test_model_that_is_a_file_is_refused(tmp_path):
@@ -340,6 +351,35 @@ def test_an_unwritable_out_is_refused_before_any_work_naming_the_path_in_the_way
     assert afile.read_text() == "mine" and not (tmp_path / "none").exists()
     check_writable_folder(tmp_path / "new" / "run")  # the check itself leaves nothing behind
     assert not (tmp_path / "new").exists()
+    assert_one_line(CliRunner().invoke(main, ["report", "--runs", str(tmp_path / "none"), "--out", str(afile)]),
+                    f"{afile} is a file where a folder was expected", "choose another --out")  # before the runs
+
+
+def test_a_cache_that_is_not_a_store_says_what_to_pass(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    train = ["train", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet", "--cache"]
+    result = CliRunner().invoke(main, [*train, str(afile)])
+    assert_one_line(result, f"{afile} is a file, not a store (a folder written by `pipeline extract`); "
+                    "pass the store's folder")
+    result = CliRunner().invoke(main, [*train, str(tmp_path / "other")])
+    assert_one_line(result, f"{tmp_path / 'other'} is a folder but not a store", "pass the store's folder")
+    for args in ([*train, ""], [*train, " "]):
+        assert_one_line(CliRunner().invoke(main, args), "--cache is required (it was given empty)")
+    assert_one_line(CliRunner().invoke(main, ["info", ""]), "no store given (an empty path)")
+    assert afile.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_a_training_split_too_small_to_set_a_selection_split_apart_names_the_fix(synthetic_store, tmp_path):
+    cache = synthetic_store(splits={"train": 1, "validation": 8}).path
+    train = ["train", "--cache", cache, "--out", str(tmp_path / "run"), "--epochs", "1", "--rnn-dim", "4",
+             "--device", "cpu", "--quiet"]
+    for select in ("selection", "validation"):  # the selection split is held out either way
+        assert_one_line(CliRunner().invoke(main, [*train, "--select-on", select]),
+                        "the training split has 1 example(s); at least 2 are needed",
+                        "extract more examples (a larger --limit, or none)")
 
 
 def test_a_run_is_never_written_into_a_store(monkeypatch, synthetic_store):

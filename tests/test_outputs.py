@@ -90,6 +90,12 @@ def test_atomic_write_replaces_whole(tmp_path):
     atomic_write_text(path, "old")
     atomic_write_text(path, "new\r\n")
     assert path.read_bytes() == b"new\r\n" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    # A failure names the file asked for, never the temporary one it does not know about.
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        atomic_write_text(tmp_path / "folder", "new")
+    assert caught.value.filename == str(tmp_path / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "folder"]  # no temporary file left
 
 
 def _train_command(store: str, out: Path) -> list[str]:

@@ -194,7 +194,7 @@ def test_free_text_jsonl_from_stdin_with_probabilities(trained):
     result = invoke("--adapter", str(run), "--input", "-", stdin="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["index"] for r in records] == ["0", "1"] and records[1]["sentence"] == "dull and far too long"
+    assert [r["index"] for r in records] == [0, 1] and records[1]["sentence"] == "dull and far too long"
     for r in records:  # one column set per adapter
         for seed in ("seed_0", "seed_1"):
             p = [r[f"p_negative_{seed}"], r[f"p_positive_{seed}"]]
@@ -318,6 +318,8 @@ def test_adapters_of_different_tasks_cannot_share_a_pass(trained):
     ('{"sentence1": "a", "sentence2": "b"}\n\n{"sentence1": "a"}\n', "<stdin>, line 3: no text field(s) ['sentence2']"),
     ("", "has no examples"),
     ("sentence1\tsentence2\n\n", "has no examples"),
+    ("sentence1,sentence2\na,b\n", "the header 'sentence1,sentence2' is comma-separated: CSV input is not read; "
+     "give a TSV (tab-separated, header naming the columns) or JSONL"),
 ])
 def test_bad_input_is_one_line_with_its_line_number(trained, text, needle):
     _, run, _ = trained("minilm-rte-pooled")
@@ -329,6 +331,52 @@ def test_split_or_input_exactly_one(trained, tmp_path):
     one_line_error(invoke("--adapter", str(run)), "exactly one of --split")
     one_line_error(invoke("--adapter", str(run), "--split", "validation", "--input", "-"), "exactly one of --split")
     one_line_error(invoke("--adapter", str(run), "--input", str(tmp_path / "missing.tsv")), "no such file")
+
+
+def test_an_out_folder_and_csv_input_are_refused_before_the_adapters_load(tmp_path):
+    """Both used to surface late: a folder after the forward passes (naming a temporary file), CSV as missing
+    columns. No adapter exists here: refusing its absence would mean the check came too late."""
+    source = tmp_path / "in.tsv"
+    source.write_text("sentence\nfine\n")
+    (tmp_path / "outdir").mkdir()
+    none = str(tmp_path / "none")
+    one_line_error(invoke("--adapter", none, "--input", str(source), "--out", str(tmp_path / "outdir")),
+                   f"--out {tmp_path / 'outdir'} is a folder; name a file (.tsv, .csv or .jsonl) or - for stdout")
+    csv_input = tmp_path / "in.csv"
+    csv_input.write_text("sentence,label\nfine,1\n")
+    one_line_error(invoke("--adapter", none, "--input", str(csv_input)),
+                   f"{csv_input}: CSV input is not read; give a TSV (tab-separated, header naming the columns) or JSONL")
+    with pytest.raises(InputFormatError, match="CSV input is not read"):
+        read_texts(str(csv_input), get_task("sst2"))
+    assert [p.name for p in (tmp_path / "outdir").iterdir()] == []
+
+
+def test_batch_tokens_below_max_length_is_refused_before_the_backbone_loads(trained, monkeypatch):
+    """As extract refuses it: a batch must hold the longest example (max_length, recorded with the adapter)."""
+    _, run, _ = trained("minilm-rte-pooled")
+    max_length = load_adapters([run])[0].config.extraction.max_length
+    monkeypatch.setattr(Predictor, "load", lambda *_a, **_k: pytest.fail("loaded the backbone first"))
+    one_line_error(invoke("--adapter", str(run), "--batch-tokens", str(max_length - 1), "--input", "-",
+                          stdin="sentence1\tsentence2\na\tb\n"),
+                   f"--batch-tokens {max_length - 1} must be at least max_length ({max_length}, the adapters' "
+                   f"extraction setting) so the longest example fits in a batch; pass --batch-tokens {max_length}")
+
+
+def test_a_backbone_the_adapter_names_but_that_is_missing_says_to_pass_model(trained, tmp_path):
+    """An adapter records the backbone as extract was given it (maybe a relative folder): say how to point at it."""
+    _, run, _ = trained("minilm-rte-pooled")
+    moved = tmp_path / "seed_0"
+    shutil.copytree(run / "adapters" / "seed_0", moved)
+    payload = json.loads((moved / ADAPTER_CONFIG_NAME).read_text())
+    payload["base_model_name_or_path"] = str(tmp_path / "models" / "minilm")
+    (moved / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload))
+    stdin = "sentence1\tsentence2\na\tb\n"
+    one_line_error(invoke("--adapter", str(moved), "--input", "-", stdin=stdin),
+                   f"adapter {moved} names its backbone as `pipeline extract --model` was given it: pass --model "
+                   "with the backbone's folder")
+    given = invoke("--adapter", str(moved), "--input", "-", "--model", str(tmp_path / "elsewhere"), stdin=stdin)
+    one_line_error(given, f"the folder {tmp_path / 'elsewhere'} does not exist")
+    assert "names its backbone" not in given.stderr  # --model was given: the path to check is that one
 
 
 def test_text_not_in_utf8_and_damaged_weights_are_one_line(trained, tmp_path):
@@ -351,7 +399,12 @@ def test_reading_texts_keeps_an_index_column(tmp_path):
     source = tmp_path / "in.tsv"
     source.write_text("index\tsentence1\tsentence2\tlabel\n12\ta\tb\tentailment\n40\tc\td\tnot_entailment\n")
     texts = read_texts(str(source), rte)
-    assert texts.ids == ["12", "40"] and texts.texts[1] == {"sentence1": "c", "sentence2": "d"}
+    assert texts.ids == [12, 40] and texts.texts[1] == {"sentence1": "c", "sentence2": "d"}  # JSONL: numbers
+    source.write_text("idx\tsentence1\tsentence2\n007\ta\tb\n-3\tc\td\n")
+    assert read_texts(str(source), rte).ids == ["007", -3]  # only an integer's own spelling becomes one
+    lines = '{"sentence1": "a", "sentence2": "b", "idx": "q7"}\n{"sentence1": "a", "sentence2": "b", "idx": 9}\n'
+    assert read_texts("-", rte, stdin=io.StringIO(lines)).ids == ["q7", 9]
+    assert read_texts("-", rte, stdin=io.StringIO(lines.replace(', "idx": "q7"', ""))).ids == [0, 9]
     assert texts.format == "tsv" and len(read_texts(str(source), rte, limit=1)) == 1
     with pytest.raises(InputFormatError, match="line 2"):
         read_texts("-", rte, stdin=io.StringIO('{"sentence1": "a", "sentence2": "b"}\n[1]\n'))

@@ -452,6 +452,11 @@ def test_extract_refuses_a_path_that_is_not_a_store_in_one_line(tmp_path, tiny_g
     assert "a folder that is not a Zarr store, not a READ store" in one_line_error(result)
     assert (plain / "notes.txt").read_text() == "mine" and list(plain.iterdir()) == [plain / "notes.txt"]
     assert not Path(f"{plain}.lock").exists()  # refused before anything was created beside it
+    other = tmp_path / "plain.zarr"
+    zarr.open_group(str(other), mode="w", attributes={"someone": "else"})
+    line = one_line_error(extract_cli(tmp_path, tiny_glue, other, *(["--overwrite"] if overwrite else [])))
+    assert line.count("not a READ store") == 1, line  # said once, with what marks one and the fix
+    assert "a Zarr store that is not a READ store (no 'read_pipeline' attributes)" in line and "--out" in line
 
 
 @contextlib.contextmanager

@@ -94,6 +94,14 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
     errno.EROFS: ("read-only file system at {path}", "choose another --out on a writable disk"),
     errno.ENOTDIR: ("{path} is a file where a folder was expected", "remove it or choose another --out"),
     errno.EISDIR: ("{path} is a folder where a file was expected", "remove it or choose another path"),
+    errno.EEXIST: ("{path} already exists", "remove it or choose another --out"),
+    errno.ENOTEMPTY: ("the folder {path} is not empty", "remove what it holds or choose another --out"),
+    errno.ENOENT: ("{path} does not exist", "check the path"),
+    errno.ENAMETOOLONG: ("the name {path} is too long for the file system", "choose a shorter path"),
+    errno.ELOOP: ("{path} is a loop of symbolic links", "fix the link or choose another path"),
+    errno.EBUSY: ("{path} is in use", "let what holds it finish, or choose another path"),
+    errno.EMFILE: ("too many open files", "raise the limit (`ulimit -n`) and rerun"),
+    errno.ENFILE: ("too many open files on this system", "close other programs and rerun"),
 }
 # Errors after which the work already written is kept, so the same command carries on from there.
 _RESUMABLE = {errno.ENOSPC, errno.EDQUOT}

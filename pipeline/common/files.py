@@ -38,8 +38,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (str(temp), temp):
+            # The temporary file is ours, not the user's: a failure names the output asked for (e.g. a folder
+            # in the way of os.replace), so that the message points at what to fix.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

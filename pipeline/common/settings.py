@@ -266,6 +266,8 @@ def check_value(cls: type, field: dataclasses.Field, value: Any) -> Any:
         if field.default is MISSING:  # left out (the command line passes None): say so, and what it is for
             raise ConfigError(f"{option_name(field)} is required: {spec.help}")
         raise refuse(cls, field, value)
+    if field.default is MISSING and isinstance(value, str) and not value.strip():  # --cache "": as good as left out
+        raise ConfigError(f"{option_name(field)} is required (it was given empty): {spec.help}")
     if kind.is_list:
         return _check_list(cls, field, kind, value)
     if not kind.accepts(value):

@@ -91,8 +91,7 @@ def _check_local_path(name: str) -> None:
     except HFValidationError:
         raise ModelLoadError(
             f"cannot load model {name!r}: the folder {path.absolute()} does not exist; check the path (a relative "
-            "one is read from the current folder; `pipeline predict --model FOLDER` replaces the one an adapter "
-            "names) or the Hugging Face Hub model id (org/name)"
+            "one is read from the current folder) or the Hugging Face Hub model id (org/name)"
         ) from None
 
 

@@ -60,12 +60,15 @@ def _readable(task: TaskSpec, value: float) -> str | float:
     return round(float(value), 6) if task.kind == "regression" else task.label_names[int(value)]
 
 
-def write_rows(stream: TextIO, fmt: str, task: TaskSpec, ids: Sequence[str], texts: Sequence[dict[str, str]],
+def write_rows(stream: TextIO, fmt: str, task: TaskSpec, ids: Sequence[int | str], texts: Sequence[dict[str, str]],
                heads: Sequence[Head]) -> None:
-    """One row per example: index, text fields, then per head the prediction and ``p_<label>`` columns."""
+    """One row per example: index, text fields, then per head the prediction and ``p_<label>`` columns.
+
+    The index is written as ``read_texts`` gives it: an integer (the input's integer index, else the row number)
+    is a JSON number in JSONL, as a GLUE split's idx is in ``write_submission``."""
     records = []
     for i, (index, text) in enumerate(zip(ids, texts)):
-        record: dict[str, str | float] = {"index": index, **text}
+        record: dict[str, int | str | float] = {"index": index, **text}
         for head in heads:
             suffix = _suffix(heads, head)
             record[f"prediction{suffix}"] = _readable(task, head.values[i])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.common.errors import AdapterError, AdapterNotFoundError, ConfigError
+from pipeline.common.errors import AdapterError, AdapterNotFoundError, ConfigError, ModelLoadError
 from pipeline.common.progress import progress_bar
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.extraction.backbones import Backbone, load_backbone
@@ -106,6 +106,20 @@ def load_adapters(paths: Sequence[str | Path], *, task: str | None = None) -> li
                     f"{getattr(a.config, field)}): one forward pass cannot serve both; predict them separately"
                 )
     return adapters
+
+
+def check_batch_tokens(batch_tokens: int, config: AdapterConfig) -> None:
+    """Refuse a ``batch_tokens`` below the max_length the adapters' extraction used, as `pipeline extract` refuses
+    it: a batch must hold the longest example. Refused rather than quietly raised to max_length, so the option
+    means the same in both commands (and a batch never holds more tokens than asked for)."""
+    if batch_tokens < 1:
+        raise ConfigError(f"--batch-tokens must be positive, got {batch_tokens}")
+    max_length = config.extraction.max_length if config.extraction is not None else 1
+    if batch_tokens < max_length:
+        raise ConfigError(
+            f"--batch-tokens {batch_tokens} must be at least max_length ({max_length}, the adapters' extraction "
+            f"setting) so the longest example fits in a batch; pass --batch-tokens {max_length} or more"
+        )
 
 
 @dataclass
@@ -210,10 +224,22 @@ class Predictor:
 
     @classmethod
     def load(cls, adapters: Sequence[LoadedAdapter], *, model: str | None = None, device: str = "auto") -> Predictor:
-        """Load the backbone the adapters name (or ``model``) as their extraction did, and check it."""
+        """Load the backbone the adapters name (or ``model``) as their extraction did, and check it.
+
+        The name an adapter records is the one `pipeline extract --model` was given (a relative folder is read from
+        the current folder), so when it does not load here the message says how to point at the backbone instead.
+        """
         cfg = adapters[0].config
         assert cfg.extraction is not None
-        backbone = load_backbone(model or cfg.base_model_name_or_path, dtype=cfg.extraction.dtype, device=device)
+        try:
+            backbone = load_backbone(model or cfg.base_model_name_or_path, dtype=cfg.extraction.dtype, device=device)
+        except ModelLoadError as exc:
+            if model is not None:
+                raise
+            raise ModelLoadError(
+                f"{exc}; adapter {adapters[0].path} names its backbone as `pipeline extract --model` was given it: "
+                "pass --model with the backbone's folder"
+            ) from exc
         return cls(backbone, adapters)
 
     # ---- the live path -----------------------------------------------------------------------------
@@ -262,8 +288,7 @@ class Predictor:
     def predict(self, texts: Sequence[dict[str, str]], *, batch_tokens: int = 16384,
                 progress: bool = True) -> Predictions:
         """Every adapter's outputs on ``texts``, in their order; batches formed by length."""
-        if batch_tokens < 1:
-            raise ConfigError(f"batch_tokens must be positive, got {batch_tokens}")
+        check_batch_tokens(batch_tokens, self.adapters[0].config)
         token_ids = self.tokenize(texts)
         width = (self.task.num_labels,) if self.task.kind == "classification" else ()
         outputs = np.zeros((len(self.adapters), len(token_ids), *width), dtype=np.float32)

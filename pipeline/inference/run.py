@@ -16,8 +16,8 @@ from pipeline.common.resources import pick_device
 from pipeline.common.tasks import get_task
 from pipeline.extraction.glue import load_split
 from pipeline.inference.outputs import output_format, write_rows, write_submission
-from pipeline.inference.predictor import Predictor, load_adapters
-from pipeline.inference.texts import read_texts
+from pipeline.inference.predictor import Predictor, check_batch_tokens, load_adapters
+from pipeline.inference.texts import check_input_name, read_texts
 from pipeline.training.metrics import compute_metrics, primary_metric
 
 
@@ -45,6 +45,8 @@ class PredictRequest:
         if self.batch_tokens < 1:
             raise ConfigError(f"--batch-tokens must be positive, got {self.batch_tokens}")
         output_format(self.out, "tsv")  # an extension we cannot write is refused before any work
+        if self.input is not None:
+            check_input_name(self.input)  # a CSV file is refused before the adapters load
         pick_device(self.device)  # a device this machine lacks is refused before the text, adapters or model load
 
 
@@ -62,8 +64,11 @@ def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO
                 stdout: TextIO | None = None) -> PredictResult:
     """Predict a GLUE split or free text with one or several adapters, sharing one forward pass."""
     if request.out != "-":
+        if Path(request.out).is_dir():  # else os.replace would refuse it only after the forward passes
+            raise ConfigError(f"--out {request.out} is a folder; name a file (.tsv, .csv or .jsonl) or - for stdout")
         check_writable_folder(Path(request.out).parent)  # before the model loads, not after the forward passes
     adapters = load_adapters(request.adapters, task=request.task)
+    check_batch_tokens(request.batch_tokens, adapters[0].config)  # before the model loads
     task = adapters[0].config.task
     if request.split is not None:
         split = load_split(task, request.split, request.glue_dir, limit=request.limit)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pipeline.common.tasks import TaskSpec
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TSV_SUFFIXES = (".tsv", ".txt")
 INDEX_COLUMNS = ("index", "idx")  # carried through to the output when the input has one
+CSV_REFUSED = "CSV input is not read; give a TSV (tab-separated, header naming the columns) or JSONL"
 
 
 @dataclass
@@ -26,7 +28,7 @@ class InputTexts:
     """Examples keyed by the task's text fields, their indices, and the format they came in."""
 
     texts: list[dict[str, str]]
-    ids: list[str]
+    ids: list[int | str]  # an integer index (a GLUE idx, a row number) as an integer, so JSONL writes a number
     format: str  # "tsv" | "jsonl"
     source: str
 
@@ -44,8 +46,16 @@ def format_of(path: str, first_line: str | None = None) -> str:
     return "jsonl" if (first_line or "").lstrip().startswith("{") else "tsv"
 
 
+def check_input_name(path: str) -> None:
+    """Refuse a ``.csv`` file by its name: read as a TSV its header is one comma-joined column, which would be
+    reported as missing columns instead of the real problem, a format this reader does not take."""
+    if path != "-" and Path(path).suffix.lower() == ".csv":
+        raise InputFormatError(f"{path}: {CSV_REFUSED}")
+
+
 def read_texts(path: str, task: TaskSpec, *, limit: int | None = None, stdin: TextIO | None = None) -> InputTexts:
     """Read ``path`` (``-``: stdin) as examples of ``task``; the first ``limit`` only if given."""
+    check_input_name(path)
     source = "<stdin>" if path == "-" else str(Path(path))
     if path != "-" and not Path(path).is_file():
         raise InputFormatError(f"input {path}: no such file")
@@ -67,10 +77,21 @@ def read_texts(path: str, task: TaskSpec, *, limit: int | None = None, stdin: Te
     return InputTexts(texts, ids, fmt, source)
 
 
-def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) -> tuple[list[dict[str, str]], list[str]]:
+def _index(value: object) -> int | str:
+    """An example's index as the output carries it: an integer (given as one, or as its decimal text, or a row
+    number) stays an integer, so JSONL writes a number; anything else is text. TSV and CSV cells read the same."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value)
+    return int(text) if re.fullmatch(r"-?(0|[1-9][0-9]*)", text) else text  # "12" -> 12; "007", "1e3" stay text
+
+
+def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) -> tuple[list[dict[str, str]], list[int | str]]:
     rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(rows)
     missing = [f for f in task.text_fields if f not in header]
+    if missing and len(header) == 1 and "," in header[0]:  # comma-separated, whatever its name says
+        raise InputFormatError(f"{source}, line 1: the header {header[0]!r} is comma-separated: {CSV_REFUSED}")
     if missing:
         raise InputFormatError(
             f"{source}, line 1: the header {header} lacks column(s) {missing}; a {task.name} TSV names its text "
@@ -79,7 +100,7 @@ def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) 
     positions = [header.index(f) for f in task.text_fields]
     index_at = next((header.index(c) for c in INDEX_COLUMNS if c in header), None)
     texts: list[dict[str, str]] = []
-    ids: list[str] = []
+    ids: list[int | str] = []
     for row in rows:
         if limit is not None and len(texts) >= limit:
             break
@@ -91,13 +112,13 @@ def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) 
                 f"({', '.join(header)})"
             )
         texts.append({f: row[i] for f, i in zip(task.text_fields, positions)})
-        ids.append(row[index_at] if index_at is not None else str(len(ids)))
+        ids.append(_index(row[index_at]) if index_at is not None else len(ids))
     return texts, ids
 
 
-def _read_jsonl(lines: list[str], source: str, task: TaskSpec, limit: int | None) -> tuple[list[dict[str, str]], list[str]]:
+def _read_jsonl(lines: list[str], source: str, task: TaskSpec, limit: int | None) -> tuple[list[dict[str, str]], list[int | str]]:
     texts: list[dict[str, str]] = []
-    ids: list[str] = []
+    ids: list[int | str] = []
     for number, line in enumerate(lines, start=1):
         if limit is not None and len(texts) >= limit:
             break
@@ -117,5 +138,5 @@ def _read_jsonl(lines: list[str], source: str, task: TaskSpec, limit: int | None
             )
         texts.append({f: record[f] for f in task.text_fields})
         index = next((record[c] for c in INDEX_COLUMNS if c in record), len(ids))
-        ids.append(str(index))
+        ids.append(_index(index))
     return texts, ids

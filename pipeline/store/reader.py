@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 
-from pipeline.common.errors import StoreCorruptError, StoreIncompleteError
+from pipeline.common.errors import ConfigError, NotAStoreError, StoreCorruptError, StoreIncompleteError
 from pipeline.store.format import (
     ATTRS_KEY,
     CHECKSUM,
@@ -172,6 +172,21 @@ class CachedSplit:
         return rows * int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
 
 
+def _check_local_store(name: str) -> None:
+    """Refuse, naming the fix, a local path that cannot be a store: nothing there, a file, or a folder without
+    Zarr metadata (rerunning `pipeline extract` would not help: it refuses to fill a folder of other files)."""
+    path, where = Path(name), "a folder written by `pipeline extract`"
+    if not path.exists():
+        raise FileNotFoundError(f"no store at {name}; run `pipeline extract` first")
+    if not path.is_dir():
+        raise NotAStoreError(f"{name} is a file, not a store ({where}); pass the store's folder")
+    if not (path / "zarr.json").exists():
+        if not any(path.iterdir()):
+            raise FileNotFoundError(f"no store at {name} (an empty folder); run `pipeline extract` first")
+        raise NotAStoreError(f"{name} is a folder but not a store (no zarr.json; a store is {where}); "
+                             "pass the store's folder")
+
+
 class CacheStore:
     """A finished (or in-progress) store opened read-only."""
 
@@ -179,8 +194,10 @@ class CacheStore:
         import zarr
 
         self.path = str(path)
-        if not is_remote(self.path) and not Path(self.path).exists():
-            raise FileNotFoundError(f"no store at {self.path}; run `pipeline extract` first")
+        if not self.path.strip():  # Path("") is the current folder: never read it as a store by accident
+            raise ConfigError("no store given (an empty path); pass the folder `pipeline extract --out` wrote")
+        if not is_remote(self.path):
+            _check_local_store(self.path)
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except Exception as exc:

@@ -388,11 +388,13 @@ def check_target(path: str, *, overwrite: bool) -> None:
     kind = path_kind(path)
     if kind in ("absent", "empty", "store", "remote"):
         return
+    # One clause saying it is not a READ store: a foreign Zarr store's kind says so already.
+    what = f"{kind} (no '{ATTRS_KEY}' attributes)" if kind.endswith("not a READ store") else (
+        f"{kind}, not a READ store (no '{ATTRS_KEY}' attributes)")
     if overwrite:
-        raise NotAStoreError(f"refusing to delete {path} for --overwrite: it is {kind}, not a READ store "
-                             f"(no '{ATTRS_KEY}' attributes); remove it yourself or choose another --out")
-    raise NotAStoreError(f"{path} is {kind}, not a READ store (no '{ATTRS_KEY}' attributes); "
-                         "choose another --out (the pipeline neither fills nor deletes it)")
+        raise NotAStoreError(f"refusing to delete {path} for --overwrite: it is {what}; remove it yourself or "
+                             "choose another --out")
+    raise NotAStoreError(f"{path} is {what}; choose another --out (the pipeline neither fills nor deletes it)")
 
 
 def remove_store(path: str) -> None:

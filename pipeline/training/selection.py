@@ -42,7 +42,10 @@ def carve(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     n = len(ids)
     if n < 2:
-        raise TrainingError(f"the training split has {n} example(s); at least 2 are needed to set a selection split apart")
+        raise TrainingError(
+            f"the training split has {n} example(s); at least 2 are needed to set a selection split apart (it is "
+            "held out with --select-on validation too); extract more examples (a larger --limit, or none)"
+        )
     keys = np.array([_hash(int(i)) for i in ids], dtype=np.uint64)
     chosen = np.argsort(keys, kind="stable")[: selection_size(n)]
     mask = np.zeros(n, dtype=bool)
