@@ -189,7 +189,7 @@ def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
     from pipeline.common.settings import parse_list
     from pipeline.report import write_report
 
-    result = write_report(runs_dir, out_dir, tasks=list(parse_list(tasks) or []) or None)
+    result = write_report(runs_dir, out_dir, tasks=list(parse_list(tasks, name="--tasks") or []) or None)
     click.echo(result["markdown"])
     click.echo(f"wrote {result['paths']['markdown']} and {result['paths']['image']}")
 

@@ -22,6 +22,7 @@ from pipeline.common.errors import (
     PipelineError,
     error_message,
     interrupted_message,
+    one_line,
 )
 from pipeline.common.progress import close_bars
 
@@ -55,14 +56,36 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no params file {path}; run from the repository root or pass --params PATH")
-    with open(path, encoding="utf-8") as handle:
-        params = yaml.load(handle, Loader=_yaml_loader()) or {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            params = yaml.load(handle, Loader=_yaml_loader()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error_message(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path} must be a mapping of sections, got {type(params).__name__}")
     unknown = sorted(set(params) - set(TOP_LEVEL))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; known: {list(TOP_LEVEL)}")
     return params
+
+
+def _yaml_error_message(path: str | Path, exc: Exception) -> str:
+    """One line for YAML that does not parse: where (line and column, counted from 1 as editors count), what, and
+    the fix; PyYAML's own text spans several lines and points with a caret. What was left open (a bracket, a quote,
+    a mapping) is named with the place it opens, which is where an unclosed bracket needs its fix."""
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, problem_mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if problem_mark is None:  # no position (e.g. a control character): PyYAML's own words
+        return f"{path}: {one_line(str(exc))}; fix the YAML"
+    fix = "indent with spaces, not tabs" if "'\\t'" in (problem or "") else "fix the YAML"
+    where = f" from {at(context_mark)}" if context_mark is not None else ""
+    opened = f" ({context}{where})" if context else ""
+    return f"{path} {at(problem_mark)}: {problem}{opened}; {fix}"
 
 
 def section(params: dict[str, Any], name: str, *, set_here: tuple[str, ...], top_level: tuple[str, ...] = (),

@@ -10,6 +10,9 @@ import pytest
 from pipeline.common.tasks import TASKS
 from pipeline.training.metrics import compute_metrics, primary_metric
 
+# A metric prints nothing: a warning on stderr would leak through `pipeline train --quiet` (and from Dask workers).
+pytestmark = pytest.mark.filterwarnings("error")
+
 
 def test_cola_matthews_by_formula():
     labels = np.array([1, 1, 1, 0, 0, 1, 0, 1])
@@ -25,6 +28,27 @@ def test_cola_matthews_by_formula():
 def test_cola_constant_prediction_is_zero():
     out = compute_metrics("cola", np.ones(4, dtype=int), np.array([0, 1, 1, 0]))
     assert out["matthews_correlation"] == 0.0
+
+
+def test_degenerate_inputs_give_the_documented_values_without_warnings():
+    """A single class in labels and predictions, or a (nearly) constant predictor: common on a small or early
+    evaluation. The values are the formulas' (a zero denominator gives 0), and no warning reaches stderr."""
+    # All labels and predictions 1: tp=4, tn=fp=fn=0, so MCC's denominator (tp+fp)(tp+fn)(tn+fp)(tn+fn) is 0: 0.
+    assert compute_metrics("cola", np.ones(4, dtype=int), np.ones(4, dtype=int)) == {"matthews_correlation": 0.0}
+    assert compute_metrics("cola", np.zeros(4, dtype=int), np.zeros(4, dtype=int)) == {"matthews_correlation": 0.0}
+    # No positives anywhere: F1 = 2tp / (2tp + fp + fn) = 0/0, scored 0; every prediction right.
+    assert compute_metrics("mrpc", np.zeros(3, dtype=int), np.zeros(3, dtype=int)) == {
+        "f1": 0.0, "accuracy": 100.0, "combined": 50.0}
+    assert compute_metrics("qqp", np.ones(3, dtype=int), np.ones(3, dtype=int)) == {
+        "f1": 100.0, "accuracy": 100.0, "combined": 100.0}
+    assert compute_metrics("sst2", np.ones(3, dtype=int), np.ones(3, dtype=int)) == {"accuracy": 100.0}
+    # Constant labels (not only predictions): a correlation is undefined there, taken as 0.
+    assert compute_metrics("stsb", np.array([1.0, 2.0, 3.0]), np.full(3, 2.0))["combined"] == 0.0
+    # Nearly constant predictions: still a correlation, the formula's.
+    preds, labels = np.array([1.0, 1.0, 1.0 + 1e-12, 1.0]), np.array([1.0, 2.0, 3.0, 4.0])
+    out = compute_metrics("stsb", preds, labels)
+    assert out["pearson"] == pytest.approx(100 * np.corrcoef(preds, labels)[0, 1], rel=1e-3)
+    assert out["spearmanr"] == pytest.approx(100 * np.corrcoef([2, 2, 4, 2], [1, 2, 3, 4])[0, 1])  # tied ranks shared
 
 
 @pytest.mark.parametrize("task", ["mrpc", "qqp"])

@@ -14,12 +14,13 @@ from pipeline.cli import main
 from pipeline.common.config import (
     ExtractConfig,
     SideConfig,
+    SweepConfig,
     TrainConfig,
     readme_settings,
     with_readme_settings,
 )
 from pipeline.common.errors import ConfigError
-from pipeline.common.settings import option_name, parse_text
+from pipeline.common.settings import kind_of, option_name, parse_text
 from pipeline.training.sweep import parse_grid, parse_settings
 from stages import extract as extract_stage
 from stages import train as train_stage
@@ -109,12 +110,15 @@ def test_to_dict_is_unchanged():
 # ---- types: one line naming the setting, the value, the type and the fix --------------------------
 @pytest.mark.parametrize("key, value, needles", [
     ("epochs", "ten", ["epochs 'ten'", "an integer", "not a string", "e.g. epochs: 10"]),
-    ("lr", "fast", ["lr 'fast'", "a number", "e.g. lr: 0.001"]),
+    ("lr", "fast", ["lr 'fast'", "a finite number", "e.g. lr: 0.001"]),
+    ("lr", float("inf"), ["lr inf must be a finite number > 0"]),  # YAML's .inf
+    ("checkpoint_seconds", float("inf"), ["checkpoint_seconds inf must be a finite number >= 0 or null (never save)"]),
     ("rnn_dim", None, ["rnn_dim null", "an integer >= 1", "e.g. rnn_dim: 128"]),
     ("epochs", 2.5, ["epochs 2.5", "an integer"]),
     ("dropout", "0.1", ["dropout '0.1'", "a number in [0, 1)"]),
     ("encoder_side", "yes", ["encoder_side 'yes'", "true or false"]),
     ("seeds", [0, 0.5], ["seeds [0, 0.5]", "list of integers"]),
+    ("seeds", "0,,1", ["seeds '0,,1' has an empty item; it must be a comma-separated list of integers"]),
     ("patience", 0, ["patience 0", "or null (never stop early)"]),
 ])
 def test_bad_train_values_in_params_yaml(tmp_path, capsys, key, value, needles):
@@ -132,6 +136,7 @@ def test_bad_train_values_in_params_yaml(tmp_path, capsys, key, value, needles):
     ("splits", 5, ["splits 5", "list of strings", "not an integer"]),
     ("max_length", "long", ["max_length 'long'", "an integer >= 2"]),
     ("layers", [0, "last"], ["layers [0, 'last']", "list of integers"]),
+    ("splits", "train,,validation", ["splits 'train,,validation' has an empty item"]),
     ("model", None, ["ExtractConfig needs model; set it"]),
 ])
 def test_bad_extract_values_in_params_yaml(tmp_path, capsys, key, value, needles):
@@ -165,6 +170,22 @@ def test_a_required_option_left_out_is_named_with_what_it_is_for(args, needles):
         TrainConfig(cache=None)
 
 
+def test_every_number_setting_refuses_infinity_and_nan():
+    """inf passes '> 0' and nan fails every comparison: both are refused by name, whatever the bounds (a null, not
+    inf, says 'never' where a setting has a 'never')."""
+    numbers = [f.name for f in dataclasses.fields(TrainConfig) if float in kind_of(TrainConfig, f.name).types]
+    assert {"lr", "weight_decay", "dropout", "out_scale", "max_grad_norm", "warmup_ratio",
+            "checkpoint_seconds"} <= set(numbers)
+    assert not [f.name for cls in (ExtractConfig, SweepConfig) for f in dataclasses.fields(cls)
+                if float in kind_of(cls, f.name).types]
+    for name in numbers:
+        for text in ("inf", "-inf", "Infinity", "nan"):
+            with pytest.raises(ConfigError, match=rf"^{name} {text.lower().replace('infinity', 'inf')} must be a "):
+                parse_text(TrainConfig, name, text)
+        with pytest.raises(ConfigError, match=rf"^{name} inf must be a"):
+            TrainConfig(cache="c", **{name: float("inf")})
+
+
 def test_ints_refuse_floats_and_bools_floats_take_ints():
     with pytest.raises(ConfigError, match="batch_size 2.0"):
         TrainConfig(cache="c", batch_size=2.0)
@@ -178,7 +199,13 @@ def test_ints_refuse_floats_and_bools_floats_take_ints():
 @pytest.mark.parametrize("args, needles", [
     (["train", "--cache", "x", "--epochs", "ten"], ["epochs 'ten'", "an integer"]),
     (["train", "--cache", "x", "--epochs", "2.5"], ["epochs 2.5", "an integer"]),
-    (["train", "--cache", "x", "--lr", "fast"], ["lr 'fast'", "a number"]),
+    (["train", "--cache", "x", "--lr", "fast"], ["lr 'fast'", "a finite number"]),
+    (["train", "--cache", "x", "--lr", "inf"], ["lr inf must be a finite number > 0; e.g. lr: 0.001"]),
+    (["train", "--cache", "x", "--seeds", "0,,1"], ["seeds '0,,1' has an empty item", "e.g. seeds: 0,1,2"]),
+    (["train", "--cache", "x", "--seeds", "0,1,"], ["seeds '0,1,' has an empty item"]),
+    (["train", "--cache", "x", "--eval-splits", "validation,"], ["eval_splits 'validation,' has an empty item"]),
+    (["extract", "--model", "m", "--task", "rte", "--layers", "0,,-1"], ["layers '0,,-1' has an empty item"]),
+    (["report", "--tasks", "rte,,sst2"], ["--tasks 'rte,,sst2' has an empty item", "e.g. rte,sst2"]),
     (["train", "--cache", "x", "--rnn", "transformer"], ["rnn 'transformer' must be gru, rnn or lstm"]),
     (["train", "--cache", "x", "--patience", "0"], ["patience 0", "null"]),
     (["train", "--cache", "x", "--seeds", "0,a"], ["seeds '0,a'", "list of integers"]),
@@ -233,7 +260,7 @@ def test_grid_and_set_read_values_as_declared():
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--grid", "lr=fast"], ["lr 'fast'", "a number"]),
+    (["--grid", "lr=fast"], ["lr 'fast'", "a finite number"]),
     (["--grid", "rnn=gru,transformer"], ["rnn 'transformer'"]),
     (["--grid", "nope=1"], ["--grid 'nope': no such train setting", "the settings:", "rnn_dim", "threads"]),
     (["--grid", "lr=1e-3", "--set", "epochs=1", "--set", "epochs=2"], ["--set epochs is given twice"]),

@@ -94,6 +94,22 @@ def test_bad_value_is_refused_with_the_config_message(tmp_path, capsys):
     assert "rnn 'transformer' must be gru, rnn or lstm" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, needles", [
+    ("train:\n  epochs: 1\n  seeds: [0\n", ["line 4, column 1: expected ',' or ']'", "from line 3, column 10",
+                                            "fix the YAML"]),
+    ("train:\n\tepochs: 1\n", ["line 2, column 1: found character '\\t'", "indent with spaces, not tabs"]),
+    ("train: \x00\n", ["unacceptable character #x0000", "fix the YAML"]),
+])
+def test_malformed_yaml_is_one_line_naming_the_place(tmp_path, capsys, text, needles):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    assert train_stage.main(["--task", "rte", "--cache", "X", "--out", str(tmp_path / "r"), "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: {path}") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
 def test_exponent_floats_are_numbers(tmp_path):
     """`dvc exp run -S train.lr=3e-4` writes 3e-4, which plain PyYAML (YAML 1.1) reads as a string."""
     text = (REPO / "params.yaml").read_text()
@@ -104,9 +120,12 @@ def test_exponent_floats_are_numbers(tmp_path):
     assert cfg.lr == 3e-4 and cfg.weight_decay == 0.01
 
 
-def test_missing_params_file():
+def test_missing_or_unreadable_params_file(tmp_path):
     with pytest.raises(ConfigError, match="no params file"):
         read_params("/nonexistent/params.yaml")
+    (tmp_path / "p.yaml").write_bytes(b"train: \xff\n")
+    with pytest.raises(ConfigError, match=r"p.yaml is not UTF-8 text \(byte 7: invalid start byte\); save it as UTF-8"):
+        read_params(tmp_path / "p.yaml")
 
 
 @pytest.mark.parametrize("where", ["nowhere", "empty folder"])

@@ -35,11 +35,35 @@ def test_grid_parsing_and_expansion():
         parse_settings(["foo=1"])
     with pytest.raises(ConfigError, match="lr: both in --grid and in --set"):
         parse_settings(["lr=1e-3", "epochs=2"], grid)
+    # A value given twice, as read (1e-3 is 0.001), would train one run folder twice, at once on two workers.
+    with pytest.raises(ConfigError, match=r"^--grid lr lists 0.001 twice \(1e-3 and 0.001\); give each value once$"):
+        parse_grid(["lr=1e-3,3e-4,0.001"])
+    with pytest.raises(ConfigError, match=r"^--grid patience lists null twice \(none and null\); give each value once$"):
+        parse_grid(["patience=none,3,null"])
+    with pytest.raises(ConfigError, match=r"^--grid rnn lists gru twice; give each value once$"):
+        parse_grid(["rnn=gru,gru"])
+    with pytest.raises(ConfigError, match=r"^--grid lr=1e-3,,3e-4 has an empty value; .* e.g. lr=1e-3,3e-4$"):
+        parse_grid(["lr=1e-3,,3e-4"])
 
 
 def test_run_sweep_refuses_an_empty_cluster_before_starting_it(tmp_path):
     with pytest.raises(ConfigError, match="workers 0 must be an integer >= 1"):
         run_sweep(TrainConfig(cache="c"), {}, str(tmp_path), workers=0)
+
+
+def test_a_failing_point_is_one_line_naming_it_without_the_workers_traceback(synthetic_store, tmp_path, capfd):
+    """An expected failure of a grid point (a PipelineError) is the CLI's one line, naming the point; the Dask worker,
+    whose stderr is the sweep's, logs no traceback of it, nor of the teardown that stops the other points."""
+    cache = synthetic_store(splits={"train": 20, "validation": 8}).path
+    result = CliRunner().invoke(main, [
+        "sweep", "--cache", cache, "--grid", "train-split=train,nosuch", "--set", "epochs=1", "--set", "device=cpu",
+        "--seeds", "0", "--out", str(tmp_path / "sweep"), "--workers", "1",
+    ])
+    err = capfd.readouterr().err  # the worker processes write to the file descriptor, not to sys.stderr
+    assert "Traceback" not in err and "Compute Failed" not in err and "distributed" not in err, err
+    assert result.exit_code == 2, result.output
+    assert result.output == "Error: train_split=nosuch: task rte has no split 'nosuch'; expected one of: train, " \
+                            "validation, test\n"
 
 
 def test_sweep_trains_every_point_on_a_local_dask_cluster(t5_store, tmp_path):

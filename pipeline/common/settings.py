@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -89,10 +90,13 @@ class Kind:
     optional: bool = False  # null allowed
     is_list: bool = False  # tuple[X, ...]: a comma-separated string, a list, or a single X
 
-    def noun(self) -> str:
+    def noun(self, bounds: Bounds | None = None) -> str:
+        """'an integer', 'a number'; 'a finite number' where ``bounds`` leave it open above, since infinity (and nan)
+        is refused too (inside a bounded range it goes without saying)."""
         if self.is_list:
             return f"a comma-separated list of {' or '.join(_PLURALS[t] for t in self.types)}"
-        return " or ".join(_NOUNS[t] for t in self.types)
+        finite = bounds is None or bounds.high is None
+        return " or ".join("a finite number" if t is float and finite else _NOUNS[t] for t in self.types)
 
     def accepts(self, value: Any) -> bool:
         """Strict: no bool for a number, no float for an integer; an integer is a good float."""
@@ -172,7 +176,7 @@ def expected(cls: type, field: dataclasses.Field, *, null_meaning: bool = True) 
     elif spec.allowed:
         text = spec.allowed
     else:
-        text = kind.noun() + (f" {spec.bounds}" if spec.bounds else "")
+        text = kind.noun(spec.bounds) + (f" {spec.bounds}" if spec.bounds else "")
     if kind.optional:
         text += " or null" + (f" ({spec.none})" if spec.none and null_meaning else "")
     return text
@@ -190,10 +194,13 @@ def _wrong_type(kind: Kind, value: Any) -> str:
     return ", not a list" if isinstance(value, (list, tuple)) else f", not a {type(value).__name__}"
 
 
-def refuse(cls: type, field: dataclasses.Field, value: Any, wrong_type: bool = False) -> ConfigError:
-    """The one-line message for a refused value: the setting, the value, what it must be, and an example."""
+def refuse(cls: type, field: dataclasses.Field, value: Any, wrong_type: bool = False,
+           fault: str | None = None) -> ConfigError:
+    """The one-line message for a refused value: the setting, the value, what is wrong with it where the expected
+    type alone would not say (``fault``, e.g. 'has an empty item'), what it must be, and an example."""
     spec = spec_of(field)
-    message = f"{field.name} {'null' if value is None else repr(value)} must be {expected(cls, field)}"
+    said = f" {fault}; it" if fault else ""
+    message = f"{field.name} {'null' if value is None else repr(value)}{said} must be {expected(cls, field)}"
     if wrong_type:
         message += _wrong_type(kind_of(cls, field.name), value)
     if spec.choices:
@@ -214,12 +221,16 @@ def option_name(field: dataclasses.Field) -> str:
 # ---------------------------------------------------------------------------------- checks, parsing
 
 
-def parse_list(value: str | Sequence | None, cast: type = str) -> tuple | None:
-    """'a,b' or a YAML list -> tuple; None/'all'/'' -> None."""
+def parse_list(value: str | Sequence | None, cast: type = str, name: str = "list") -> tuple | None:
+    """'a,b' or a YAML list -> tuple; None/'all'/'' -> None. An empty item ('0,,1', 'a,b,') is refused: it is a
+    typo whose intended value nobody can tell, not a shorter list. ``name``: the setting or option, for the message."""
     if value is None or value == "" or value == "all":
         return None
     if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
+        items = [v.strip() for v in value.split(",")]
+        if "" in items:
+            raise ConfigError(f"{name} {value!r} has an empty item; write one comma between two items, "
+                              f"e.g. {','.join(v for v in items if v) or 'a,b'}")
     else:
         items = list(value)
     try:
@@ -241,7 +252,11 @@ def parse_size(value: str | int | None) -> int | None:
 
 def _check_list(cls: type, field: dataclasses.Field, kind: Kind, value: Any) -> tuple | None:
     if isinstance(value, str):
-        items = [_from_text(kind.item, v) for v in parse_list(value) or ()]
+        try:
+            texts = parse_list(value) or ()
+        except ConfigError:  # an empty item
+            raise refuse(cls, field, value, fault="has an empty item") from None
+        items = [_from_text(kind.item, v) for v in texts]
     elif isinstance(value, (list, tuple)):
         items = list(value)
     elif kind.item.accepts(value):  # a single seed: 3 -> (3,)
@@ -274,6 +289,8 @@ def check_value(cls: type, field: dataclasses.Field, value: Any) -> Any:
         raise refuse(cls, field, value, wrong_type=True)
     if kind.types == (float,):
         value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):  # inf passes '> 0'; nan passes nothing
+        raise refuse(cls, field, value)
     if spec.parse is not None:
         try:
             value = spec.parse(value)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.common.config import SweepConfig, TrainConfig
-from pipeline.common.errors import ConfigError
+from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.files import atomic_write_text
-from pipeline.common.settings import parse_text
+from pipeline.common.settings import parse_text, show
 from pipeline.training.checkpoint import CHECKPOINT_NAME
 
 SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
@@ -43,9 +44,26 @@ def _assignments(items: Sequence[str], option: str, form: str) -> dict[str, str]
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
-    """['lr=1e-3,3e-4', 'rnn=gru,lstm'] -> {'lr': [0.001, 0.0003], 'rnn': ['gru', 'lstm']}, read as declared."""
-    return {key: [parse_text(TrainConfig, key, v) for v in values.split(",")]
-            for key, values in _assignments(items, "--grid", "name=v1,v2").items()}
+    """['lr=1e-3,3e-4', 'rnn=gru,lstm'] -> {'lr': [0.001, 0.0003], 'rnn': ['gru', 'lstm']}, read as declared.
+
+    Each value once, as read (1e-3 and 0.001 are one value): a repeated one would train the same run folder twice,
+    at once on two workers. An empty value ('1e-3,,3e-4') is a typo, not a value."""
+    grid: dict[str, list[Any]] = {}
+    for key, values in _assignments(items, "--grid", "name=v1,v2").items():
+        texts = values.split(",")
+        if any(not text.strip() for text in texts):
+            raise ConfigError(f"--grid {key}={values} has an empty value; write one comma between two values, "
+                              f"e.g. {key}={','.join(t.strip() for t in texts if t.strip())}")
+        grid[key], said = [], []
+        for text in texts:
+            value = parse_text(TrainConfig, key, text)
+            if value in grid[key]:
+                first = said[grid[key].index(value)].strip()
+                spellings = f" ({first} and {text.strip()})" if first != text.strip() else ""
+                raise ConfigError(f"--grid {key} lists {show(value)} twice{spellings}; give each value once")
+            grid[key].append(value)
+            said.append(text)
+    return grid
 
 
 def parse_settings(items: Sequence[str], grid: dict[str, list[Any]] | None = None) -> dict[str, Any]:
@@ -83,10 +101,25 @@ def finished_run(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
     return metrics if same and not (out / CHECKPOINT_NAME).exists() else None
 
 
-def _train_quietly(cfg: TrainConfig) -> dict[str, Any]:
+def _train_quietly(cfg: TrainConfig) -> dict[str, Any] | PipelineError | OSError:
+    """One grid point's metrics, or its expected failure returned as a value: raised, the Dask worker would log it
+    with its traceback (on the worker's stderr, which is the sweep's for a LocalCluster) before the client's one-line
+    message. Anything else is a bug and is raised, traceback and all."""
     from pipeline.training import train
 
-    return train(cfg, progress=False)
+    try:
+        return train(cfg, progress=False)
+    except (PipelineError, OSError) as error:
+        return error
+
+
+def _point_result(name: str, result: dict[str, Any] | PipelineError | OSError) -> dict[str, Any]:
+    """The metrics of a grid point, or its failure raised here, its message naming the point (``name``)."""
+    if isinstance(result, PipelineError):
+        result.args = (f"{name}: {result}",)  # the one line the CLI prints: which point, then what
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def run_sweep(
@@ -120,14 +153,17 @@ def run_sweep(
         client = Client(scheduler)
         cluster = None
     else:
+        # The workers' own log lines are not the user's news: a failed point is the CLI's one line, and closing the
+        # cluster under the points still running (after a failure, on Ctrl-C) logs cancelled tasks and lost
+        # heartbeats with tracebacks. A bug still reaches the client, which raises it with its traceback.
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=None, silence_logs=logging.CRITICAL)
         client = Client(cluster)
     try:
         futures = {client.submit(_train_quietly, cfg, pure=False): (name, cfg) for name, cfg in runs}
         for future in as_completed(futures):
             name, cfg = futures[future]
-            rows.append(summary_row(name, cfg, grid, future.result(), kept=False))
+            rows.append(summary_row(name, cfg, grid, _point_result(name, future.result()), kept=False))
     finally:
         client.close()
         if cluster is not None:
