@@ -324,17 +324,18 @@ class Extraction:
         for problem in damaged.values():
             log.warning("%s: %s; re-extracting it", cfg.out_path, problem)
         todo = [j for j in mine if not done[j] or j in damaged]
-        if todo and len(todo) < len(mine):  # said always, as a checkpoint's resume is: it is about the user's files
-            note = (f"resuming {cfg.out_path}: split {name!r} has {len(mine) - len(todo)} of {len(mine)} blocks "
-                    f"{'of this part ' if count > 1 else ''}written; extracting the other {len(todo)}")
-            log.info(note)
-            print(note, file=sys.stderr)
+        written = len(mine) - len(todo)
         if max_blocks is not None:
             todo = todo[:max_blocks]
         if not todo:
             self.writer.mark_complete(name)
             return
         self.writer.check_precision(name)
+        if written:  # said always, as a checkpoint's resume is: it is about the user's files
+            note = (f"resuming {cfg.out_path}: split {name!r} has {written} of {len(mine)} blocks "
+                    f"{'of this part ' if count > 1 else ''}written; extracting the other {len(mine) - written}")
+            log.info(note)
+            print(note, file=sys.stderr)
         total = int(sum(plan.block_starts[j + 1] - plan.block_starts[j] for j in todo))
         bar = progress_bar(total=total, desc=f"{self.task.name}/{name}", unit="ex", enabled=self.progress)
         started, seen_tokens = time.perf_counter(), 0
