@@ -56,7 +56,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
                               f"e.g. {key}={','.join(t.strip() for t in texts if t.strip())}")
         grid[key], said = [], []
         for text in texts:
-            value = parse_text(TrainConfig, key, text)
+            value = parse_text(TrainConfig, key, text.strip())  # 'train, x': the space is no part of the value
             if value in grid[key]:
                 first = said[grid[key].index(value)].strip()
                 spellings = f" ({first} and {text.strip()})" if first != text.strip() else ""
@@ -73,7 +73,7 @@ def parse_settings(items: Sequence[str], grid: dict[str, list[Any]] | None = Non
     both = [key for key in fixed if key in (grid or {})]
     if both:
         raise ConfigError(f"{', '.join(both)}: both in --grid and in --set; a setting is either varied or fixed")
-    return {key: parse_text(TrainConfig, key, value) for key, value in fixed.items()}
+    return {key: parse_text(TrainConfig, key, value.strip()) for key, value in fixed.items()}
 
 
 def expand(base: TrainConfig, grid: dict[str, list[Any]], out_root: str) -> list[tuple[str, TrainConfig]]:
