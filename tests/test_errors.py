@@ -370,6 +370,11 @@ def test_a_cache_that_is_not_a_store_says_what_to_pass(tmp_path):
         assert_one_line(CliRunner().invoke(main, args), "--cache is required (it was given empty)")
     assert_one_line(CliRunner().invoke(main, ["info", ""]), "no store given (an empty path)")
     assert afile.read_text() == "mine" and not (tmp_path / "run").exists()
+    damaged = tmp_path / "damaged.zarr"  # its root metadata unreadable: extract would refuse to touch it
+    damaged.mkdir()
+    (damaged / "zarr.json").write_text("{not json")
+    assert_one_line(CliRunner().invoke(main, [*train, str(damaged)]),
+                    f"{damaged} is not a readable Zarr group", "remove it and rerun `pipeline extract`")
 
 
 def test_a_training_split_too_small_to_set_a_selection_split_apart_names_the_fix(synthetic_store, tmp_path):

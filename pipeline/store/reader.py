@@ -201,7 +201,8 @@ class CacheStore:
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except Exception as exc:
-            raise StoreCorruptError(f"{self.path} is not a Zarr group ({first_line(exc)}); rerun `pipeline extract`") from None
+            raise StoreCorruptError(f"{self.path} is not a readable Zarr group ({first_line(exc)}); remove it and rerun "
+                                    "`pipeline extract` (it neither fills nor deletes a folder it cannot read)") from None
         self.meta = StoreMeta.from_attrs(self.group.attrs.get(ATTRS_KEY), self.path)
 
     @property
