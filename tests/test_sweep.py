@@ -44,6 +44,8 @@ def test_grid_parsing_and_expansion():
         parse_grid(["rnn=gru,gru"])
     with pytest.raises(ConfigError, match=r"^--grid lr=1e-3,,3e-4 has an empty value; .* e.g. lr=1e-3,3e-4$"):
         parse_grid(["lr=1e-3,,3e-4"])
+    with pytest.raises(ConfigError, match=r"^--grid select_on: the points are ranked on one split, .* --set select-on"):
+        parse_grid(["select-on=selection,validation"])
     # Spaces around a value are no part of it: a text setting would carry them into the run folder's name.
     assert parse_grid(["train_split=train, more"]) == {"train_split": ["train", "more"]}
     assert parse_settings(["train_split= train "]) == {"train_split": "train"}

@@ -21,6 +21,7 @@ from pipeline.common.settings import parse_text, show
 from pipeline.training.checkpoint import CHECKPOINT_NAME
 
 SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
+SAME_FOR_EVERY_POINT = ("select_on",)  # what the ranking compares on: varied, it would rank scores of two splits
 
 
 def _assignments(items: Sequence[str], option: str, form: str) -> dict[str, str]:
@@ -50,6 +51,9 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     at once on two workers. An empty value ('1e-3,,3e-4') is a typo, not a value."""
     grid: dict[str, list[Any]] = {}
     for key, values in _assignments(items, "--grid", "name=v1,v2").items():
+        if key in SAME_FOR_EVERY_POINT:
+            raise ConfigError(f"--grid {key}: the points are ranked on one split, so it is the same for every point; "
+                              f"give it once with --set {key.replace('_', '-')}=VALUE")
         texts = values.split(",")
         if any(not text.strip() for text in texts):
             raise ConfigError(f"--grid {key}={values} has an empty value; write one comma between two values, "
