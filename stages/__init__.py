@@ -116,7 +116,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(body: Callable[[], None], *, stopped: str = "restarts") -> int:
+def run_stage(body: Callable[[], None], *, stopped: str) -> int:
     """Run a stage body; typed errors and OS errors become one line on stderr and exit code 2.
 
     The same translation as the `pipeline` CLI (``error_message``); any other exception is a bug

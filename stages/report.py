@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report["markdown"])
         print(f"wrote {report['paths']['markdown']} and {report['paths']['image']}")
 
-    return run_stage(body)
+    return run_stage(body, stopped="stage restarts")
 
 
 if __name__ == "__main__":

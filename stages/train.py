@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = train_config(read_params(args.params), cache, args.out or f"runs/{args.task}", path=args.params)
         print(result_line(train(cfg, progress=not args.quiet)))
 
-    return run_stage(body, stopped="checkpoints")
+    return run_stage(body, stopped="stage checkpoints")
 
 
 if __name__ == "__main__":

@@ -175,15 +175,21 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
         raise TypeError("a bug")
 
     with pytest.raises(TypeError):
-        run_stage(bug)
+        run_stage(bug, stopped="resumes")
 
     def interrupt() -> None:
         raise KeyboardInterrupt
 
     assert run_stage(interrupt, stopped="resumes") == 130
     assert capsys.readouterr().err == "Interrupted; rerun `dvc repro` to resume.\n"
-    assert run_stage(interrupt) == 130  # the report stage: nothing of a stopped run is kept
-    assert "nothing of this run was written" in capsys.readouterr().err
+    # DVC removes a stage's outputs before it runs it: a stopped train or report stage does not keep them.
+    assert run_stage(interrupt, stopped="stage checkpoints") == 130
+    said = capsys.readouterr().err
+    assert "DVC removed this stage's outputs" in said and "untouched" not in said
+    assert "rerun of `dvc repro` goes on from the run's last checkpoint" in said
+    assert run_stage(interrupt, stopped="stage restarts") == 130
+    assert capsys.readouterr().err == ("Interrupted; DVC removed this stage's outputs when it started it; rerun "
+                                       "`dvc repro` to write them again.\n")
 
 
 @pytest.mark.parametrize("command, target, needles", [

@@ -118,6 +118,12 @@ INTERRUPTED = {
                     "the run starts again)."),
     "restarts": ("Interrupted; nothing of this run was written and earlier outputs are untouched; "
                  "rerun {rerun} to start it again."),
+    # Under `dvc repro`, which removes a stage's outputs (but not the run's checkpoint) before it runs the stage:
+    "stage checkpoints": ("Interrupted; DVC removed this stage's outputs when it started it, so they are missing "
+                          "until a rerun of {rerun} goes on from the run's last checkpoint (saved between steps; with "
+                          "none yet, the run starts again) and writes them."),
+    "stage restarts": ("Interrupted; DVC removed this stage's outputs when it started it; rerun {rerun} to write "
+                       "them again."),
     "sweep": ("Interrupted; the grid points that had finished are in their run folders, the others and sweep.json "
               "were not written; rerun {rerun} to go on with the sweep (finished points are kept, stopped ones go on "
               "from their checkpoints)."),
