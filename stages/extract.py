@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             path = extract(cfg, progress=not args.quiet)
         except StoreMismatchError as exc:
             # The same store resumes; other settings or data mean DVC wants a new output: start afresh.
-            log.info("%s\nreplacing it: the params changed since it was written", exc)
+            log.info("%s; replacing it with a store of the current params and data", exc.what)
             path = extract(dataclasses.replace(cfg, overwrite=True), progress=not args.quiet)
         print(CacheStore(path).completion_message())
 

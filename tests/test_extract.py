@@ -257,7 +257,7 @@ def flip_labels(tsv: Path) -> None:
     tsv.write_text("\n".join([lines[0], *(f"{text}\t{swap[label]}" for text, label in rows)]) + "\n", encoding="utf-8")
 
 
-def test_a_store_built_from_other_data_is_stale(tiny_t5, tmp_path, glue_dir):
+def test_a_store_built_from_other_data_is_stale(tiny_t5, tmp_path, glue_dir, caplog):
     """Same model and settings, labels flipped in the same file: not complete, refused, and the stage rebuilds it."""
     import yaml
 
@@ -285,7 +285,11 @@ def test_a_store_built_from_other_data_is_stale(tiny_t5, tmp_path, glue_dir):
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "validation data differ" in result.output
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tasks": ["rte"], "glue_dir": str(copy), "extract": settings}))
-    assert extract_stage.main(["--task", "rte", "--params", str(params), "--out", out, "--quiet"]) == 0
+    with caplog.at_level("INFO", logger="stages.extract"):
+        assert extract_stage.main(["--task", "rte", "--params", str(params), "--out", out, "--quiet"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "stages.extract"]
+    assert said == [f"{out} was made from other inputs (validation data differ from the examples the store was built "
+                    "from (texts, labels or ids changed)); replacing it with a store of the current params and data"]
     np.testing.assert_array_equal(CacheStore(out).split("validation").labels, 1 - before)
     assert finished_store(cfg) and verify_store(out) == []
 

@@ -52,7 +52,12 @@ class ConfigError(PipelineError, ValueError):
 
 
 class StoreMismatchError(PipelineError, ValueError):
-    """An existing store made with other settings than the ones asked for now."""
+    """An existing store made with other settings than the ones asked for now. ``what``: the difference alone,
+    without the advice to the user, for a caller that acts on it itself (the DVC stage replaces the store)."""
+
+    def __init__(self, message: str, what: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what or message
 
 
 class StoreIncompleteError(PipelineError, ValueError):

@@ -97,10 +97,8 @@ class StoreWriter:
             raise StoreMismatchError(str(exc)) from None
         problem = self.meta.identity.mismatch(old.identity)
         if problem:
-            raise StoreMismatchError(
-                f"{self.path} was made from other inputs ({problem}); "
-                "pass --overwrite to replace it or choose another --out"
-            )
+            what = f"{self.path} was made from other inputs ({problem})"
+            raise StoreMismatchError(f"{what}; pass --overwrite to replace it or choose another --out", what)
         if not asking <= set(old.asked):  # more splits asked for: recorded before any is begun
             group.attrs[ATTRS_KEY] = dataclasses.replace(old, asked=tuple(sorted(asking | set(old.asked)))).to_attrs()
         return group
@@ -198,11 +196,10 @@ class StoreWriter:
         --part on another device): the split would mix both. A store from before it was recorded is not checked."""
         recorded = self._stored_meta().splits[split].precision
         if recorded and recorded != self.precision:
-            raise StoreMismatchError(
-                f"{self.path}: split {split!r} was begun computing in {recorded}, and this run computes in "
-                f"{self.precision} (another --device or --dtype); finish it where it was begun, or pass --overwrite "
-                "to extract it again in one way"
-            )
+            what = (f"{self.path}: split {split!r} was begun computing in {recorded}, and this run computes in "
+                    f"{self.precision} (another --device or --dtype)")
+            raise StoreMismatchError(f"{what}; finish it where it was begun, or pass --overwrite to extract it again "
+                                     "in one way", what)
 
     def _update_split(self, split: str, data: SplitData | None = None, **info: Any) -> None:
         """Read-modify-write of the root attributes, one process at a time; unchanged ones are not rewritten."""
