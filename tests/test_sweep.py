@@ -71,6 +71,21 @@ def test_a_failing_point_is_one_line_naming_it_without_the_workers_traceback(syn
                             "validation, test\n"
 
 
+def test_the_local_workers_ignore_ctrl_c_and_the_sweep_does_not():
+    """Ctrl-C reaches the whole process group: the sweep stops its workers itself, so they must not also print
+    their own KeyboardInterrupt tracebacks."""
+    import signal
+
+    from distributed import Client
+
+    from pipeline.training.sweep import local_cluster
+
+    before = signal.getsignal(signal.SIGINT)
+    with local_cluster(1, 1) as cluster, Client(cluster) as client:
+        assert client.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_sweep_trains_every_point_on_a_local_dask_cluster(t5_store, tmp_path):
     out = tmp_path / "sweep"
     result = CliRunner().invoke(main, [

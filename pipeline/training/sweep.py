@@ -6,11 +6,15 @@ directory; the store is read-only, so any number of workers can share it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+import os
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +109,50 @@ def finished_run(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
     return metrics if same and not (out / CHECKPOINT_NAME).exists() else None
 
 
+def local_cluster(workers: int, threads_per_worker: int) -> Any:
+    """A LocalCluster of worker processes that ignore Ctrl-C: a terminal sends SIGINT to the whole process group,
+    and the sweep itself stops them by closing the cluster, so each would only print its KeyboardInterrupt
+    traceback before the one line that says what a rerun does. They start with SIGINT ignored, which Python then
+    keeps (it installs its Ctrl-C handler only where SIGINT is not ignored at start-up)."""
+    from distributed import LocalCluster
+
+    # The workers' own log lines are not the user's news: a failed point is the CLI's one line, and closing the
+    # cluster under the points still running (after a failure, on Ctrl-C) logs cancelled tasks and lost
+    # heartbeats with tracebacks. A bug still reaches the client, which raises it with its traceback.
+    def start() -> Any:
+        return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                            dashboard_address=None, silence_logs=logging.CRITICAL)
+
+    # Workers stopped mid-run leave semaphores that multiprocessing's resource tracker (started here, with the
+    # workers) removes at exit, warning about each: cleaned up, so no news either.
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    env = {"PYTHONWARNINGS": ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), quiet)))}
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        with _environ(env):
+            return start()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _environ(env):
+            return start()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set while the block runs (for the processes it starts), then as it was."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _train_quietly(cfg: TrainConfig) -> dict[str, Any] | PipelineError | OSError:
     """One grid point's metrics, or its expected failure returned as a value: raised, the Dask worker would log it
     with its traceback (on the worker's stderr, which is the sweep's for a LocalCluster) before the client's one-line
@@ -141,7 +189,7 @@ def run_sweep(
     A point whose run folder holds a finished run of the same settings and store is kept as it is (``retrain``:
     trained again), so a sweep rerun after a crash trains only what had not finished; a stopped point goes
     on from its checkpoint."""
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     from pipeline.store import CacheStore
 
@@ -157,11 +205,7 @@ def run_sweep(
         client = Client(scheduler)
         cluster = None
     else:
-        # The workers' own log lines are not the user's news: a failed point is the CLI's one line, and closing the
-        # cluster under the points still running (after a failure, on Ctrl-C) logs cancelled tasks and lost
-        # heartbeats with tracebacks. A bug still reaches the client, which raises it with its traceback.
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None, silence_logs=logging.CRITICAL)
+        cluster = local_cluster(workers, threads_per_worker)
         client = Client(cluster)
     try:
         futures = {client.submit(_train_quietly, cfg, pure=False): (name, cfg) for name, cfg in runs}
