@@ -410,6 +410,44 @@ def test_reading_texts_keeps_an_index_column(tmp_path):
         read_texts("-", rte, stdin=io.StringIO('{"sentence1": "a", "sentence2": "b"}\n[1]\n'))
 
 
+def test_reading_texts_breaks_lines_where_files_do_and_checks_the_index(tmp_path):
+    rte, sst2 = get_task("rte"), get_task("sst2")
+    # U+2028 and NEL are text inside a JSON string and a TSV cell, as the GLUE files' own reading takes them.
+    jsonl = '{"sentence": "first\u2028second"}\n{"sentence": "third\u0085fourth"}\r\n'
+    assert read_texts("-", sst2, stdin=io.StringIO(jsonl)).texts == [{"sentence": "first\u2028second"},
+                                                                     {"sentence": "third\u0085fourth"}]
+    source = tmp_path / "nel.tsv"
+    source.write_bytes("sentence\nfirst\u0085second\r\nthird\n".encode())
+    assert [t["sentence"] for t in read_texts(str(source), sst2).texts] == ["first\u0085second", "third"]
+    # A GLUE test.tsv as it is: MRPC names its text columns "#1 String" and "#2 String".
+    source.write_text("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\ta\tb\n1\t3\t4\tc\td\n")
+    mrpc = read_texts(str(source), get_task("mrpc"))
+    assert mrpc.texts == [{"sentence1": "a", "sentence2": "b"}, {"sentence1": "c", "sentence2": "d"}]
+    assert mrpc.ids == [0, 1]
+    # An index is an integer or a string; null is none given (the row number); each names one example.
+    pair = '"sentence1": "a", "sentence2": "b"'
+    assert read_texts("-", rte, stdin=io.StringIO(f'{{{pair}, "idx": null}}\n{{{pair}, "idx": 5}}\n')).ids == [0, 5]
+    for bad, needle in (("true", "index true must be an integer or a string"),
+                        ('{"a": 1}', 'index {"a": 1} must be'), ("1.5", "index 1.5 must be")):
+        with pytest.raises(InputFormatError, match=re.escape(f"<stdin>, line 1: {needle}")):
+            read_texts("-", rte, stdin=io.StringIO(f'{{{pair}, "idx": {bad}}}\n'))
+    with pytest.raises(InputFormatError, match="index 1 is given to two examples"):
+        read_texts("-", rte, stdin=io.StringIO(f'{{{pair}, "idx": 1}}\n{{{pair}, "idx": "1"}}\n'))
+    source.write_text("index\tsentence\n\tx\n1\ty\n")
+    with pytest.raises(InputFormatError, match="line 2: the index cell is empty"):
+        read_texts(str(source), sst2)
+
+
+def test_the_python_api_checks_its_examples_as_the_readers_do(trained):
+    _, run, _ = trained("minilm-rte-pooled")
+    predictor = Predictor.load(load_adapters([str(run)]), device="cpu")
+    for texts, needle in (([], "no examples to predict on"), (["a b"], "example 0: expected a mapping"),
+                          ([{"sentence1": "a"}], "example 0: no text field(s) ['sentence2']"),
+                          ([{"sentence1": "a", "sentence2": None}], "example 0: no text field(s) ['sentence2']")):
+        with pytest.raises(InputFormatError, match=re.escape(needle)):
+            predictor.predict(texts, progress=False)
+
+
 def test_one_example_is_one_prediction(trained, tmp_path):
     _, run, _ = trained("minilm-rte-pooled")
     out = tmp_path / "one.csv"

@@ -57,6 +57,12 @@ _COLUMNS = {
     "wnli": _TsvColumns(("sentence1", "sentence2"), "label"),
 }
 
+def glue_text_columns(task: str) -> tuple[str, ...]:
+    """The header names of a task's text columns in its GLUE files, in the task's field order (MRPC: ``#1 String``,
+    ``#2 String``; MNLI: ``sentence1`` for the premise)."""
+    return _COLUMNS[task].text
+
+
 # CoLA train/dev have no header row; these are their four columns (test.tsv has a header).
 _COLA_HEADER = ("source", "label", "author_mark", "sentence")
 

@@ -23,6 +23,7 @@ from pipeline.common.progress import progress_bar
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.extraction.backbones import Backbone, load_backbone
 from pipeline.extraction.stage import StateSink, into_sinks, length_batches
+from pipeline.inference.texts import check_examples
 from pipeline.store import STORED_DTYPES
 from pipeline.store.format import torch_dtype, torch_view
 from pipeline.training.adapter import (
@@ -289,6 +290,7 @@ class Predictor:
                 progress: bool = True) -> Predictions:
         """Every adapter's outputs on ``texts``, in their order; batches formed by length."""
         check_batch_tokens(batch_tokens, self.adapters[0].config)
+        check_examples(texts, self.task)
         token_ids = self.tokenize(texts)
         width = (self.task.num_labels,) if self.task.kind == "classification" else ()
         outputs = np.zeros((len(self.adapters), len(token_ids), *width), dtype=np.float32)

@@ -1,7 +1,10 @@
 """Text to predict on: a TSV with a header naming the task's text columns, or JSONL objects, or stdin.
 
 Errors name the line, so a bad row in a long file is found at once. TSVs are read with quoting off,
-like the GLUE files (one record is one line), so a GLUE ``test.tsv`` can be passed as it is.
+like the GLUE files (one record is one line), and a header may name the text columns as the task's fields
+(``sentence1``) or as its GLUE file does (MRPC's ``#1 String``), so a GLUE ``test.tsv`` can be passed as it is.
+Lines end at ``\n``, ``\r\n`` or ``\r`` only: other Unicode line breaks (U+2028, NEL) are text, as JSON and the
+GLUE files' CSV reading take them.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ import csv
 import json
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from pipeline.common.errors import InputFormatError
 from pipeline.common.tasks import TaskSpec
+from pipeline.extraction.glue import glue_text_columns
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TSV_SUFFIXES = (".tsv", ".txt")
@@ -64,7 +69,7 @@ def read_texts(path: str, task: TaskSpec, *, limit: int | None = None, stdin: Te
     except UnicodeDecodeError as exc:
         raise InputFormatError(f"input {source}: not UTF-8 text (byte {exc.start} cannot be decoded); "
                                "save it as UTF-8") from None
-    lines = text.splitlines()
+    lines = re.split(r"\r\n|\r|\n", text)  # not str.splitlines, which also breaks at U+2028, NEL, ...
     if lines and lines[0].startswith("\ufeff"):  # a byte-order mark on stdin
         lines[0] = lines[0][1:]
     first = next((line for line in lines if line.strip()), None)
@@ -74,7 +79,33 @@ def read_texts(path: str, task: TaskSpec, *, limit: int | None = None, stdin: Te
     texts, ids = (_read_jsonl if fmt == "jsonl" else _read_tsv)(lines, source, task, limit)
     if not texts:
         raise InputFormatError(f"input {source} has no examples (only a header or blank lines)")
+    check_unique(ids, source)
     return InputTexts(texts, ids, fmt, source)
+
+
+def check_unique(ids: Sequence[int | str], source: str) -> None:
+    """Refuse an index given twice: predictions are matched to examples by it (a GLUE submission by its idx)."""
+    seen: set[int | str] = set()
+    for index in ids:
+        if index in seen:
+            raise InputFormatError(f"input {source}: index {index!r} is given to two examples; an index names one "
+                                   "example (leave the column out to number the examples)")
+        seen.add(index)
+
+
+def check_examples(texts: Sequence[Mapping[str, object]], task: TaskSpec) -> None:
+    """What the readers guarantee, for examples handed over in Python: at least one, each a mapping with the
+    task's text fields as strings."""
+    if not texts:
+        raise InputFormatError("no examples to predict on (an empty list)")
+    for number, example in enumerate(texts):
+        if not isinstance(example, Mapping):
+            raise InputFormatError(f"example {number}: expected a mapping of {', '.join(task.text_fields)}, found "
+                                   f"{type(example).__name__}")
+        missing = [f for f in task.text_fields if not isinstance(example.get(f), str)]
+        if missing:
+            raise InputFormatError(f"example {number}: no text field(s) {missing}; a {task.name} example has string "
+                                   f"fields {', '.join(task.text_fields)}")
 
 
 def _index(value: object) -> int | str:
@@ -89,7 +120,10 @@ def _index(value: object) -> int | str:
 def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) -> tuple[list[dict[str, str]], list[int | str]]:
     rows = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(rows)
-    missing = [f for f in task.text_fields if f not in header]
+    columns = task.text_fields
+    if any(f not in header for f in columns) and all(c in header for c in glue_text_columns(task.name)):
+        columns = glue_text_columns(task.name)  # the GLUE file's own names (MRPC: #1 String, #2 String)
+    missing = [f for f in columns if f not in header]
     if missing and len(header) == 1 and "," in header[0]:  # comma-separated, whatever its name says
         raise InputFormatError(f"{source}, line 1: the header {header[0]!r} is comma-separated: {CSV_REFUSED}")
     if missing:
@@ -97,7 +131,7 @@ def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) 
             f"{source}, line 1: the header {header} lacks column(s) {missing}; a {task.name} TSV names its text "
             f"columns {', '.join(task.text_fields)} in its first line"
         )
-    positions = [header.index(f) for f in task.text_fields]
+    positions = [header.index(c) for c in columns]
     index_at = next((header.index(c) for c in INDEX_COLUMNS if c in header), None)
     texts: list[dict[str, str]] = []
     ids: list[int | str] = []
@@ -112,6 +146,9 @@ def _read_tsv(lines: list[str], source: str, task: TaskSpec, limit: int | None) 
                 f"({', '.join(header)})"
             )
         texts.append({f: row[i] for f, i in zip(task.text_fields, positions)})
+        if index_at is not None and not row[index_at].strip():
+            raise InputFormatError(f"{source}, line {rows.line_num}: the {header[index_at]} cell is empty; give "
+                                   "every example its index, or leave the column out to number them")
         ids.append(_index(row[index_at]) if index_at is not None else len(ids))
     return texts, ids
 
@@ -137,6 +174,9 @@ def _read_jsonl(lines: list[str], source: str, task: TaskSpec, limit: int | None
                 f"string fields {', '.join(task.text_fields)}"
             )
         texts.append({f: record[f] for f in task.text_fields})
-        index = next((record[c] for c in INDEX_COLUMNS if c in record), len(ids))
+        index = next((record[c] for c in INDEX_COLUMNS if record.get(c) is not None), len(ids))  # null: none given
+        if isinstance(index, bool) or not isinstance(index, (int, str)):
+            raise InputFormatError(f"{source}, line {number}: index {json.dumps(index)} must be an integer or a "
+                                   "string")
         ids.append(_index(index))
     return texts, ids
