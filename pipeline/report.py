@@ -12,10 +12,18 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline.common.errors import RunFormatError, plural
 from pipeline.common.files import atomic_write_bytes, atomic_write_text, check_writable_folder
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# pipeline.training.checkpoint.CHECKPOINT_NAME, not imported: the report reads outputs and never imports torch.
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -25,12 +33,41 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no {path}: train that task first (`pipeline train --cache data/{run_dir.name}.zarr` or `dvc repro`)"
         )
-    metrics = json.loads(path.read_text())
-    history: list[dict[str, float]] = []
-    if (run_dir / "history.csv").is_file():
-        with open(run_dir / "history.csv", newline="") as handle:
-            history = [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+    metrics = _read_metrics(path)
+    history = _read_history(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
     return {"dir": str(run_dir), "metrics": metrics, "history": history}
+
+
+def _damaged(path: Path, problem: str) -> RunFormatError:
+    """The one-line refusal of a run's file that is not as training writes it: the file, the fault, the fix."""
+    run_dir = path.parent
+    return RunFormatError(
+        f"{path}: {problem} (a run's {path.name} as `pipeline train` writes it); rerun the training that wrote it "
+        f"(`pipeline train --cache data/<task>.zarr --out {run_dir}` or `dvc repro`), or remove {run_dir}"
+    )
+
+
+def _read_history(path: Path) -> list[dict[str, float | str]]:
+    """history.csv's rows, empty cells left out; a row cut short or with cells beyond the header is refused in one
+    line, since the curves would otherwise fail with a traceback (a file cut short ends in such a row)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows = []
+            for row in reader:
+                cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                if cells != len(reader.fieldnames or []):
+                    raise _damaged(path, f"line {reader.line_num} has {cells} cells, the header "
+                                         f"{len(reader.fieldnames or [])}: damaged or cut short")
+                parsed = {k: _number(v) for k, v in row.items() if v != ""}
+                if not isinstance(parsed.get("epoch"), float):
+                    raise _damaged(path, f"line {reader.line_num} has no epoch number")
+                rows.append(parsed)
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, f"not UTF-8 text (byte {exc.start})") from None
+    except csv.Error as exc:
+        raise _damaged(path, f"not CSV ({exc})") from None
+    return rows
 
 
 def _number(text: str) -> float | str:
@@ -41,8 +78,104 @@ def _number(text: str) -> float | str:
         return text
 
 
+def _score(row: dict[str, float | str], column: str) -> float:
+    """A history cell as a number; NaN when empty or text (a hand edit), so the curve has a gap there, not a crash."""
+    value = row.get(column)
+    return value if isinstance(value, float) else math.nan
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """metrics.json, refused in one line naming the file, the fault and the fix when it is not as training writes it.
+
+    A file cut short or edited by hand would otherwise fail deep in the table with a traceback. Checked here, once:
+    what the report reads (``primary_metric``, ``mean``, ``std``, ``seeds``, and the optional parts when present);
+    older runs, without ``task``, ``select_on``, ``frozen_start`` or ``resources``, still pass.
+    """
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, f"not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg}: line {exc.lineno}, column {exc.colno}"
+        raise _damaged(path, f"not valid JSON, damaged or cut short ({where})") from None
+    if not isinstance(metrics, dict):
+        raise _damaged(path, f"a JSON {_json_type(metrics)} where an object was expected")
+    for key in ("primary_metric", "mean", "std", "seeds"):
+        if key not in metrics:
+            raise _damaged(path, f"no {key!r}")
+    primary = metrics["primary_metric"]
+    if not isinstance(primary, str):
+        raise _damaged(path, f"'primary_metric' is {primary!r}, not a metric's name")
+    if metrics.get("task") is not None and not isinstance(metrics["task"], str):
+        raise _damaged(path, f"'task' is {metrics['task']!r}, not a task's name")
+    if not isinstance(metrics["seeds"], dict):
+        raise _damaged(path, f"'seeds' is a JSON {_json_type(metrics['seeds'])}, "
+                             "not an object of seed number to scores")
+    for seed in metrics["seeds"]:
+        try:
+            int(seed)
+        except ValueError:
+            raise _damaged(path, f"'seeds' has the key {seed!r}, not a seed number such as '0'") from None
+    frozen = metrics.get("frozen_start")
+    # Each object the table reads (name, value, whether it may be absent) and the figures of it that it prints.
+    read: list[tuple[str, Any, bool, list[str] | None]] = [
+        ("", metrics, False, ["trainable_parameters"]),
+        ("mean", metrics["mean"], False, None),  # every metric's mean is printed
+        ("std", metrics["std"], False, [primary]),
+        *((f"seeds.{seed}", values, False, [primary]) for seed, values in metrics["seeds"].items()),
+        ("frozen_start", frozen, True, []),
+        ("frozen_start.mean", frozen.get("mean") if isinstance(frozen, dict) else None, True, [primary]),
+        ("majority_baseline", metrics.get("majority_baseline"), True, [primary]),
+        ("resources", metrics.get("resources"), True, list(_RESOURCE_FIGURES)),
+    ]
+    for name, values, optional, figures in read:
+        if values is None and optional:
+            continue
+        if not isinstance(values, dict):
+            raise _damaged(path, f"{name!r} is a JSON {_json_type(values)}, not an object")
+        for key in values if figures is None else [f for f in figures if f in values]:
+            if not _is_number(values[key]):
+                label = f"{name}.{key}" if name else key
+                raise _damaged(path, f"{label!r} is {values[key]!r}, not a number")
+    return metrics
+
+
+_RESOURCE_FIGURES = ("wall_time_s", "peak_rss_mb", "cuda_max_allocated_mb", "energy_j", "cpu_energy_j", "gpu_energy_j")
+
+
+def _is_number(value: Any) -> bool:
+    """A score or figure the table formats: a number, or null for one not measured."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value, as a person who edited the file would call it."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def discover_tasks(runs_dir: Path) -> list[str]:
-    return sorted(p.parent.name for p in runs_dir.glob("*/metrics.json"))
+    """Every folder of ``runs_dir`` with a metrics.json, by name; one note on stderr per folder passed over and why.
+
+    An unfinished run (a checkpoint, no metrics.json yet) and a sweep's folder (its runs one level down) are left
+    out of the table, but said, so that a missing row is never a surprise.
+    """
+    if not runs_dir.is_dir():
+        return []
+    names = []
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        if (folder / "metrics.json").is_file():
+            names.append(folder.name)
+        elif (folder / CHECKPOINT_NAME).is_file():
+            print(f"note: {folder} left out: an unfinished run ({CHECKPOINT_NAME}, no metrics.json yet); rerun its "
+                  "`pipeline train` command (it goes on from the checkpoint), then the report", file=sys.stderr)
+        elif points := sorted(p.parent.name for p in folder.glob("*/metrics.json")):
+            sweep = folder / "sweep.json"
+            ranking = f", or read {sweep} for their ranking" if sweep.is_file() else ""
+            print(f"note: {folder} left out: a sweep of {len(points)} {plural(len(points), 'run')}; pass "
+                  f"--tasks '{folder.name}/{points[0]}' (a run's folder under it) to report one{ranking}",
+                  file=sys.stderr)
+    return names
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -79,6 +212,7 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "method": m.get("method"),
             "backbone": m.get("backbone"),
             "seeds": per_seed,
+            "num_seeds": len(per_seed),
             "mean": m["mean"].get(primary),
             "std": m["std"].get(primary),
             "other": {k: v for k, v in m["mean"].items() if k != primary},
@@ -115,8 +249,17 @@ def _energy(resources: dict[str, Any]) -> float | None:
     return sum(parts) if parts else None
 
 
+def seed_counts(rows: list[dict[str, Any]]) -> str:
+    """How many seeds the rows have: one number when they agree, else the range (each row's n is shown with it)."""
+    counts = sorted({r["num_seeds"] for r in rows})
+    if len(counts) == 1:
+        return f"{counts[0]} {plural(counts[0], 'seed')}"
+    return f"{counts[0]}-{counts[-1]} seeds"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     rows, seeds = summary["rows"], summary["seeds"]
+    uneven = len({r["num_seeds"] for r in rows}) > 1
     backbones = sorted({str(r["backbone"]) for r in rows})
     methods = sorted({str(r["method"]) for r in rows})
     gpu = any(r["cuda_max_allocated_mb"] for r in rows)
@@ -124,7 +267,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# READ results",
         "",
-        f"Backbone {', '.join(backbones)}; method {', '.join(methods)}; {len(seeds)} seed(s). "
+        f"Backbone {', '.join(backbones)}; method {', '.join(methods)}; {seed_counts(rows)}"
+        f"{' (per task: n in the mean column)' if uneven else ''}. "
         "Validation score of each seed (GLUE metrics x100) at the epoch chosen on the selection split (a fixed part "
         "of the training split, never trained on), unless a row says ON VALIDATION (then the reported split chose "
         "the epoch: optimistic); mean ± sample std over seeds. Frozen start: the score before any training "
@@ -142,7 +286,8 @@ def markdown(summary: dict[str, Any]) -> str:
                              for h in header) + "|"]
     for r in rows:
         cells = [r["task"], r["metric"], *[_fmt(r["seeds"].get(s)) for s in seeds],
-                 f"**{_fmt(r['mean'])}** ± {_fmt(r['std'])}" + (" ⚠" if r["above_start"] is False else ""),
+                 f"**{_fmt(r['mean'])}** ± {_fmt(r['std'])}" + (f" (n={r['num_seeds']})" if uneven else "")
+                 + (" ⚠" if r["above_start"] is False else ""),
                  _fmt(r["frozen"]), _fmt(r["majority"]),
                  ", ".join(f"{k} {_fmt(v)}" for k, v in r["other"].items()),
                  ", ".join(str(r["best_epochs"][s]) for s in seeds if s in r["best_epochs"])
@@ -170,13 +315,28 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -> None:
-    """Left: per task the seeds' best scores around their mean. Right: validation curves per epoch."""
+def _score_limits(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """The left panel's y range: 0 to 105, reaching below 0 (with room for the labels) to show negative scores.
+
+    MCC, and any frozen start, can be below zero; a fixed floor at 0 would hide those bars, dots and labels.
+    """
+    shown = [v for r in rows for v in ((r["mean"] or 0.0) - (r["std"] or 0.0), *r["seeds"].values())
+             if v is not None and math.isfinite(v)]
+    lowest = min([0.0, *shown])
+    return (lowest - 0.1 * (105 - lowest) if lowest < 0 else 0.0), 105.0
+
+
+def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -> Figure:
+    """Left: per task the seeds' best scores around their mean. Right: validation curves per epoch.
+
+    Returns the figure written to ``path``, so that what it shows can be checked.
+    """
     from matplotlib.figure import (
         Figure,  # no pyplot: no global state, the Agg canvas is implied by savefig
     )
 
     rows = summary["rows"]
+    uneven = len({r["num_seeds"] for r in rows}) > 1
     colors = [f"C{i}" for i in range(len(rows))]
     fig = Figure(figsize=(12, 4.6), dpi=120, layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.35])
@@ -189,10 +349,18 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
         values = [v for v in r["seeds"].values() if v is not None]
         offsets = [(j - (len(values) - 1) / 2) * 0.12 for j in range(len(values))]
         left.scatter([i + o for o in offsets], values, color=colors[i], zorder=3, s=22, label=None)
-        left.annotate(f"{_fmt(r['mean'], 1)} ± {_fmt(r['std'], 1)}", (i, (r["mean"] or 0.0) + (r["std"] or 0.0)),
-                      xytext=(0, 6), textcoords="offset points", ha="center", fontsize=9)
-    left.set_xticks(x, [f"{r['task']}\n{r['metric']}" for r in rows])
-    left.set_ylim(0, 105)
+        mean, std = r["mean"] or 0.0, r["std"] or 0.0
+        below = mean < 0  # a negative mean's label goes under its bar, error bar and dots, as a positive one over
+        finite = [v for v in values if math.isfinite(v)]
+        edge = min([mean - std, *finite]) if below else max([mean + std, *finite])
+        left.annotate(f"{_fmt(r['mean'], 1)} ± {_fmt(r['std'], 1)}", (i, edge),
+                      xytext=(0, -6 if below else 6), textcoords="offset points", ha="center",
+                      va="top" if below else "baseline", fontsize=9)
+    left.set_xticks(x, [f"{r['task']}\n{r['metric']}" + (f"\nn={r['num_seeds']}" if uneven else "") for r in rows])
+    bottom, top = _score_limits(rows)
+    left.set_ylim(bottom, top)
+    if bottom < 0:
+        left.axhline(0.0, color="0.2", linewidth=0.8, zorder=2)
     left.set_ylabel("validation score at the chosen epoch (x100)")
     left.set_title("Score per task: mean ± std, dots = seeds")
     left.grid(axis="y", alpha=0.3)
@@ -202,12 +370,13 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
         if not history:
             continue
         epochs = [h["epoch"] for h in history]
-        seed_columns = [k for k in history[0] if k.startswith(f"{r['metric']}_seed")]
-        right.plot(epochs, [h.get(r["metric"], math.nan) for h in history], color=colors[i], marker="o",
+        seed_columns = list(dict.fromkeys(k for h in history for k in h if k.startswith(f"{r['metric']}_seed")))
+        right.plot(epochs, [_score(h, r["metric"]) for h in history], color=colors[i], marker="o",
                    markersize=3, label=f"{r['task']} ({r['metric']})")
         if seed_columns:
-            low = [min(h[c] for c in seed_columns) for h in history]
-            high = [max(h[c] for c in seed_columns) for h in history]
+            cells = [[v for c in seed_columns if math.isfinite(v := _score(h, c))] for h in history]
+            low = [min(v) if v else math.nan for v in cells]
+            high = [max(v) if v else math.nan for v in cells]
             right.fill_between(epochs, low, high, color=colors[i], alpha=0.15, linewidth=0)
     right.set_xlabel("epoch")
     right.set_ylabel("validation score (x100)")
@@ -218,11 +387,13 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
         right.xaxis.get_major_locator().set_params(integer=True)
 
     backbones = ", ".join(sorted({str(r["backbone"]) for r in rows}))
-    fig.suptitle(f"READ side networks on {backbones}: {len(summary['seeds'])} seed(s) per task")
+    fig.suptitle(f"READ side networks on {backbones}: {seed_counts(rows)} per task"
+                 + (" (n under each task)" if uneven else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
     fig.savefig(image, format="png")
     atomic_write_bytes(path, image.getvalue())
+    return fig
 
 
 def write_report(runs_dir: str = "runs", out_dir: str = "reports", tasks: list[str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.common.config import ExtractConfig, TrainConfig
 from pipeline.common.errors import ConfigError
-from pipeline.report import write_report
+from pipeline.report import load_run, plot, summarize, write_report
 from stages import extract as extract_stage
 from stages import read_params
 from stages import report as report_stage
@@ -187,6 +187,7 @@ def test_report_table_and_image(tmp_path):
     assert lines[3].startswith("| rte | accuracy | 60.00 | 62.00 | 64.00 | **62.00** ± 1.00 | 10.00 | 0.00 |")
     assert "ON VALIDATION" not in "\n".join(lines) and "⚠" not in "\n".join(lines)
     assert "| **average** |" in lines[4] and "**72.00**" in lines[4]
+    assert "; 3 seeds. " in text and "(n=" not in text  # every task had three: one count, said once
     assert report["average"] == pytest.approx(72.0)
     png = (tmp_path / "reports" / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -210,21 +211,142 @@ def test_report_marks_scores_not_above_the_frozen_start_and_validation_selection
     runs = tmp_path / "runs"
     fake_run(runs, "rte", "accuracy", {0: 52.0, 1: 53.0}, frozen=55.0)  # training did not beat epoch 0
     fake_run(runs, "cola", "matthews_correlation", {0: 20.0, 1: 22.0}, select_on=None)  # an old run
-    text = write_report(str(runs), str(tmp_path / "reports"), tasks=["rte", "cola"])["markdown"]
+    fake_run(runs, "sst2", "accuracy", {0: 80.0, 1: 82.0}, folder="oldest")
+    oldest = json.loads((runs / "oldest" / "metrics.json").read_text())  # only what the table cannot do without
+    (runs / "oldest" / "metrics.json").write_text(json.dumps(
+        {k: oldest[k] for k in ("primary_metric", "mean", "std", "seeds")} | {"frozen_start": None}))
+    text = write_report(str(runs), str(tmp_path / "reports"), tasks=["rte", "cola", "oldest"])["markdown"]
+    assert "| oldest | accuracy | 80.00 | 82.00 | **81.00** ± 1.00 |  |  |" in text
     rte, cola = (next(line for line in text.splitlines() if line.startswith(f"| {t} |")) for t in ("rte", "cola"))
     assert "**52.50** ± 1.00 ⚠ | 55.00 |" in rte and "ON VALIDATION" not in rte
     assert "⚠" not in cola and "ON VALIDATION" in cola
     assert "rte: a fresh head" in text
 
 
+def drawn(fig):
+    """The report figure's left panel (scores per task), drawn, so that its artists have their places in pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.axes[0]
+
+
+def zero_line(axes) -> bool:
+    """Whether a horizontal line across the panel marks the score 0."""
+    return any(list(line.get_ydata()) == [0.0, 0.0] for line in axes.get_lines())
+
+
+def cola_and_rte(runs: Path) -> dict:
+    """MCC below zero (cola, two seeds) next to accuracy (rte, three seeds), as the report reads them."""
+    fake_run(runs, "cola", "matthews_correlation", {0: -7.0, 1: -9.92}, frozen=-1.4)
+    fake_run(runs, "rte", "accuracy", {0: 60.0, 1: 62.0, 2: 64.0})
+    return {t: load_run(runs / t) for t in ("cola", "rte")}
+
+
+def test_report_image_shows_negative_scores(tmp_path):
+    # The bar, the dots and the label of a negative score are inside the panel, with a line at zero.
+    from matplotlib.collections import PathCollection
+
+    read = cola_and_rte(tmp_path / "runs")
+    left = drawn(plot(summarize(read), read, tmp_path / "summary.png"))
+    bottom, top = left.get_ylim()
+    assert bottom < -9.92 - 1.0 and top == 105  # the lowest seed and the error bar (mean - std = -9.46) fit
+    assert [bar.get_height() for bar in left.patches] == pytest.approx([-8.46, 62.0])
+    dots = [y for points in left.collections if isinstance(points, PathCollection) for y in points.get_offsets()[:, 1]]
+    assert sorted(dots) == pytest.approx([-9.92, -7.0, 60.0, 62.0, 64.0]) and all(bottom < y < top for y in dots)
+    assert zero_line(left)
+    label = next(t for t in left.texts if t.get_text() == "-8.5 ± 1.0").get_window_extent()
+    assert left.get_window_extent().y0 <= label.y0 and label.y1 <= left.transData.transform((0, -9.92))[1]
+    only_rte = {"rte": read["rte"]}  # scores all above zero: the panel keeps its 0 to 105, with no zero line
+    left = drawn(plot(summarize(only_rte), only_rte, tmp_path / "rte.png"))
+    assert left.get_ylim() == (0.0, 105.0) and not zero_line(left)
+
+
+def test_report_states_each_tasks_seed_count(tmp_path):
+    # Two seeds for cola, three for rte: neither the picture nor the table claims one count for both.
+    read = cola_and_rte(tmp_path / "runs")
+    fig = plot(summarize(read), read, tmp_path / "summary.png")
+    assert fig.get_suptitle().endswith(": 2-3 seeds per task (n under each task)")
+    assert [t.get_text().split("\n")[-1] for t in drawn(fig).get_xticklabels()] == ["n=2", "n=3"]
+    text = write_report(str(tmp_path / "runs"), str(tmp_path / "reports"))["markdown"]
+    assert "; 2-3 seeds (per task: n in the mean column). " in text
+    assert "**-8.46** ± 1.00 (n=2) ⚠" in text and "**62.00** ± 1.00 (n=3) |" in text
+    only_rte = {"rte": read["rte"]}
+    assert plot(summarize(only_rte), only_rte, tmp_path / "rte.png").get_suptitle().endswith(": 3 seeds per task")
+
+
 def test_report_finds_every_run_and_the_stage_prints_it(tmp_path, capsys):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.training.checkpoint import CHECKPOINT_NAME
+
     runs = tmp_path / "runs"
     fake_run(runs, "rte", "accuracy", {0: 60.0})
+    (runs / "cola").mkdir()
+    (runs / "cola" / CHECKPOINT_NAME).write_bytes(b"state")  # an unfinished run
+    fake_run(runs / "cola-sweep", "cola", "matthews_correlation", {0: 20.0}, folder="lr=0.001")
+    fake_run(runs / "cola-sweep", "cola", "matthews_correlation", {0: 22.0}, folder="lr=0.0003")
+    (runs / "cola-sweep" / "sweep.json").write_text("[]")
+    (runs / "notes").mkdir()  # any other folder is no run: passed over without a word
     params = write_params(tmp_path / "params.yaml", tasks=None)
     out = tmp_path / "reports"
     assert report_stage.main(["--runs", str(runs), "--out", str(out), "--params", str(params)]) == 0
-    printed = capsys.readouterr().out
-    assert "| rte | accuracy | 60.00 |" in printed and (out / "summary.png").is_file()
+    printed = capsys.readouterr()
+    assert "| rte | accuracy | 60.00 |" in printed.out and (out / "summary.png").is_file()
+    assert "| cola" not in printed.out
+    assert printed.err.splitlines() == [
+        f"note: {runs / 'cola'} left out: an unfinished run (checkpoint.pt, no metrics.json yet); rerun its "
+        "`pipeline train` command (it goes on from the checkpoint), then the report",
+        f"note: {runs / 'cola-sweep'} left out: a sweep of 2 runs; pass --tasks 'cola-sweep/lr=0.0003' (a run's "
+        f"folder under it) to report one, or read {runs / 'cola-sweep' / 'sweep.json'} for their ranking",
+    ]
+    named = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out", str(out), "--tasks", "cola-sweep/lr=0.001"])
+    assert named.exit_code == 0 and "note:" not in named.output  # --tasks reads what it names, and only that
+    assert "| cola (cola-sweep/lr=0.001) | matthews_correlation | 20.00 |" in named.output
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("no mean", "metrics.json: no 'mean' (a run's metrics.json as `pipeline train` writes it)"),
+    ("no std", "metrics.json: no 'std'"),
+    ("no primary_metric", "metrics.json: no 'primary_metric'"),
+    ("seeds a list", "metrics.json: 'seeds' is a JSON array, not an object of seed number to scores"),
+    ("seed key renamed", "metrics.json: 'seeds' has the key 'seed_0', not a seed number such as '0'"),
+    ("mean a text", "metrics.json: 'mean.accuracy' is '61.0', not a number"),
+    ("cut short", "metrics.json: not valid JSON, damaged or cut short ("),
+    ("history cut short", "history.csv: line 5 has 3 cells, the header 6: damaged or cut short"),
+])
+def test_report_of_a_damaged_run_names_the_file_the_fault_and_the_fix(tmp_path, capsys, damage, problem):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runs = tmp_path / "runs"
+    fake_run(runs, "rte", "accuracy", {0: 60.0, 1: 62.0})
+    path = runs / "rte" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    edit = {"no mean": lambda: metrics.pop("mean"), "no std": lambda: metrics.pop("std"),
+            "no primary_metric": lambda: metrics.pop("primary_metric"),
+            "seeds a list": lambda: metrics.update(seeds=list(metrics["seeds"].values())),
+            "seed key renamed": lambda: metrics["seeds"].update(seed_0=metrics["seeds"].pop("0")),
+            "mean a text": lambda: metrics["mean"].update(accuracy="61.0")}
+    if damage in edit:
+        edit[damage]()
+        path.write_text(json.dumps(metrics))
+    elif damage == "cut short":
+        path.write_text(path.read_text()[:100])
+    else:
+        history = runs / "rte" / "history.csv"
+        history.write_text(history.read_text()[:-20])
+    fix = f"rerun the training that wrote it (`pipeline train --cache data/<task>.zarr --out {runs / 'rte'}`"
+    result = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out", str(tmp_path / "reports")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"Error: {runs / 'rte'}/{problem}") and fix in result.output
+    params = write_params(tmp_path / "params.yaml", tasks=["rte"])
+    assert report_stage.main(["--runs", str(runs), "--out", str(tmp_path / "r"), "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and fix in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "r" / "summary.md").exists()
 
 
 def test_report_without_runs_names_the_fix(tmp_path, capsys):

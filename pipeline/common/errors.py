@@ -88,6 +88,10 @@ class TrainingError(PipelineError, RuntimeError):
     """Training met something it cannot go on from (non-finite loss or values, unusable label set)."""
 
 
+class RunFormatError(PipelineError, ValueError):
+    """A run folder's metrics.json not as `pipeline train` writes it (cut short, or edited by hand), so no report."""
+
+
 # ---- the one translation both front doors use (the `pipeline` CLI and the DVC stages) ----------------
 
 # errno -> (what happened, how to fix it); {path} is the file the system named, else the output.
