@@ -362,7 +362,7 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
     if bottom < 0:
         left.axhline(0.0, color="0.2", linewidth=0.8, zorder=2)
     left.set_ylabel("validation score at the chosen epoch (x100)")
-    left.set_title("Score per task: mean ± std, dots = seeds")
+    left.set_title("Score per task at the chosen epoch\nmean ± std, dots = seeds")
     left.grid(axis="y", alpha=0.3)
 
     for i, r in enumerate(rows):
@@ -380,7 +380,7 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
             right.fill_between(epochs, low, high, color=colors[i], alpha=0.15, linewidth=0)
     right.set_xlabel("epoch")
     right.set_ylabel("validation score (x100)")
-    right.set_title("Validation curves from the frozen start (epoch 0): mean over seeds, band = seed range")
+    right.set_title("Validation curves from the frozen start (epoch 0)\nmean over seeds, band = seed range")
     right.grid(alpha=0.3)
     if any(runs[r["run"]]["history"] for r in rows):
         right.legend(loc="best", fontsize=9)
