@@ -127,15 +127,14 @@ def local_cluster(workers: int, threads_per_worker: int) -> Any:
     # workers) removes at exit, warning about each: cleaned up, so no news either.
     quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
     env = {"PYTHONWARNINGS": ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), quiet)))}
-    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
-        with _environ(env):
-            return start()
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    main = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         with _environ(env):
             return start()
     finally:
-        signal.signal(signal.SIGINT, before)
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
 @contextlib.contextmanager
