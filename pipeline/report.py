@@ -194,7 +194,8 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Rows of the table, one per run folder: its task's primary metric per seed, mean, std and the rest.
 
     A row is named by the task its metrics.json records, and by its folder too when that is another name (a
-    variant's folder, say). The average is over tasks, so it is given only when no task has two rows.
+    variant's folder, say). The average is over tasks, so it is given only when it compares like with like: no
+    task has two rows, and every row has one method, backbone and epoch selection (see ``_no_average_reason``).
     """
     seeds = sorted({int(s) for run in runs.values() for s in run["metrics"]["seeds"]})
     rows = []
@@ -232,15 +233,31 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         floors = [v for v in (r["frozen"], r["majority"]) if v is not None]
         r["above_start"] = None if r["mean"] is None or not floors else r["mean"] > max(floors)
     means = [r["mean"] for r in rows if r["mean"] is not None]
-    tasks = [r["task_name"] for r in rows]
-    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    no_average = _no_average_reason(rows)
     return {
         "seeds": seeds,
         "rows": rows,
-        "average": sum(means) / len(means) if means and not repeated else None,
-        "repeated_tasks": repeated,
+        "average": sum(means) / len(means) if means and no_average is None else None,
+        "no_average": no_average,
         "total_wall_time_s": sum(r["wall_time_s"] or 0.0 for r in rows),
     }
+
+
+def _no_average_reason(rows: list[dict[str, Any]]) -> str | None:
+    """Why an average over these rows would mislead, or None: it must be one score per task, all made one way.
+
+    A mean over a probe's row and READ's rows, or over an epoch chosen on validation and epochs chosen on the
+    selection split, is a number of no method.
+    """
+    tasks = [r["task_name"] for r in rows]
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        return f"{', '.join(repeated)} {'has' if len(repeated) == 1 else 'have'} more than one run here"
+    for key, what in (("method", "methods"), ("backbone", "backbones"), ("select_on", "epoch selections")):
+        values = sorted({str(r[key]) for r in rows if r[key] is not None})  # None: a run too old to say
+        if len(values) > 1:
+            return f"the rows mix {what} ({', '.join(values)})"
+    return None
 
 
 def _energy(resources: dict[str, Any]) -> float | None:
@@ -271,11 +288,13 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{' (per task: n in the mean column)' if uneven else ''}. "
         "Validation score of each seed (GLUE metrics x100) at the epoch chosen on the selection split (a fixed part "
         "of the training split, never trained on), unless a row says ON VALIDATION (then the reported split chose "
-        "the epoch: optimistic); mean ± sample std over seeds. Frozen start: the score before any training "
+        "the epoch: optimistic); mean ± sample std over seeds (a run's seeds vary the initialisation and dropout, and "
+        "share one batch order, `data_seed`). Frozen start: the score before any training "
         "(epoch 0); majority: a constant prediction. ⚠ marks a mean not above both.",
         "",
     ]
-    header = ["task", "metric", *[f"seed {s}" for s in seeds], "mean ± std", "frozen start", "majority",
+    mixed = [key for key in ("method", "backbone") if len({r[key] for r in rows if r[key] is not None}) > 1]
+    header = ["task", *mixed, "metric", *[f"seed {s}" for s in seeds], "mean ± std", "frozen start", "majority",
               "other metrics (mean)", "chosen epoch per seed", "trainable params", "train time", "peak RSS"]
     if gpu:
         header.append("CUDA peak")
@@ -285,7 +304,7 @@ def markdown(summary: dict[str, Any]) -> str:
               "|" + "|".join("---:" if h.startswith("seed") or h in ("mean ± std", "trainable params") else "---"
                              for h in header) + "|"]
     for r in rows:
-        cells = [r["task"], r["metric"], *[_fmt(r["seeds"].get(s)) for s in seeds],
+        cells = [r["task"], *[str(r[key] or "") for key in mixed], r["metric"], *[_fmt(r["seeds"].get(s)) for s in seeds],
                  f"**{_fmt(r['mean'])}** ± {_fmt(r['std'])}" + (f" (n={r['num_seeds']})" if uneven else "")
                  + (" ⚠" if r["above_start"] is False else ""),
                  _fmt(r["frozen"]), _fmt(r["majority"]),
@@ -306,9 +325,8 @@ def markdown(summary: dict[str, Any]) -> str:
         tail = ["", "", "", "", "", _duration(summary["total_wall_time_s"]), ""] + [""] * (gpu + energy)
         lines.append("| **average** | primary | " + " | ".join(blank) + (" | " if blank else "")
                      + f"**{_fmt(summary['average'])}** | " + " | ".join(tail) + " |")
-    if summary["repeated_tasks"]:
-        lines += ["", f"No average over tasks: {', '.join(summary['repeated_tasks'])} "
-                  f"{'has' if len(summary['repeated_tasks']) == 1 else 'have'} more than one run here."]
+    if len(rows) > 1 and summary["no_average"]:
+        lines += ["", f"No average over tasks: {summary['no_average']}."]
     meanings = sorted({f"{r['task_name']}: {r['frozen_meaning']}" for r in rows if r["frozen_meaning"]})
     if meanings:
         lines += ["", "Frozen start, per task: " + "; ".join(meanings) + "."]
@@ -356,7 +374,9 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
         left.annotate(f"{_fmt(r['mean'], 1)} ± {_fmt(r['std'], 1)}", (i, edge),
                       xytext=(0, -6 if below else 6), textcoords="offset points", ha="center",
                       va="top" if below else "baseline", fontsize=9)
-    left.set_xticks(x, [f"{r['task']}\n{r['metric']}" + (f"\nn={r['num_seeds']}" if uneven else "") for r in rows])
+    methods = sorted({str(r["method"]) for r in rows if r["method"] is not None})
+    left.set_xticks(x, [f"{r['task']}\n{r['metric']}" + (f"\n{r['method']}" if len(methods) > 1 else "")
+                        + (f"\nn={r['num_seeds']}" if uneven else "") for r in rows])
     bottom, top = _score_limits(rows)
     left.set_ylim(bottom, top)
     if bottom < 0:
@@ -387,7 +407,8 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
         right.xaxis.get_major_locator().set_params(integer=True)
 
     backbones = ", ".join(sorted({str(r["backbone"]) for r in rows}))
-    fig.suptitle(f"READ side networks on {backbones}: {seed_counts(rows)} per task"
+    what = "READ side networks" if methods in (["read"], []) else f"Methods {', '.join(methods)}"
+    fig.suptitle(f"{what} on {backbones}: {seed_counts(rows)} per task"
                  + (" (n under each task)" if uneven else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()

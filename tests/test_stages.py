@@ -369,3 +369,25 @@ def test_report_command_prints_the_table_and_refuses_a_missing_runs_folder(tmp_p
     assert (tmp_path / "rep" / "summary.md").is_file() and (tmp_path / "rep" / "summary.png").is_file()
     missing = CliRunner().invoke(main, ["report", "--runs", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "train first" in missing.output
+
+
+def test_report_shows_the_method_and_leaves_out_an_average_of_mixed_methods_or_selections(tmp_path):
+    # A probe's row beside READ's: each row says its method, and a mean over both would be a number of no method.
+    runs = tmp_path / "runs"
+    fake_run(runs, "rte", "accuracy", {0: 60.0})
+    fake_run(runs, "cola", "matthews_correlation", {0: 20.0})
+    probe = json.loads((runs / "cola" / "metrics.json").read_text())
+    (runs / "cola" / "metrics.json").write_text(json.dumps(probe | {"method": "probe"}))
+    report = write_report(str(runs), str(tmp_path / "reports"))
+    lines = [line for line in report["markdown"].splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| task | method | metric | seed 0 |")
+    assert lines[1].startswith("| cola | probe | matthews_correlation | 20.00 |")
+    assert lines[2].startswith("| rte | read | accuracy | 60.00 |")
+    assert report["average"] is None and "**average**" not in report["markdown"]
+    assert "No average over tasks: the rows mix methods (probe, read)." in report["markdown"]
+
+    # One method, but one row's epoch chosen on the reported split: its optimism would leak into the average.
+    (runs / "cola" / "metrics.json").write_text(json.dumps(probe | {"select_on": "validation"}))
+    report = write_report(str(runs), str(tmp_path / "reports"))
+    assert "| method |" not in report["markdown"] and report["average"] is None
+    assert "No average over tasks: the rows mix epoch selections (selection, validation)." in report["markdown"]
