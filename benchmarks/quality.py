@@ -6,6 +6,7 @@ committed with the table it makes; training runs go to bench_out/quality/runs/):
     .venv/bin/python benchmarks/quality.py extract            # per-token and pooled stores, whole tasks
     .venv/bin/python benchmarks/quality.py read               # frozen probe, READ pooled, READ per-token
     .venv/bin/python benchmarks/finetune.py --seeds 0         # full fine-tuning (slow on CPU; optional)
+    .venv/bin/python benchmarks/quality.py compare            # READ against the probe: paired bootstrap CIs
     .venv/bin/python benchmarks/quality.py table              # the table -> BENCHMARKS.md
 
 One protocol for every method: the task's whole training split (SST-2: its first 20,000) less the
@@ -214,6 +215,105 @@ def _gap_to_finetuning(read: dict[str, Any], ft: dict[str, Any], tasks: list[str
             + ", ".join(f"{t} {g:+.1f}" for t, g in gaps.items()) + ").")
 
 
+# ------------------------------------------------------------------------------------- compare
+
+BOOTSTRAP_REPS = 2000
+
+
+def _predictions(task: str, variant: str, record: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(labels, predictions per seed) of a run's validation split, checked against the scores recorded for it.
+
+    None when the run folder (not committed) is not here. A file that no longer gives the recorded scores to the
+    table's two decimals (a rerun since, with other code) is refused: a comparison must be of the predictions
+    behind the table's figures.
+    """
+    import numpy as np
+
+    from pipeline.training.metrics import compute_metrics
+
+    path = RUNS / f"{task}-{variant}" / "predictions" / "validation.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    seed_columns = [c for c in rows[0] if c.startswith("seed_")]
+    labels = np.array([float(r["label"]) for r in rows])
+    preds = np.array([[float(r[c]) for r in rows] for c in seed_columns])
+    if task != "stsb":
+        labels, preds = labels.astype(int), preds.astype(int)
+    scores = [compute_metrics(task, p, labels)[record["primary"]] for p in preds]
+    if len(scores) != len(record["validation"]) or max(
+            abs(a - b) for a, b in zip(scores, record["validation"], strict=True)) >= 0.005:
+        raise SystemExit(f"{path}: its scores {scores} are not the recorded {record['validation']}; "
+                         f"rerun `quality.py read --tasks {task} --variants {variant} --force` or drop the folder")
+    return labels, preds
+
+
+def paired_bootstrap(task: str, primary: str, labels: Any, a: Any, b: Any, reps: int = BOOTSTRAP_REPS,
+                     seed: int = 0) -> dict[str, float]:
+    """Mean over seeds of method a's score minus method b's, with a 95% interval from resampling the examples.
+
+    Both methods are scored on the same resampled examples (paired), so the interval covers what a validation
+    split of this size leaves to chance, which seeds alone (three) cannot show.
+    """
+    import numpy as np
+
+    from pipeline.training.metrics import compute_metrics
+
+    def score(preds: Any, gold: Any) -> float:
+        return statistics.mean(compute_metrics(task, p, gold)[primary] for p in preds)
+
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    diffs = []
+    for _ in range(reps):
+        pick = rng.integers(0, n, n)
+        diffs.append(score(a[:, pick], labels[pick]) - score(b[:, pick], labels[pick]))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": score(a, labels) - score(b, labels), "ci95": [float(low), float(high)],
+            "p_not_above": float(np.mean(np.asarray(diffs) <= 0)), "examples": n, "reps": reps}
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """READ's recipe chosen on the selection split against the probe, per task, where both runs' predictions are here.
+
+    Writes ``compare.json`` (committed), which the table reads: with three seeds and a few hundred validation
+    examples, a lead of a few points can be chance, and the goal line says which leads are not.
+    """
+    read = _merged("read*.json")
+    path = OUT / "compare.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for task in args.tasks:
+        win = _winner(read, task)
+        if not win or f"{task}/probe" not in read:
+            continue
+        ours, probe = _predictions(task, win, read[f"{task}/{win}"]), _predictions(task, "probe", read[f"{task}/probe"])
+        if ours is None or probe is None:
+            print(f"{task}: the predictions of {win} or probe are not in {RUNS}; not compared", flush=True)
+            continue
+        if not (ours[0] == probe[0]).all():
+            raise SystemExit(f"{task}: {win} and probe were scored on different validation labels")
+        primary = read[f"{task}/probe"]["primary"]
+        results[task] = {"a": win, "b": "probe", **paired_bootstrap(task, primary, ours[0], ours[1], probe[1])}
+        r = results[task]
+        print(f"{task}: {win} - probe = {r['difference']:+.2f}, 95% CI [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] "
+              f"over {r['examples']} examples", flush=True)
+        path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def _above_probe(task: str, winner: str, ours: float, probe: float, majority: float,
+                 compared: dict[str, Any]) -> str:
+    """One task's part of the goal line: whether READ leads the probe, and whether the lead is more than chance."""
+    c = compared.get(task)
+    lead = f"{ours:.1f} vs {probe:.1f}; majority {majority:.1f}"
+    if c is None or c["a"] != winner:  # never compared, or another recipe has won since
+        return f"{task} {'ahead' if ours > probe else 'NO'} ({lead}; not tested: the runs' predictions were not kept)"
+    low, high = c["ci95"]
+    verdict = "yes" if low > 0 else ("NO" if high < 0 else "within noise")
+    return (f"{task} {verdict} ({lead}; difference {c['difference']:+.1f}, 95% CI {low:+.1f} to {high:+.1f} "
+            f"over its {c['examples']} examples)")
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     read = _merged("read*.json")
     ft = _finetune_results()
@@ -224,11 +324,13 @@ def cmd_table(args: argparse.Namespace) -> None:
         "thread each, see below: wall times are upper bounds). Scores are validation x100, mean ± sample std over seeds "
         "0,1,2, **at the epoch each seed chose on the selection split** (10% of the training split, at most 1,000 "
         "examples, fixed by a hash of the GLUE idx and held out of training for every method): the validation "
-        "split chose nothing. Recipes were also compared on the selection split only."), ""]
-    header = ["task", "majority", "frozen start", "probe", "READ pooled", "READ per-token",
+        "split chose nothing. Recipes were also compared on the selection split only. The search is not even: READ's "
+        f"column picks the best of {len(VARIANTS) - 1} recipes (on the selection split), the probe has one (lr 1e-2), "
+        "and full fine-tuning one fixed recipe scored after its last epoch."), ""]
+    header = ["task", "majority", "frozen start (the probe's epoch 0)", "probe", "READ pooled", "READ per-token",
               "READ, recipe chosen on selection", "full FT (here)", "external ref. probe / full FT"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    above_probe: dict[str, tuple[float, float, float]] = {}  # READ, probe, majority
+    above_probe: dict[str, tuple[str, float, float, float]] = {}  # READ's recipe, its score, probe, majority
     for t in tasks:
         def cell(name: str) -> str:
             r = read.get(f"{t}/{name}")
@@ -236,14 +338,15 @@ def cmd_table(args: argparse.Namespace) -> None:
         any_run = next(v for k, v in read.items() if k.startswith(f"{t}/"))
         win = _winner(read, t)
         f = ft.get(t)
-        row = [NAMES[t], f"{any_run['majority']:.2f}", f"{any_run['frozen_start']:.2f} (fresh head)", cell("probe"),
+        start = read.get(f"{t}/probe", any_run)  # every run has its own epoch 0; the probe's is the plainest
+        row = [NAMES[t], f"{any_run['majority']:.2f}", f"{start['frozen_start']:.2f} (fresh head)", cell("probe"),
                cell("read_pooled"), cell("read_tokens"),
                f"{cell(win)} (`{win}`)" if win else "—",
                fmt([s["score"] for s in f["per_seed"].values()]) if f else "not run",
                "{} / {}".format(*EXTERNAL[t]) if t in EXTERNAL else "—"]
         lines.append("| " + " | ".join(row) + " |")
         if win and f"{t}/probe" in read:
-            above_probe[t] = (statistics.mean(read[f"{t}/{win}"]["validation"]),
+            above_probe[t] = (win, statistics.mean(read[f"{t}/{win}"]["validation"]),
                               statistics.mean(read[f"{t}/probe"]["validation"]), any_run["majority"])
     lines.append("")
     lines.append("Every variant on every task, validation at the chosen epoch [selection-split score that chose "
@@ -287,10 +390,13 @@ def cmd_table(args: argparse.Namespace) -> None:
         lines.append("Extraction (stage one, once per store): " + ", ".join(
             f"{k} {v:.0f} s" for k, v in json.loads(extract_times.read_text()).items()) + ".")
         lines.append("")
+    compare_path = OUT / "compare.json"
+    compared = json.loads(compare_path.read_text()) if compare_path.exists() else {}
     lines.append("**Goals.** " + (
-        "READ (recipe chosen on the selection split) above the frozen probe: "
-        + ", ".join(f"{t} {'yes' if r > p else 'NO'} ({r:.1f} vs {p:.1f}; majority {m:.1f})"
-                    for t, (r, p, m) in above_probe.items()) + ". " if above_probe else "")
+        "READ (recipe chosen on the selection split) above the frozen probe (\"yes\" only where a paired bootstrap "
+        "over the validation examples, `quality.py compare`, puts the whole 95% interval of the difference above 0): "
+        + ", ".join(_above_probe(t, w, r, p, m, compared) for t, (w, r, p, m) in above_probe.items()) + ". "
+        if above_probe else "")
         + _gap_to_finetuning(read, ft, tasks))
     lines.append("")
     by_settings: dict[str, list[str]] = {}
@@ -332,10 +438,12 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--force", action="store_true")
     r.add_argument("--results", default="read.json", help="file under benchmarks/results/quality/ (one per process)")
+    c = sub.add_parser("compare")
+    c.add_argument("--tasks", nargs="+", default=list(TASKS))
     t = sub.add_parser("table")
     t.add_argument("--notes", default=str(OUT / "notes.md"))
     args = parser.parse_args()
-    {"extract": cmd_extract, "read": cmd_read, "table": cmd_table}[args.cmd](args)
+    {"extract": cmd_extract, "read": cmd_read, "compare": cmd_compare, "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":
