@@ -16,7 +16,7 @@ import dataclasses
 import tempfile
 
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import ConfigError, plural
+from pipeline.common.errors import ConfigError, mean_std, plural
 from pipeline.common.settings import field_of, option_name, parse_text, show
 from pipeline.store import CacheStore
 from pipeline.training import train
@@ -58,7 +58,7 @@ def main() -> None:
     print(f"| variant | {rows[0][5]} (mean ± std, {len(base.seeds)} {plural(len(base.seeds), 'seed')}) | trainable parameters | wall s |")
     print("|---|---:|---:|---:|")
     for label, mean, std, params, wall, _ in rows:
-        print(f"| {label} | {mean:.2f} ± {std:.2f} | {params:,} | {wall:.1f} |")
+        print(f"| {label} | {mean_std(mean, std)} | {params:,} | {wall:.1f} |")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def train(quiet: bool, **options: Any) -> None:
 @main.command(context_settings=CONTEXT)
 @click.option("--runs", "runs_dir", default="runs", help="Folder of run directories (<runs>/<task>/metrics.json).")
 @click.option("--out", "out_dir", default="reports", help="Where summary.md and summary.png are written.")
-@click.option("--tasks", default=None, help="Comma-separated tasks, in table order.  [default: every run under --runs]")
+@click.option("--tasks", default=None, help="Comma-separated run folders under --runs, in table order: a task's "
+              "(cola), or one of a sweep's (cola-sweep/rnn_dim=32).  [default: every finished run under --runs]")
 @reports_errors
 def report(runs_dir: str, out_dir: str, tasks: str | None) -> None:
     """Summarise trained runs: one table over tasks and seeds (summary.md) and a plot (summary.png)."""
@@ -224,7 +225,8 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
                    "--retrain trains them again")
     click.echo(f"ranked by {rows[0]['ranked_by']} (mean over seeds); validation {rows[0]['primary_metric']} shown")
     for row in rows:
-        click.echo(f"{row['rank_score']:7.2f}  |  {row['mean']:7.2f} ± {row['std']:5.2f}  {row['run']}"
+        spread = "" if row["std"] is None else f" ± {row['std']:5.2f}"
+        click.echo(f"{row['rank_score']:7.2f}  |  {row['mean']:7.2f}{spread:8}  {row['run']}"
                    + (" *" if row["kept"] else ""))
     click.echo(f"summary: {out_root}/sweep.json")
 

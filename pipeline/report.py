@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.common.errors import RunFormatError, plural
+from pipeline.common.errors import RunFormatError, mean_std, plural
 from pipeline.common.files import atomic_write_bytes, atomic_write_text, check_writable_folder
 
 if TYPE_CHECKING:
@@ -30,9 +30,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     """One task's metrics.json plus its history.csv (a list of rows), as stage two wrote them."""
     path = run_dir / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no {path}: train that task first (`pipeline train --cache data/{run_dir.name}.zarr` or `dvc repro`)"
-        )
+        raise FileNotFoundError(f"no {path}: " + (_not_a_run(run_dir) or "train that task first (`pipeline train "
+                                                  f"--cache data/{run_dir.name}.zarr` or `dvc repro`)"))
     metrics = _read_metrics(path)
     history = _read_history(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
     return {"dir": str(run_dir), "metrics": metrics, "history": history}
@@ -166,16 +165,22 @@ def discover_tasks(runs_dir: Path) -> list[str]:
     for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         if (folder / "metrics.json").is_file():
             names.append(folder.name)
-        elif (folder / CHECKPOINT_NAME).is_file():
-            print(f"note: {folder} left out: an unfinished run ({CHECKPOINT_NAME}, no metrics.json yet); rerun its "
-                  "`pipeline train` command (it goes on from the checkpoint), then the report", file=sys.stderr)
-        elif points := sorted(p.parent.name for p in folder.glob("*/metrics.json")):
-            sweep = folder / "sweep.json"
-            ranking = f", or read {sweep} for their ranking" if sweep.is_file() else ""
-            print(f"note: {folder} left out: a sweep of {len(points)} {plural(len(points), 'run')}; pass "
-                  f"--tasks '{folder.name}/{points[0]}' (a run's folder under it) to report one{ranking}",
-                  file=sys.stderr)
+        elif why := _not_a_run(folder):
+            print(f"note: {folder} left out: {why}", file=sys.stderr)
     return names
+
+
+def _not_a_run(folder: Path) -> str | None:
+    """What a folder without metrics.json is, and what to do, when it is a run not finished or a sweep's folder."""
+    if (folder / CHECKPOINT_NAME).is_file():
+        return (f"an unfinished run ({CHECKPOINT_NAME}, no metrics.json yet); rerun its `pipeline train` command (it "
+                "goes on from the checkpoint), then the report")
+    if points := sorted(p.parent.name for p in folder.glob("*/metrics.json")):
+        sweep = folder / "sweep.json"
+        ranking = f", or read {sweep} for their ranking" if sweep.is_file() else ""
+        return (f"a sweep of {len(points)} {plural(len(points), 'run')}; pass --tasks '{folder.name}/{points[0]}' "
+                f"(a run's folder under it) to report one{ranking}")
+    return None
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -305,7 +310,8 @@ def markdown(summary: dict[str, Any]) -> str:
                              for h in header) + "|"]
     for r in rows:
         cells = [r["task"], *[str(r[key] or "") for key in mixed], r["metric"], *[_fmt(r["seeds"].get(s)) for s in seeds],
-                 f"**{_fmt(r['mean'])}** ± {_fmt(r['std'])}" + (f" (n={r['num_seeds']})" if uneven else "")
+                 f"**{_fmt(r['mean'])}**" + ("" if r["std"] is None else f" ± {_fmt(r['std'])}")
+                 + (f" (n={r['num_seeds']})" if uneven else "")
                  + (" ⚠" if r["above_start"] is False else ""),
                  _fmt(r["frozen"]), _fmt(r["majority"]),
                  ", ".join(f"{k} {_fmt(v)}" for k, v in r["other"].items()),
@@ -371,7 +377,7 @@ def plot(summary: dict[str, Any], runs: dict[str, dict[str, Any]], path: Path) -
         below = mean < 0  # a negative mean's label goes under its bar, error bar and dots, as a positive one over
         finite = [v for v in values if math.isfinite(v)]
         edge = min([mean - std, *finite]) if below else max([mean + std, *finite])
-        left.annotate(f"{_fmt(r['mean'], 1)} ± {_fmt(r['std'], 1)}", (i, edge),
+        left.annotate(mean_std(r["mean"], r["std"], 1), (i, edge),
                       xytext=(0, -6 if below else 6), textcoords="offset points", ha="center",
                       va="top" if below else "baseline", fontsize=9)
     methods = sorted({str(r["method"]) for r in rows if r["method"] is not None})

@@ -194,7 +194,8 @@ def test_stages_use_the_same_translation(capsys, tmp_path):
 
 @pytest.mark.parametrize("command, target, needles", [
     ("extract", "pipeline.extraction.extract", ["Interrupted; rerun the same command to resume."]),
-    ("train", "pipeline.training.train", ["outputs are written when it ends", "earlier outputs are untouched",
+    ("train", "pipeline.training.train", ["outputs are written when it ends", "an earlier run's stay until then",
+                                          "metrics.json last: a folder without it is unfinished",
                                           "rerun the same command to go on from its last checkpoint"]),
     ("predict", "pipeline.inference.run_predict", ["nothing of this run was written", "to start it again"]),
     ("sweep", "pipeline.training.sweep.run_sweep", ["grid points that had finished", "sweep.json",
@@ -233,6 +234,8 @@ def test_error_message_keeps_our_own_os_error_text_and_collapses_lines():
     (errno.ENOENT, "x/out does not exist; check the path"),
     (errno.ENAMETOOLONG, "the name x/out is too long for the file system; choose a shorter path"),
     (errno.EMFILE, "too many open files; raise the limit (`ulimit -n`) and rerun"),
+    (errno.EFBIG, "x/out reached the file-size limit; raise it (`ulimit -f`) or choose another --out; rerun it to "
+                  "resume"),
 ])
 def test_common_os_errors_name_their_fix(code, line):
     assert error_message(OSError(code, os.strerror(code), "x/out"), rerun="it") == line

@@ -192,6 +192,49 @@ def test_a_checkpoint_is_used_only_by_the_same_run(synthetic_store, tmp_path, mo
     train(config(cache, out, threads=1, memory_budget="4GB", checkpoint_seconds=None), progress=False)
     assert "saved after epoch 2" in capsys.readouterr().err
     assert_same_outputs(out, tmp_path / "fresh")
+    # Nor does the path the store is given by, or naming the splits scored by default.
+    stop_after_two()
+    moved = tmp_path / "elsewhere.zarr"
+    Path(cache).rename(moved)
+    relative = os.path.relpath(moved)
+    train(config(relative, out, eval_splits=("validation",), checkpoint_seconds=None), progress=False)
+    assert "saved after epoch 2" in capsys.readouterr().err
+    assert_same_outputs(out, tmp_path / "fresh")
+
+
+def test_a_run_stopped_while_writing_over_an_earlier_one_is_not_taken_for_finished(synthetic_store, tmp_path,
+                                                                                  monkeypatch):
+    # Stopped after its first adapter, a run left that adapter beside the earlier run's others and its metrics.json:
+    # predict ensembled the two runs and the report showed the earlier run's scores, without a word.
+    from pipeline.common.errors import AdapterNotFoundError
+    from pipeline.inference.predictor import find_adapters
+    from pipeline.report import discover_tasks
+    from pipeline.training import trainer
+
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+    runs = tmp_path / "runs"
+    train(config(cache, runs / "rte", lr=3e-3), progress=False)
+    saved = trainer.save_adapter
+    calls = []
+
+    def stop_after_one(*args, **kwargs):
+        if calls:
+            raise Stop
+        calls.append(saved(*args, **kwargs))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "save_adapter", stop_after_one)
+        with pytest.raises(Stop):
+            train(config(cache, runs / "rte"), progress=False)
+    assert not (runs / "rte" / "metrics.json").exists() and (runs / "rte" / CHECKPOINT_NAME).exists()
+    for named in (runs / "rte", runs / "rte" / "adapters" / "seed_1"):
+        with pytest.raises(AdapterNotFoundError, match=r"is an unfinished run \(no metrics.json"):
+            find_adapters([named])
+    assert discover_tasks(runs) == []  # the report leaves it out, with a note
+    train(config(cache, runs / "rte"), progress=False)  # the rerun finishes it: what a run alone writes
+    train(config(cache, tmp_path / "fresh", checkpoint_seconds=None), progress=False)
+    assert_same_outputs(runs / "rte", tmp_path / "fresh")
+    assert find_adapters([runs / "rte"]) == [runs / "rte" / "adapters" / f"seed_{s}" for s in (0, 1)]
 
 
 def test_an_unreadable_checkpoint_is_a_note_and_a_fresh_start(synthetic_store, tmp_path, capsys):
@@ -254,3 +297,16 @@ def test_a_second_run_into_a_busy_folder_is_refused_at_once(synthetic_store, tmp
     assert not (out / "metrics.json").exists()
     done = CliRunner().invoke(main, args)  # once that run is over
     assert done.exit_code == 0, done.output
+
+
+@pytest.mark.parametrize("below", ["adapters", "predictions"])
+def test_a_file_where_an_output_folder_goes_is_refused_before_training(synthetic_store, tmp_path, monkeypatch, below):
+    # Found only when the outputs were written, after every epoch, and named as another path.
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / below).write_text("not a folder")
+    monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail("trained"))
+    with pytest.raises(NotADirectoryError) as refused:
+        train(config(cache, out), progress=False)
+    assert refused.value.filename == str(out / below)

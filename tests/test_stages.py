@@ -304,6 +304,10 @@ def test_report_finds_every_run_and_the_stage_prints_it(tmp_path, capsys):
     named = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out", str(out), "--tasks", "cola-sweep/lr=0.001"])
     assert named.exit_code == 0 and "note:" not in named.output  # --tasks reads what it names, and only that
     assert "| cola (cola-sweep/lr=0.001) | matthews_correlation | 20.00 |" in named.output
+    # Named on their own, the sweep's folder and the unfinished run get the same fix, not "train that task first".
+    for folder, fix in (("cola-sweep", "pass --tasks 'cola-sweep/lr=0.0003'"), ("cola", "rerun its `pipeline train`")):
+        refused = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out", str(out), "--tasks", folder])
+        assert refused.exit_code == 2 and fix in refused.output and "train that task first" not in refused.output
 
 
 @pytest.mark.parametrize("damage, problem", [

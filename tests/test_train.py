@@ -137,6 +137,10 @@ def test_training_never_loads_a_backbone(t5_store, tmp_path, monkeypatch):
     metrics = train(quick(t5_store, tmp_path / "patched", seeds=(0,)), progress=False)
     monkeypatch.undo()
     assert metrics["seeds"] == train(quick(t5_store, tmp_path / "free", seeds=(0,)), progress=False)["seeds"]
+    # One seed has no sample std: null, and no "± 0.00" that would read as a perfectly stable score.
+    from pipeline.training.trainer import result_line
+
+    assert set(metrics["std"].values()) == {None} and "±" not in result_line(metrics)
     # Stronger: a fresh process in which `import transformers` itself fails still trains.
     import subprocess
     import sys

@@ -111,18 +111,20 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
     errno.EBUSY: ("{path} is in use", "let what holds it finish, or choose another path"),
     errno.EMFILE: ("too many open files", "raise the limit (`ulimit -n`) and rerun"),
     errno.ENFILE: ("too many open files on this system", "close other programs and rerun"),
+    errno.EFBIG: ("{path} reached the file-size limit", "raise it (`ulimit -f`) or choose another --out"),
 }
 # Errors after which the work already written is kept, so the same command carries on from there.
-_RESUMABLE = {errno.ENOSPC, errno.EDQUOT}
+_RESUMABLE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 # What a stopped command leaves, so that Ctrl-C's message is true of it. An extraction keeps its finished
-# blocks (a rerun resumes); training writes its outputs only at the end, each file whole, and saves its state
-# between steps (a rerun goes on from there); predict and the report write their outputs only at the end, so
+# blocks (a rerun resumes); training writes its outputs only at the end, each file whole and metrics.json last
+# (removed first), and saves its state between steps (a rerun goes on from there); predict and the report write their outputs only at the end, so
 # nothing of a stopped run is on disk (a rerun starts it again); a sweep keeps the grid points that had
 # finished, each a whole training run (a rerun keeps them), and the checkpoints of those it stopped.
 INTERRUPTED = {
     "resumes": "Interrupted; rerun {rerun} to resume.",
-    "checkpoints": ("Interrupted; the run's outputs are written when it ends and earlier outputs are untouched; "
+    "checkpoints": ("Interrupted; the run's outputs are written when it ends (an earlier run's stay until then), "
+                    "metrics.json last: a folder without it is unfinished, and predict and the report refuse it; "
                     "rerun {rerun} to go on from its last checkpoint (saved between steps; with none yet, "
                     "the run starts again)."),
     "restarts": ("Interrupted; nothing of this run was written and earlier outputs are untouched; "
@@ -147,6 +149,16 @@ def one_line(text: str) -> str:
 def plural(count: int, noun: str) -> str:
     """``noun`` as ``count`` of it reads in a message: 1 seed, 3 seeds."""
     return noun if count == 1 else f"{noun}s"
+
+
+def mean_std(mean: float | None, std: float | None, digits: int = 2) -> str:
+    """A mean over seeds as it is printed: "62.12 ± 2.03", or the mean alone when there is no spread to give.
+
+    One seed has no sample std (metrics.json holds null): "± 0.00" would read as a perfectly stable score.
+    """
+    if mean is None:
+        return ""
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def error_message(exc: PipelineError | OSError, *, rerun: str, out: str | None = None,

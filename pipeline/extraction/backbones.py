@@ -48,6 +48,11 @@ PACKAGED_MODELS = {
 
 # Decoder-family prompt: the T5 template (it names the task and the fields) plus a cue for the label.
 DECODER_SUFFIX = "\nanswer:"
+# Encoders whose position ids count from padding_idx + 1 (RoBERTa's scheme): that many rows of their table are
+# never used, and a tokenizer that does not declare its limit would let a run overrun it mid-split.
+PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                                      "data2vec-text", "xmod", "longformer", "ibert", "luke", "mpnet", "esm",
+                                      "markuplm", "lilt"})
 # How each family reads an example (recorded in the store's identity and in adapters, checked by `pipeline
 # predict`). The encoder's is the field pair as its tokenizer encodes it, segment ids included ("pair" was the
 # same without them: the second sentence embedded as segment 0).
@@ -256,9 +261,23 @@ class Backbone:
             return [task.t5_input(example) + DECODER_SUFFIX]
         return [example[f] for f in task.text_fields]
 
+    def _continuation_ids(self, before: str, text: str) -> list[int]:
+        """The tokens ``text`` adds after ``before``, as the tokenizer encodes the two together.
+
+        Encoded alone, a text can gain tokens it never has in context: a sentencepiece tokenizer that prefixes
+        the first word with "▁" (Llama's, Mistral's) would put a token before the answer cue or a label word that
+        the model never sees. Where the tokens merge across the boundary, the text's own encoding is used.
+        """
+        head = self.tokenizer(before, add_special_tokens=False)["input_ids"]
+        whole = self.tokenizer(before + text, add_special_tokens=False)["input_ids"]
+        if whole[: len(head)] == head:
+            return list(whole[len(head):])
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def _cue_ids(self) -> list[int]:
-        """The decoder prompt's answer cue as tokens: kept whole at the end of every truncated prompt."""
-        return self.tokenizer(DECODER_SUFFIX, add_special_tokens=False)["input_ids"]
+        """The decoder prompt's answer cue as tokens after a prompt's text: kept whole at the end of every
+        truncated prompt."""
+        return self._continuation_ids("text.", DECODER_SUFFIX)
 
     def check_max_length(self, max_length: int) -> None:
         """Refuse a max_length the model cannot read: past its position table, or (decoder) no longer than the
@@ -294,6 +313,8 @@ class Backbone:
             return None
         config = self.model.config
         limits = [v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)]
+        if config.model_type in PADDING_OFFSET_POSITIONS and limits:  # positions start after the padding index
+            limits = [v - (int(config.pad_token_id or 0) + 1) for v in limits]
         declared = getattr(self.tokenizer, "model_max_length", None)
         if limits and isinstance(declared, int) and declared < 1_000_000:  # unset: a huge sentinel
             limits.append(declared)
@@ -316,7 +337,10 @@ class Backbone:
         words = [(" " + w) if self.family == "decoder" else w for w in task.label_words]
         ids = []
         for word in words:
-            pieces = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            # A decoder's label word follows the cue (its first token as it tokenizes there); T5's starts the
+            # decoder's output.
+            pieces = (self._continuation_ids(DECODER_SUFFIX, word) if self.family == "decoder"
+                      else self.tokenizer(word, add_special_tokens=False)["input_ids"])
             if not pieces:
                 raise LabelWordCollisionError(f"label word {word.strip()!r} tokenizes to nothing with {self.name}")
             ids.append(int(pieces[0]))
@@ -547,14 +571,16 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
     tokenizer = _load_pretrained(AutoTokenizer, path, without_hub)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.eval().requires_grad_(False).to(torch_device)
+    model.eval().requires_grad_(False)
+    d_model = int(getattr(config, "d_model", None) or config.hidden_size)
+    scales_outputs = _probe(name, family, model, tokenizer, d_model)
+    model.to(torch_device)
     # On CUDA compute in bfloat16 (autocast); on CPU float32 is both faster and exact.
     autocast_dtype = None
     if torch_device.type == "cuda" and dtype in ("bfloat16", "float16"):
         autocast_dtype = torch.bfloat16 if (dtype == "bfloat16" or family == "seq2seq") else torch.float16
     if autocast_dtype is not None:
         linear_weights_to(model, autocast_dtype)
-    d_model = int(getattr(config, "d_model", None) or config.hidden_size)
     if family == "seq2seq":
         n_enc = int(config.num_layers) + 1
         n_dec = int(config.num_decoder_layers) + 1
@@ -564,8 +590,7 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
         n_enc, n_dec = int(config.num_hidden_layers) + 1, 0
     extra: dict[str, Any] = {}
     if family == "seq2seq":
-        scale = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True))
-        extra["scale_decoder_outputs"] = bool(scale)
+        extra["scale_decoder_outputs"] = scales_outputs
     return Backbone(
         name=name,
         path=path,
@@ -580,6 +605,39 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
         n_layers_decoder=n_dec,
         extra=extra,
     )
+
+
+@torch.inference_mode()
+def _probe(name: str, family: str, model: Any, tokenizer: Any, d_model: int) -> bool:
+    """One short forward before anything is stored: refuse a model whose states are not all ``d_model`` wide, and
+    say whether a seq2seq model scales its decoder's output by d_model**-0.5 before the LM head.
+
+    OPT with a projection (opt-350m) ends in a narrower state than its layers', which a store of one width cannot
+    hold. Whether T5-family models scale is settled by what the model computes, not by config fields whose meaning
+    has changed between transformers versions (T5 scales, mT5 does not); the extraction's first batch checks the
+    label rows against the model's own logits again, on real inputs.
+    """
+    ids = torch.tensor([tokenizer("Is it?", add_special_tokens=True)["input_ids"] or [tokenizer.pad_token_id]])
+    if family == "seq2seq":
+        start = torch.full((1, 1), model.config.decoder_start_token_id)
+        out = model(input_ids=ids, decoder_input_ids=start, output_hidden_states=True)
+        states = [*out.encoder_hidden_states, *out.decoder_hidden_states]
+    else:
+        out = model(input_ids=ids, output_hidden_states=True)
+        states = list(out.hidden_states)
+    widths = sorted({int(state.shape[-1]) for state in states})
+    if widths != [d_model]:
+        raise UnsupportedModelError(
+            f"{name}: its hidden states are not all {d_model} wide ({', '.join(map(str, widths))}), and a store "
+            "holds one width; models that project between widths (OPT with word_embed_proj_dim, as opt-350m) are "
+            "not supported: use one whose layers share the hidden size"
+        )
+    if family != "seq2seq":
+        return False
+    final = out.decoder_hidden_states[-1][0, -1].float()
+    plain = model.get_output_embeddings().weight.float() @ final
+    logits = out.logits[0, -1].float()
+    return bool((plain * d_model ** -0.5 - logits).abs().max() < (plain - logits).abs().max())
 
 
 @torch.inference_mode()

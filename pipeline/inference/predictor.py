@@ -55,8 +55,12 @@ def find_adapters(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if (path / ADAPTER_CONFIG_NAME).exists() or (path / ADAPTER_WEIGHTS_NAME).exists():
+            if path.parent.name == "adapters":
+                _check_finished(path.parent.parent)
             found.append(path)
             continue
+        if (path / "adapters").is_dir():
+            _check_finished(path)
         seeds = [p for p in sorted((path / "adapters").glob("seed_*")) or sorted(path.glob("seed_*")) if p.is_dir()]
         if not seeds:
             what = "does not exist" if not path.exists() else "holds no adapter"
@@ -72,6 +76,17 @@ def find_adapters(paths: Sequence[str | Path]) -> list[Path]:
             seen.add(path.resolve())
             unique.append(path)
     return unique
+
+
+def _check_finished(run: Path) -> None:
+    """Refuse a run folder whose outputs are not all written: `pipeline train` removes its metrics.json before it
+    writes its adapters and writes it back last, so without it the adapters may be two runs' (a run stopped while
+    writing over an earlier one, or one writing now)."""
+    if (run / "adapters").is_dir() and not (run / "metrics.json").is_file():
+        raise AdapterNotFoundError(
+            f"{run} is an unfinished run (no metrics.json: its outputs were not all written, so its adapters may be "
+            "of two runs); rerun its `pipeline train` command to finish it (it goes on from its checkpoint)"
+        )
 
 
 def _seed_order(path: Path) -> tuple[int, int, str]:

@@ -42,6 +42,7 @@ from pipeline.store.writer import (
     enclosing_store,
     extraction_hold,
     path_kind,
+    reading_hold,
     remove_store,
 )
 
@@ -49,6 +50,6 @@ __all__ = [
     "ATTRS_KEY", "FORMAT_VERSION", "SIDES", "STORED_DTYPES", "BackboneInfo", "BlockPlan", "CacheStore",
     "CachedSplit", "ExtractionSettings", "SplitData", "SplitInfo", "StoreIdentity", "StoreLayout", "StoreMeta",
     "StoreWriter", "TaskInfo", "block_layout", "block_rows", "check_target", "checksum", "compressor", "enclosing_store",
-    "examples_hash", "extraction_hold", "fingerprint", "logical_view", "path_kind", "plan_blocks", "remove_store",
+    "examples_hash", "extraction_hold", "fingerprint", "logical_view", "path_kind", "plan_blocks", "reading_hold", "remove_store",
     "summarize_store", "stored_view", "to_float32", "torch_dtype", "torch_view", "verify_store",
 ]

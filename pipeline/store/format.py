@@ -87,6 +87,12 @@ def lock_path(store: str) -> Path | None:
     return None if is_remote(store) else Path(str(Path(store).resolve()) + ".lock")
 
 
+def readers_lock_path(store: str) -> Path | None:
+    """The lock beside a local store (``<store>.readers.lock``) that training runs hold shared while they read it,
+    and a whole extraction holds alone, so that a store is never replaced or rewritten under a run reading it."""
+    return None if is_remote(store) else Path(str(Path(store).resolve()) + ".readers.lock")
+
+
 def attrs_lock_path(store: str) -> Path | None:
     """The lock beside a local store (``<store>.attrs.lock``) that a writer holds for the moment it creates the
     store or a split or rewrites the root attributes, so that ``--part`` processes never interleave those."""

@@ -45,6 +45,7 @@ from pipeline.store.format import (
     example_arrays,
     is_remote,
     lock_path,
+    readers_lock_path,
     round_up,
 )
 from pipeline.store.meta import SplitData, StoreMeta
@@ -447,16 +448,53 @@ def extraction_hold(path: str, *, whole: bool) -> Iterator[None]:
     fd = _held_lock(lock_file, exclusive=whole, wait_s=BUSY_WAIT_S)
     if fd is None:
         raise StoreBusyError(_busy_reason(path, lock_file, whole=whole))
+    readers = None
     try:
-        if whole:
+        if whole:  # it may replace the store (--overwrite, other settings) or rewrite damaged blocks
+            readers = _readers_hold(path, exclusive=True)
+            if readers is False:
+                raise StoreBusyError(f"a training run is reading {path} now (it holds {readers_lock_path(path)}); "
+                                     "let it finish, or stop it, then rerun the extraction")
             remove_orphaned_writes(path)
         yield
     finally:
+        if type(readers) is int:  # a descriptor (not None, not False: bool is an int too)
+            if path_kind(path) == "absent":  # refused before the store was made: no lock file beside nothing
+                readers_lock_path(path).unlink(missing_ok=True)
+            os.close(readers)
         # Refused before the store was made (bad settings): leave no lock file beside nothing. Only a sole holder
         # removes it, and whoever waited on the removed file takes the new one (``_held_lock``).
         if path_kind(path) == "absent" and _flock(fd, exclusive=True, wait_s=0):
             lock_file.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
+
+
+def _readers_hold(path: str, *, exclusive: bool) -> int | bool | None:
+    """``flock`` on the store's readers lock without waiting: its descriptor, False when others hold it, or None
+    where there is no lock to take (a remote store, no ``flock``, a read-only folder beside the store)."""
+    lock_file = readers_lock_path(path)
+    if lock_file is None or fcntl is None:
+        return None
+    try:
+        fd = _held_lock(lock_file, exclusive=exclusive, wait_s=0)
+    except OSError:  # a store on a read-only mount: nobody can replace it from here either
+        return None
+    return False if fd is None else fd
+
+
+@contextlib.contextmanager
+def reading_hold(path: str) -> Iterator[None]:
+    """Hold the store's readers lock shared while a training run reads it: an extraction that would replace or
+    rewrite the store refuses meanwhile, and this refuses while one does (it holds the lock alone)."""
+    fd = _readers_hold(path, exclusive=False)
+    if fd is False:
+        raise StoreBusyError(f"an extraction is rewriting {path} now (it holds {readers_lock_path(path)}); let it "
+                             "finish, then rerun")
+    try:
+        yield
+    finally:
+        if type(fd) is int:  # a descriptor (not None, not False)
+            os.close(fd)
 
 
 def _held_lock(lock_file: Path, *, exclusive: bool, wait_s: float) -> int | None:

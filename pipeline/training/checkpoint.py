@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +31,19 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 2  # 2: a checkpoint may be saved within an epoch
 # Settings that change how a run goes, never what it computes: a rerun may change them and still resume. The
 # memory budgets choose between held and streamed rows, whose batch order can differ: the identity records
-# which one the run used instead.
-HOW_ONLY = ("out", "device", "threads", "memory_budget", "host_memory_budget", "checkpoint_seconds", "resume")
+# which one the run used instead. The store is known by its fingerprint, not by the path it was given by (a
+# relative path, or the store moved to a faster disk, is the same store).
+HOW_ONLY = ("out", "cache", "device", "threads", "memory_budget", "host_memory_budget", "checkpoint_seconds", "resume")
 
 
-def run_identity(cfg: TrainConfig, fingerprint: str, device: torch.device, streamed: bool) -> dict[str, Any]:
+def run_identity(cfg: TrainConfig, fingerprint: str, device: torch.device, streamed: bool,
+                 eval_splits: Sequence[str]) -> dict[str, Any]:
     """What must be the same for a checkpoint to continue this run: the store, the code's numerics, the
-    device that computes, the batch order's source and every setting that changes results."""
+    device that computes, the batch order's source and every setting that changes results, defaults resolved
+    (``eval_splits``: the splits scored, whether named or the task's default)."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in HOW_ONLY}
     return {"format": FORMAT, "store": fingerprint, "torch": str(torch.__version__), "device": str(device),
-            "rows": "streamed" if streamed else "held", **settings}
+            "rows": "streamed" if streamed else "held", **settings, "eval_splits": list(eval_splits)}
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -119,9 +119,10 @@ def local_cluster(workers: int, threads_per_worker: int) -> Any:
     # The workers' own log lines are not the user's news: a failed point is the CLI's one line, and closing the
     # cluster under the points still running (after a failure, on Ctrl-C) logs cancelled tasks and lost
     # heartbeats with tracebacks. A bug still reaches the client, which raises it with its traceback.
+    # The dashboard on any free port: None means the default 8787, and a second cluster warned that it was taken.
     def start() -> Any:
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                            dashboard_address=None, silence_logs=logging.CRITICAL)
+                            dashboard_address=":0", silence_logs=logging.CRITICAL)
 
     # Workers stopped mid-run leave semaphores that multiprocessing's resource tracker (started here, with the
     # workers) removes at exit, warning about each: cleaned up, so no news either.

@@ -6,8 +6,10 @@ arrays and attributes (label rows, family, layer layout).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -20,12 +22,12 @@ import numpy as np
 import torch
 
 from pipeline.common.config import TrainConfig
-from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError, plural
+from pipeline.common.errors import ConfigError, StoreCorruptError, TrainingError, mean_std, plural
 from pipeline.common.files import atomic_write_csv, atomic_write_text, check_writable_folder, hold_run_folder
 from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
-from pipeline.store import CacheStore, enclosing_store
+from pipeline.store import CacheStore, enclosing_store, reading_hold
 from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter, saved_seeds
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
@@ -186,6 +188,9 @@ class Trainer:
             raise ConfigError(f"--out {out} is inside the store {store}, which `pipeline extract --overwrite` (and "
                               f"dvc repro) deletes whole; choose a folder outside any store, e.g. runs/{self.task.name}")
         self.out = check_writable_folder(out)  # a bad --out fails now, not after training
+        for below in ("adapters", "predictions"):  # the folders the outputs go to, checked now too
+            if (self.out / below).exists() and not (self.out / below).is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.out / below))
         announce_replacement(self.out, self.task.name)
         if self.device.type == "cuda":
             set_cuda_tf32(cfg.tf32)
@@ -467,7 +472,8 @@ class Trainer:
         cfg, S = self.cfg, len(self.cfg.seeds)
         optimizer, scheduler = self.optimizer()
         checkpoints = Checkpoints(self.out, run_identity(cfg, self.store.fingerprint, self.device,
-                                                         streamed=not self.train_data.in_memory),
+                                                         streamed=not self.train_data.in_memory,
+                                                         eval_splits=self.eval_splits),
                                   cfg.checkpoint_seconds)
         resumed, note = checkpoints.load() if cfg.resume else (None, None)
         if note:
@@ -581,6 +587,10 @@ class Trainer:
                        resources: dict[str, Any], epochs_run: int, record: dict[str, Any]) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
+        # metrics.json marks a finished run: it goes first and comes back last, so a run stopped while it writes
+        # its files (over an earlier run's) leaves no folder that reads as finished with two runs' files in it.
+        for name in ("metrics.json", SCORES_NAME):
+            (out / name).unlink(missing_ok=True)
         for k, seed in enumerate(cfg.seeds):
             # The adapter records the backbone and extraction settings: `pipeline predict` rebuilds its inputs.
             adapter = AdapterConfig.from_store_meta(self.store.meta, self.read_config, seed)
@@ -598,14 +608,13 @@ class Trainer:
             "epochs_run": epochs_run,
             "trainable_parameters": trainable_parameter_count(self.model),
             "mean": {m: round(float(v.mean()), 4) for m, v in values.items()},
-            "std": {m: round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4) for m, v in values.items()},
+            # The sample std; none for one seed, whose spread is unknown (not 0).
+            "std": {m: round(float(v.std(ddof=1)), 4) if len(v) > 1 else None for m, v in values.items()},
             "seeds": seeds,
             "resources": {**resources, "train_rows_in_memory": self.train_data.in_memory,
                           "read_time_s": round(self.train_data.read_seconds, 3)},
             **record,
         }
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        atomic_write_text(out / SCORES_NAME, json.dumps(headline_scores(metrics), indent=2) + "\n")
         columns = list(history[0])
         atomic_write_csv(out / "history.csv", columns, ([row.get(c, "") for c in columns] for row in history))
         (out / "predictions").mkdir(exist_ok=True)
@@ -620,6 +629,8 @@ class Trainer:
             "settings": recorded["identity"]["settings"], "layout": recorded["layout"]}}
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         remove_stale_outputs(out, cfg.seeds, self.eval_splits)
+        atomic_write_text(out / SCORES_NAME, json.dumps(headline_scores(metrics), indent=2) + "\n")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         return metrics
 
 
@@ -645,7 +656,7 @@ def result_line(metrics: dict[str, Any]) -> str:
     """The one line `pipeline train` and the DVC stage print: validation scores, how the epochs were chosen,
     and what they started from."""
     mean, std, primary = metrics["mean"], metrics["std"], metrics["primary_metric"]
-    shown = ", ".join(f"{m} {mean[m]:.2f} ± {std[m]:.2f}" for m in mean if "/" not in m)
+    shown = ", ".join(f"{m} {mean_std(mean[m], std[m])}" for m in mean if "/" not in m)
     chosen = ("epochs chosen on the selection split" if metrics["select_on"] == SELECTION
               else "epochs chosen ON VALIDATION (optimistic)")
     seeds = f"{metrics['num_seeds']} {plural(metrics['num_seeds'], 'seed')}"
@@ -655,5 +666,10 @@ def result_line(metrics: dict[str, Any]) -> str:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Stage two end to end; returns metrics.json's content."""
-    return Trainer(cfg, progress=progress).run()
+    """Stage two end to end; returns metrics.json's content.
+
+    The store is held for reading from the moment it is opened to the last output written: an extraction that
+    would replace it (``--overwrite``, other settings under ``dvc repro``) or rewrite its blocks refuses meanwhile.
+    """
+    with reading_hold(cfg.cache):
+        return Trainer(cfg, progress=progress).run()
