@@ -236,8 +236,9 @@ def sweep(cache: str, grid_items: tuple[str, ...], settings: tuple[str, ...], se
               help="An adapter folder (runs/T/adapters/seed_<k>) or a run folder meaning every seed; repeat it: "
               "every adapter shares one forward pass.")
 @click.option("--task", default=None, help="GLUE task; must be the adapters'.  [default: the adapters' task]")
-@click.option("--split", default=None, help="A GLUE split to predict, written in GLUE submission format "
-              "(index and prediction columns); a labeled split also prints its official metric.")
+@click.option("--split", default=None, help="A GLUE split to predict (train, validation, test; MNLI: "
+              "validation_matched, test_mismatched, ...), written in GLUE submission format (index and prediction "
+              "columns); a labeled split also prints its official metric.")
 @click.option("--glue-dir", envvar="GLUE_DIR", default=None,
               help="Local glue_data folder for --split; unset: the Hugging Face Hub.  [env: GLUE_DIR]")
 @click.option("--input", "input_path", default=None, metavar="FILE|-",

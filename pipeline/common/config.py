@@ -76,7 +76,9 @@ class ExtractConfig(Settings):
         None, "Local glue_data folder (<dir>/RTE/train.tsv ...).", none="$GLUE_DIR, else the Hugging Face Hub",
         env="GLUE_DIR")
     splits: tuple[str, ...] | None = setting(
-        None, "Splits to extract, comma-separated.", none="train, the validation split(s), and test where the source has it",
+        None, "Splits to extract, comma-separated: train, validation and test (MNLI: validation_matched, "
+        "validation_mismatched, test_matched, test_mismatched).",
+        none="train, the validation split(s), and test where the source has it",
         example="train,validation")
     max_length: int = setting(256, "Tokens per example after truncation.", bounds=at_least(2))
     batch_tokens: int = setting(16384, "Padded tokens per forward batch (batches are built by length).",

@@ -492,8 +492,8 @@ class Trainer:
                 restore_optimizer(optimizer, resumed.optimizer)
                 scheduler.load_state_dict(resumed.scheduler)
             if cfg.cuda_graphs and not self.cuda_graphs:
-                self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs"
-                           + ("; the step is compiled" if cfg.compile else "; eager steps"))
+                self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs"  # a flag not obeyed:
+                           + ("; the step is compiled" if cfg.compile else "; eager steps"), always=True)  # said
             if self.compiled:  # the first step is silent for a while: say why
                 self._note("--compile: the first steps build the compiled step (about a minute, once per run)")
             def state_at(epoch: int, within: EpochProgress | None = None) -> RunState:
@@ -540,7 +540,8 @@ class Trainer:
         return metrics
 
     def _note(self, note: str, always: bool = False) -> None:
-        """A line on stderr (``always``: even without progress, as it is about the user's files) and in the log."""
+        """A line on stderr (``always``: even without progress, as it is about the user's files or a flag not
+        obeyed) and in the log."""
         log.info(note)
         if self.progress or always:
             print(note, file=sys.stderr)
