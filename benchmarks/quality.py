@@ -326,7 +326,8 @@ def cmd_table(args: argparse.Namespace) -> None:
         "examples, fixed by a hash of the GLUE idx and held out of training for every method): the validation "
         "split chose nothing. Recipes were also compared on the selection split only. The search is not even: READ's "
         f"column picks the best of {len(VARIANTS) - 1} recipes (on the selection split), the probe has one (lr 1e-2), "
-        "and full fine-tuning one fixed recipe scored after its last epoch."), ""]
+        "and full fine-tuning one fixed recipe scored after its last epoch. READ's seeds share one batch order "
+        "(`data_seed` 0) while full fine-tuning's seeds vary theirs too, so the two ± measure different spreads."), ""]
     header = ["task", "majority", "frozen start (the probe's epoch 0)", "probe", "READ pooled", "READ per-token",
               "READ, recipe chosen on selection", "full FT (here)", "external ref. probe / full FT"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
