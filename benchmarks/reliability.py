@@ -74,7 +74,8 @@ def env() -> dict[str, str]:
 
 
 def run(args: list[str], *, cwd: Path | None = None, module: list[str] = CLI) -> subprocess.CompletedProcess:
-    return subprocess.run(module + args, env=env(), cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(module + args, env=env(), cwd=cwd, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)  # `--input -` reads an empty stdin, never the terminal
 
 
 def start(args: list[str], **kw) -> subprocess.Popen:
@@ -418,6 +419,10 @@ def training_kills(setup: Setup) -> Iterator[Row]:
         replaced = sum(now.get(name) != value for name, value in earlier.items())
         whole, state = whole_files(out)
         state = f"{replaced} of the earlier run's {len(earlier)} files replaced at the kill; {state}"
+        if point.line is None and not point.within:  # killed while writing: the folder must not read as finished
+            refused, said = one_line_error(run(["predict", "--adapter", str(out), "--input", "-", "--device", "cpu"]))
+            whole = whole and refused and "unfinished run" in said
+            state += f"; predict on it: {said.replace(str(setup.work), 'WORK')}"
         rerun = run(train_args(setup, out))
         same = rerun.returncode == 0 and run_outputs(out) == expected
         found = re.search(r"saved after (batch \d+ of )?epoch (\d+)", rerun.stderr)

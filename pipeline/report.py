@@ -22,8 +22,10 @@ from pipeline.common.files import atomic_write_bytes, atomic_write_text, check_w
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# pipeline.training.checkpoint.CHECKPOINT_NAME, not imported: the report reads outputs and never imports torch.
+# pipeline.training.checkpoint.CHECKPOINT_NAME and pipeline.training.adapter.WRITING_MARKER, not imported: the
+# report reads outputs and never imports torch.
 CHECKPOINT_NAME = "checkpoint.pt"
+WRITING_MARKER = ".writing"
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -175,6 +177,9 @@ def _not_a_run(folder: Path) -> str | None:
     if (folder / CHECKPOINT_NAME).is_file():
         return (f"an unfinished run ({CHECKPOINT_NAME}, no metrics.json yet); rerun its `pipeline train` command (it "
                 "goes on from the checkpoint), then the report")
+    if (folder / "adapters" / WRITING_MARKER).is_file():
+        return ("an unfinished run (stopped while it wrote its outputs: no metrics.json); rerun its `pipeline train` "
+                "command, then the report")
     if points := sorted(p.parent.name for p in folder.glob("*/metrics.json")):
         sweep = folder / "sweep.json"
         ranking = f", or read {sweep} for their ranking" if sweep.is_file() else ""

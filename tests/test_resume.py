@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def test_a_checkpoint_is_used_only_by_the_same_run(synthetic_store, tmp_path, mo
 
 
 def test_a_run_stopped_while_writing_over_an_earlier_one_is_not_taken_for_finished(synthetic_store, tmp_path,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, capsys):
     # Stopped after its first adapter, a run left that adapter beside the earlier run's others and its metrics.json:
     # predict ensembled the two runs and the report showed the earlier run's scores, without a word.
     from pipeline.common.errors import AdapterNotFoundError
@@ -225,12 +226,16 @@ def test_a_run_stopped_while_writing_over_an_earlier_one_is_not_taken_for_finish
     with monkeypatch.context() as patch:
         patch.setattr(trainer, "save_adapter", stop_after_one)
         with pytest.raises(Stop):
-            train(config(cache, runs / "rte"), progress=False)
-    assert not (runs / "rte" / "metrics.json").exists() and (runs / "rte" / CHECKPOINT_NAME).exists()
-    for named in (runs / "rte", runs / "rte" / "adapters" / "seed_1"):
-        with pytest.raises(AdapterNotFoundError, match=r"is an unfinished run \(no metrics.json"):
+            train(config(cache, runs / "rte", checkpoint_seconds=None), progress=False)  # no checkpoint to tell
+    assert not (runs / "rte" / "metrics.json").exists() and not (runs / "rte" / CHECKPOINT_NAME).exists()
+    monkeypatch.chdir(runs / "rte" / "adapters")
+    for named in (runs / "rte", runs / "rte" / "adapters", runs / "rte" / "adapters" / "seed_1", Path("seed_0")):
+        with pytest.raises(AdapterNotFoundError, match=r"rte is an unfinished run \(its adapters/.writing is there"):
             find_adapters([named])
+    shutil.copytree(runs / "rte" / "adapters", tmp_path / "copy", ignore=shutil.ignore_patterns(".writing"))
+    assert len(find_adapters([tmp_path / "copy"])) == 2  # a copy of a finished run's adapters/ (dvc get) has none
     assert discover_tasks(runs) == []  # the report leaves it out, with a note
+    assert "an unfinished run (stopped while it wrote its outputs" in capsys.readouterr().err
     train(config(cache, runs / "rte"), progress=False)  # the rerun finishes it: what a run alone writes
     train(config(cache, tmp_path / "fresh", checkpoint_seconds=None), progress=False)
     assert_same_outputs(runs / "rte", tmp_path / "fresh")

@@ -541,37 +541,38 @@ def test_a_whole_extraction_removes_writes_a_killed_process_left(synthetic_store
 
 
 def test_a_store_being_read_is_not_replaced(synthetic_store, tmp_path, monkeypatch):
-    """A training run holds the store for reading; a whole extraction (which may replace the store or rewrite its
-    blocks) refuses meanwhile, and a run refuses while one holds it. Parts and other runs go on side by side."""
+    """A training run holds the store for reading; replacing it (--overwrite, or other settings under dvc repro)
+    refuses meanwhile. Extractions that only add to it, and other runs, go on side by side."""
     from pipeline.common.config import TrainConfig
     from pipeline.common.errors import StoreBusyError
-    from pipeline.store import extraction_hold, reading_hold
+    from pipeline.store import extraction_hold, reading_hold, remove_store
     from pipeline.training import trainer
 
     path = synthetic_store().path
     with reading_hold(path), reading_hold(path):  # two runs read one store together
         with pytest.raises(StoreBusyError, match=r"a training run is reading .*s\.zarr now .*readers\.lock"):
-            with extraction_hold(path, whole=True):
-                pass
-        with extraction_hold(path, whole=False):  # a --part never replaces the store
+            remove_store(path)
+        CacheStore(path).require_complete(["train"])
+        with extraction_hold(path, whole=True):  # e.g. adding a split: nothing read is touched
             pass
-    with extraction_hold(path, whole=True):
-        with pytest.raises(StoreBusyError, match=r"an extraction is rewriting .*s\.zarr now"):
-            with reading_hold(path):
-                pass
-    with extraction_hold(path, whole=True):  # released by both: taken again
+    remove_store(path)  # released by both: replaced
+    assert not Path(path).exists() and not Path(path + ".readers.lock").exists()
+
+    absent = str(tmp_path / "typo.zarr")
+    with reading_hold(absent):  # no store, no lock (opening it fails with its own message)
         pass
+    assert not Path(absent + ".readers.lock").exists()
 
     # `train` holds it from opening the store to its last output.
-    seen = []
+    path = synthetic_store("t.zarr").path
+    tried = []
 
     def run(self):
         with pytest.raises(StoreBusyError):
-            with extraction_hold(path, whole=True):
-                pass
-        seen.append(self.store.path)
+            remove_store(path)
+        tried.append(self.store.path)
         return {}
 
     monkeypatch.setattr(trainer.Trainer, "run", run)
     trainer.train(TrainConfig(cache=path, out=str(tmp_path / "run"), epochs=1), progress=False)
-    assert seen == [path]
+    assert tried == [path]

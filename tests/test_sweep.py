@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -132,6 +133,9 @@ def test_a_rerun_sweep_keeps_the_points_that_finished(t5_store, tmp_path):
     assert finished_run(point, fingerprint) is not None
     assert finished_run(dataclasses.replace(point, lr=3e-3), fingerprint) is None
     assert finished_run(point, "another store") is None
+    # The store by another path, other threads: how a run goes, not what it computes; the finished point is kept.
+    elsewhere = os.path.relpath(t5_store)
+    assert finished_run(dataclasses.replace(point, cache=elsewhere, threads=1, checkpoint_seconds=5), fingerprint)
     # --retrain trains every point again.
     third = CliRunner().invoke(main, [*args, "--retrain"])
     assert third.exit_code == 0 and "kept" not in third.output, third.output

@@ -55,8 +55,9 @@ PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl"
                                       "markuplm", "lilt"})
 # How each family reads an example (recorded in the store's identity and in adapters, checked by `pipeline
 # predict`). The encoder's is the field pair as its tokenizer encodes it, segment ids included ("pair" was the
-# same without them: the second sentence embedded as segment 0).
-TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer", "encoder": "pair+segments"}
+# same without them: the second sentence embedded as segment 0). The decoder's cue is tokenized as it follows the
+# text ("t5+answer" tokenized it alone, which with a Llama-style tokenizer put a "▁" before it).
+TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer/in-context", "encoder": "pair+segments"}
 
 
 def resolve_model_path(name: str) -> str:

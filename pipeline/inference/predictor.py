@@ -29,6 +29,7 @@ from pipeline.store.format import torch_dtype, torch_view
 from pipeline.training.adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    WRITING_MARKER,
     AdapterConfig,
     ExtractionSettings,
     load_adapter,
@@ -55,12 +56,8 @@ def find_adapters(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if (path / ADAPTER_CONFIG_NAME).exists() or (path / ADAPTER_WEIGHTS_NAME).exists():
-            if path.parent.name == "adapters":
-                _check_finished(path.parent.parent)
-            found.append(path)
+            found.append(_finished(path))
             continue
-        if (path / "adapters").is_dir():
-            _check_finished(path)
         seeds = [p for p in sorted((path / "adapters").glob("seed_*")) or sorted(path.glob("seed_*")) if p.is_dir()]
         if not seeds:
             what = "does not exist" if not path.exists() else "holds no adapter"
@@ -68,7 +65,7 @@ def find_adapters(paths: Sequence[str | Path]) -> list[Path]:
                 f"adapter {path} {what}: expected an adapter folder ({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}) "
                 "or a run folder with adapters/seed_<k>/ (as `pipeline train` writes them)"
             )
-        found.extend(sorted(seeds, key=_seed_order))
+        found.extend(_finished(seed) for seed in sorted(seeds, key=_seed_order))
     seen: set[Path] = set()
     unique = []
     for path in found:  # a seed named twice (a run folder and one of its seeds) runs once
@@ -78,15 +75,18 @@ def find_adapters(paths: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def _check_finished(run: Path) -> None:
-    """Refuse a run folder whose outputs are not all written: `pipeline train` removes its metrics.json before it
-    writes its adapters and writes it back last, so without it the adapters may be two runs' (a run stopped while
-    writing over an earlier one, or one writing now)."""
-    if (run / "adapters").is_dir() and not (run / "metrics.json").is_file():
+def _finished(adapter: Path) -> Path:
+    """``adapter``, unless the run that holds it is still writing its outputs or was stopped while it did
+    (`pipeline train` marks its adapters/ until metrics.json is written): then the adapters beside it may be of
+    two runs."""
+    marker = adapter.resolve().parent / WRITING_MARKER
+    if marker.is_file():
+        run = marker.parent.parent
         raise AdapterNotFoundError(
-            f"{run} is an unfinished run (no metrics.json: its outputs were not all written, so its adapters may be "
-            "of two runs); rerun its `pipeline train` command to finish it (it goes on from its checkpoint)"
+            f"{run} is an unfinished run (its {marker.relative_to(run)} is there: its outputs were not all written, "
+            "so its adapters may be of two runs); rerun its `pipeline train` command to finish it"
         )
+    return adapter
 
 
 def _seed_order(path: Path) -> tuple[int, int, str]:

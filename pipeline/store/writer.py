@@ -396,10 +396,22 @@ def check_target(path: str, *, overwrite: bool) -> None:
 
 
 def remove_store(path: str) -> None:
-    """Delete a READ store for --overwrite; refuse anything else. Nothing outside the store is touched."""
+    """Delete a READ store for --overwrite; refuse anything else, and a store a training run is reading (it holds
+    ``<store>.readers.lock``): pulled from under the run, a held split once gave predictions of the new store's
+    examples with the old run's scores. Nothing outside the store is touched."""
     check_target(path, overwrite=True)
-    if path_kind(path) == "store":
+    if path_kind(path) != "store":
+        return
+    readers = _readers_hold(path, exclusive=True)
+    if readers is False:
+        raise StoreBusyError(f"a training run is reading {path} now (it holds {readers_lock_path(path)}); let it "
+                             "finish, or stop it, then rerun the extraction")
+    try:
         shutil.rmtree(path)
+    finally:
+        if type(readers) is int:  # a descriptor (not None, not False: bool is an int too)
+            readers_lock_path(path).unlink(missing_ok=True)  # nothing beside nothing; a later reader makes its own
+            os.close(readers)
 
 
 def enclosing_store(path: str | Path) -> Path | None:
@@ -448,20 +460,11 @@ def extraction_hold(path: str, *, whole: bool) -> Iterator[None]:
     fd = _held_lock(lock_file, exclusive=whole, wait_s=BUSY_WAIT_S)
     if fd is None:
         raise StoreBusyError(_busy_reason(path, lock_file, whole=whole))
-    readers = None
     try:
-        if whole:  # it may replace the store (--overwrite, other settings) or rewrite damaged blocks
-            readers = _readers_hold(path, exclusive=True)
-            if readers is False:
-                raise StoreBusyError(f"a training run is reading {path} now (it holds {readers_lock_path(path)}); "
-                                     "let it finish, or stop it, then rerun the extraction")
+        if whole:
             remove_orphaned_writes(path)
         yield
     finally:
-        if type(readers) is int:  # a descriptor (not None, not False: bool is an int too)
-            if path_kind(path) == "absent":  # refused before the store was made: no lock file beside nothing
-                readers_lock_path(path).unlink(missing_ok=True)
-            os.close(readers)
         # Refused before the store was made (bad settings): leave no lock file beside nothing. Only a sole holder
         # removes it, and whoever waited on the removed file takes the new one (``_held_lock``).
         if path_kind(path) == "absent" and _flock(fd, exclusive=True, wait_s=0):
@@ -484,11 +487,12 @@ def _readers_hold(path: str, *, exclusive: bool) -> int | bool | None:
 
 @contextlib.contextmanager
 def reading_hold(path: str) -> Iterator[None]:
-    """Hold the store's readers lock shared while a training run reads it: an extraction that would replace or
-    rewrite the store refuses meanwhile, and this refuses while one does (it holds the lock alone)."""
-    fd = _readers_hold(path, exclusive=False)
+    """Hold the store's readers lock shared while a training run reads it: an extraction that would replace the
+    store (``remove_store``) refuses meanwhile, and this refuses while one removes it. No store at ``path``: no
+    lock (and no lock file beside nothing); opening it fails with its own message."""
+    fd = _readers_hold(path, exclusive=False) if path_kind(path) == "store" else None
     if fd is False:
-        raise StoreBusyError(f"an extraction is rewriting {path} now (it holds {readers_lock_path(path)}); let it "
+        raise StoreBusyError(f"an extraction is replacing {path} now (it holds {readers_lock_path(path)}); let it "
                              "finish, then rerun")
     try:
         yield

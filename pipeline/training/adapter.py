@@ -28,6 +28,10 @@ from pipeline.training.model import ReadConfig, ReadModel
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+# In a run's adapters/ while `pipeline train` replaces them, until its metrics.json is written: adapters beside it
+# may be of two runs (one stopped while writing over the other). Its absence is what "finished" means to predict,
+# whatever path names the adapters, and a copy of a finished run's adapters/ (dvc get) has none.
+WRITING_MARKER = ".writing"
 PEFT_TYPE = "READ"
 _PROVENANCE = ("base_model_name_or_path", "revision", "store_fingerprint", "task")
 
@@ -40,7 +44,7 @@ class ExtractionSettings:
     tokens: str  # "all": every token's row; "pooled": per layer the mean over the example's tokens
     dtype: str  # storage dtype: states were rounded to it (bfloat16, float16, float32)
     max_length: int  # tokens per example after truncation
-    template: str  # input formatting, as the store names it: t5, t5+answer (decoder family), pair (encoder)
+    template: str  # input formatting, as the store names it: t5, t5+answer/in-context (decoder), pair+segments (encoder)
 
     def __post_init__(self) -> None:
         layers = {str(side): tuple(int(i) for i in kept) for side, kept in dict(self.layers).items()}

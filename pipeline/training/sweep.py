@@ -22,7 +22,7 @@ from pipeline.common.config import SweepConfig, TrainConfig
 from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.files import atomic_write_text
 from pipeline.common.settings import parse_text, show
-from pipeline.training.checkpoint import CHECKPOINT_NAME
+from pipeline.training.checkpoint import CHECKPOINT_NAME, HOW_ONLY
 
 SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
 SAME_FOR_EVERY_POINT = ("select_on",)  # what the ranking compares on: varied, it would rank scores of two splits
@@ -97,15 +97,19 @@ def expand(base: TrainConfig, grid: dict[str, list[Any]], out_root: str) -> list
 def finished_run(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
     """metrics.json of a run that finished in ``cfg.out`` with exactly these settings from this store, else None.
 
-    Finished: its config.json records these settings and its metrics.json this store, and no checkpoint is left
-    (a run removes it only once every output is written)."""
+    Finished: its config.json records these settings (but those that change how a run goes, not what it computes:
+    the store's path, threads, device, budgets) and its metrics.json this store, and no checkpoint is left (a run
+    removes it only once every output is written)."""
     out = Path(cfg.out)  # a sweep names every point's folder
     try:
         config = json.loads((out / "config.json").read_text())
         metrics = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    same = config.get("train") == cfg.to_dict() and metrics.get("fingerprint") == fingerprint
+    def results(settings: Any) -> dict[str, Any] | None:  # the settings that change results (the store: its fingerprint)
+        return {k: v for k, v in settings.items() if k not in HOW_ONLY} if isinstance(settings, dict) else None
+
+    same = results(config.get("train")) == results(cfg.to_dict()) and metrics.get("fingerprint") == fingerprint
     return metrics if same and not (out / CHECKPOINT_NAME).exists() else None
 
 

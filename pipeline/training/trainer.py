@@ -28,7 +28,13 @@ from pipeline.common.progress import progress_bar
 from pipeline.common.resources import ResourceMeter, pick_device, set_cuda_tf32
 from pipeline.common.tasks import TaskSpec, get_task
 from pipeline.store import CacheStore, enclosing_store, reading_hold
-from pipeline.training.adapter import AdapterConfig, remove_stale_adapters, save_adapter, saved_seeds
+from pipeline.training.adapter import (
+    WRITING_MARKER,
+    AdapterConfig,
+    remove_stale_adapters,
+    save_adapter,
+    saved_seeds,
+)
 from pipeline.training.batches import SplitBatches
 from pipeline.training.buckets import pad_tokens
 from pipeline.training.checkpoint import (
@@ -592,6 +598,9 @@ class Trainer:
         # its files (over an earlier run's) leaves no folder that reads as finished with two runs' files in it.
         for name in ("metrics.json", SCORES_NAME):
             (out / name).unlink(missing_ok=True)
+        marker = out / "adapters" / WRITING_MARKER
+        marker.parent.mkdir(exist_ok=True)
+        atomic_write_text(marker, "pipeline train is writing this run's outputs; metrics.json comes last\n")
         for k, seed in enumerate(cfg.seeds):
             # The adapter records the backbone and extraction settings: `pipeline predict` rebuilds its inputs.
             adapter = AdapterConfig.from_store_meta(self.store.meta, self.read_config, seed)
@@ -632,6 +641,7 @@ class Trainer:
         remove_stale_outputs(out, cfg.seeds, self.eval_splits)
         atomic_write_text(out / SCORES_NAME, json.dumps(headline_scores(metrics), indent=2) + "\n")
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        marker.unlink()
         return metrics
 
 
