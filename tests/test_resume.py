@@ -201,6 +201,17 @@ def test_a_checkpoint_is_used_only_by_the_same_run(synthetic_store, tmp_path, mo
     train(config(relative, out, eval_splits=("validation",), checkpoint_seconds=None), progress=False)
     assert "saved after epoch 2" in capsys.readouterr().err
     assert_same_outputs(out, tmp_path / "fresh")
+    # A checkpoint from before the store's path stopped counting still resumes.
+    import torch
+
+    moved.rename(cache)
+    stop_after_two()
+    saved = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    saved["identity"]["cache"] = "/an/older/path.zarr"
+    torch.save(saved, out / CHECKPOINT_NAME)
+    train(config(cache, out, checkpoint_seconds=None), progress=False)
+    assert "saved after epoch 2" in capsys.readouterr().err
+    assert_same_outputs(out, tmp_path / "fresh")
 
 
 def test_a_run_stopped_while_writing_over_an_earlier_one_is_not_taken_for_finished(synthetic_store, tmp_path,

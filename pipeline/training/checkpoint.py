@@ -123,8 +123,9 @@ class Checkpoints:
         except Exception as error:  # a file of another version or damaged on disk: a run can always start over
             log.warning("checkpoint %s unreadable: %r", self.path, error)
             return None, f"{self.path} cannot be read ({type(error).__name__}); starting over"
-        # A setting now known not to change results is left out of an older checkpoint's identity too.
-        changed = differences({k: v for k, v in identity.items() if k not in HOW_ONLY}, self.identity)
+        # A setting now known not to change results (an older checkpoint recorded it) is left out of its identity.
+        known = {k: v for k, v in identity.items() if k in self.identity or k not in HOW_ONLY}
+        changed = differences(known, self.identity)
         if changed:
             return None, f"{self.path} was saved by a run with other {', '.join(changed)}; starting over"
         state.best = _tensors(state.best, to_tensor=False)
