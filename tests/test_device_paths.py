@@ -430,3 +430,21 @@ def test_states_handed_over_one_at_a_time_share_one_set_of_indices(monkeypatch):
     for j in range(4):
         sink(j, torch.randn(2, 5, 8))
     assert len(made) == 1 and block[:8].abs().sum() > 0
+
+
+def test_the_meters_peak_rss_is_the_runs_not_the_processs():
+    # getrusage's peak never goes down: in a notebook, or a sweep's worker, a run reported what ran before it.
+    import resource
+
+    from pipeline.common.resources import ResourceMeter
+
+    before = np.ones(400 * 2**20 // 8)  # 400 MiB touched, then given back to the system
+    del before
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with ResourceMeter(torch.device("cpu")) as meter:
+        during = np.ones(50 * 2**20 // 8)  # 50 MiB
+        del during
+    summary = meter.summary()
+    if summary["peak_rss_scope"] == "process":
+        pytest.skip("this kernel cannot reset the peak (no /proc/self/clear_refs)")
+    assert summary["peak_rss_mb"] < process_peak - 300

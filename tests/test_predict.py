@@ -195,6 +195,12 @@ def test_free_text_jsonl_from_stdin_with_probabilities(trained):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["index"] for r in records] == [0, 1] and records[1]["sentence"] == "dull and far too long"
+    assert "truncated" not in result.stderr
+    long = json.dumps({"sentence": "a gripping , funny film " * 400})  # far past the adapters' max_length
+    cut = invoke("--adapter", str(run), "--input", "-", stdin="\n".join([long, *lines]) + "\n")
+    assert cut.exit_code == 0 and len(cut.stdout.splitlines()) == 3, cut.output
+    assert re.search(r"note: 1 of 3 examples reached max_length \(\d+ tokens, the adapters' extraction setting\) "
+                     r"and were truncated to it, as in training", cut.stderr)
     for r in records:  # one column set per adapter
         for seed in ("seed_0", "seed_1"):
             p = [r[f"p_negative_{seed}"], r[f"p_positive_{seed}"]]

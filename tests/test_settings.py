@@ -273,3 +273,12 @@ def test_grid_and_set_read_values_as_declared():
 def test_bad_sweep_settings_are_one_line_before_any_work(tmp_path, args, needles):
     result = CliRunner().invoke(main, ["sweep", "--cache", str(tmp_path / "none.zarr"), *args])
     one_line_error(result, *needles)
+
+
+def test_a_pathlib_path_is_taken_where_a_path_is_due():
+    from pathlib import Path
+
+    cfg = TrainConfig(cache=Path("data") / "rte.zarr", out=Path("runs") / "rte")
+    assert (cfg.cache, cfg.out) == ("data/rte.zarr", "runs/rte") and cfg.to_dict()["cache"] == "data/rte.zarr"
+    with pytest.raises(ConfigError, match=r"lr PosixPath\('x'\) must be a finite number"):
+        TrainConfig(cache="c", lr=Path("x"))

@@ -576,3 +576,13 @@ def test_a_store_being_read_is_not_replaced(synthetic_store, tmp_path, monkeypat
     monkeypatch.setattr(trainer.Trainer, "run", run)
     trainer.train(TrainConfig(cache=path, out=str(tmp_path / "run"), epochs=1), progress=False)
     assert tried == [path]
+
+
+def test_a_missing_store_is_a_pipeline_error_a_library_user_can_catch(tmp_path):
+    from pipeline.common.errors import PipelineError
+
+    (tmp_path / "empty.zarr").mkdir()
+    for missing in (tmp_path / "absent.zarr", tmp_path / "empty.zarr"):
+        with pytest.raises(PipelineError, match=r"no store at .*; run `pipeline extract` first") as caught:
+            CacheStore(str(missing))
+        assert isinstance(caught.value, FileNotFoundError)

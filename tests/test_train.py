@@ -269,3 +269,18 @@ def test_a_damaged_shard_stops_training_before_it_starts(t5_store, tmp_path):
 def test_missing_store_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["train", "--cache", str(tmp_path / "none.zarr")])
     assert result.exit_code == 2 and result.output.startswith("Error: no store")
+
+
+def test_train_leaves_the_callers_torch_threads_and_transformers_logging_as_they_were(t5_store, tmp_path):
+    # A library call: a notebook's later work (or a sweep's next point in the same worker) must not inherit them.
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.extraction.backbones import load_backbone
+
+    threads = torch.get_num_threads()
+    train(quick(t5_store, tmp_path / "run", threads=threads + 1, epochs=1), progress=False)
+    assert torch.get_num_threads() == threads
+    verbosity = hf_logging.get_verbosity()
+    store = CacheStore(t5_store)
+    load_backbone(store.meta.backbone.name, device="cpu")
+    assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled()

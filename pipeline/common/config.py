@@ -192,7 +192,9 @@ class TrainConfig(SideConfig):
         "products, float32 sums; several times float32's speed from Ampere on), as Hugging Face's --tf32. Off: full "
         "float32, as on a CPU, which this setting leaves alone.")
     memory_budget: str | int = size_setting(
-        "8GB", "Splits larger than this are streamed by block, not held on the training device (on a CPU: in memory).")
+        "8GB", "Splits larger than this are streamed by block, not held on the training device (on a CPU: in memory). "
+        "Streamed batches come in another order than held ones, so the two train different weights (each "
+        "reproducible); a streamed split keeps about (--shuffle-buffer + 1) blocks in memory at once.")
     host_memory_budget: str | int = size_setting(
         "16GB", "On an accelerator, a streamed split (larger than --memory-budget) that fits this is read from the "
         "store once into pinned host memory, and each epoch copies its blocks to the device from there; a larger one "
@@ -206,7 +208,8 @@ class TrainConfig(SideConfig):
         "trained on; validation: the reported split itself (optimistic, labelled so in every output).",
         choices=SELECT_ON)
     data_seed: int = setting(0, "Seed of the batch order (shared by all seeds).", bounds=at_least(0))
-    shuffle_buffer: int = setting(8, "Streaming: blocks mixed in memory at once.", bounds=at_least(1))
+    shuffle_buffer: int = setting(8, "Streaming: blocks mixed in memory at once (each about 128 MiB by default; "
+                                  "lower it to bound a streamed run's memory).", bounds=at_least(1))
     threads: int | None = setting(
         None, "Torch CPU threads; 1 avoids oversubscription on small side networks and busy machines (measured 14x "
         "faster under load on 2 cores).", bounds=at_least(1), none="torch's own",

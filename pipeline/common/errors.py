@@ -72,6 +72,10 @@ class StoreFormatError(PipelineError, ValueError):
     """A store written in a format version this software does not read."""
 
 
+class StoreNotFoundError(PipelineError, FileNotFoundError):
+    """No store at the path given (nothing there, or an empty folder): extract it first."""
+
+
 class NotAStoreError(PipelineError, FileExistsError):
     """A path that holds something other than a READ store: the pipeline neither writes into nor deletes it."""
 

@@ -96,6 +96,29 @@ def peak_tensor_bytes(run: Callable[[], object]) -> int:
     return peak
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-memory high-water mark (VmHWM; Linux 4.0+), so that it measures from now on;
+    whether it could. getrusage's ru_maxrss cannot be reset: it is the process's peak since it started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_kib() -> int | None:
+    """VmHWM from /proc/self/status, in KiB (None where it cannot be read)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class ResourceMeter:
     """Measures a block of work; ``summary()`` says what the hardware let it read (None otherwise)."""
 
@@ -103,6 +126,7 @@ class ResourceMeter:
         self.device = device
 
     def __enter__(self) -> ResourceMeter:
+        self.own_peak = _reset_peak_rss()
         self.started = time.perf_counter()
         self.rapl = _rapl_uj()
         self.nvml = _nvml_mj(self.device)
@@ -126,11 +150,15 @@ class ResourceMeter:
             self.gpu_energy = (int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)) - start) / 1e3
 
     def summary(self) -> dict[str, Any]:
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        block_peak = _peak_rss_kib() if self.own_peak else None
+        peak_kib = block_peak if block_peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         cuda = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         return {
             "wall_time_s": round(self.wall, 3),
-            "peak_rss_mb": round(peak_rss_mb, 1),
+            "peak_rss_mb": round(peak_kib / 1024, 1),  # Linux: KiB
+            # "run": the peak of this block (the kernel's high-water mark, reset when it began); "process": the
+            # process's peak so far, which in a notebook or a sweep's worker includes what ran before.
+            "peak_rss_scope": "run" if block_peak is not None else "process",
             "cuda_max_allocated_mb": None if cuda is None else round(cuda, 1),
             "cpu_energy_j": None if self.cpu_energy is None else round(self.cpu_energy, 1),
             "gpu_energy_j": None if self.gpu_energy is None else round(self.gpu_energy, 1),

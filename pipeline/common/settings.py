@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import types
 import typing
@@ -285,6 +286,8 @@ def check_value(cls: type, field: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"{option_name(field)} is required (it was given empty): {spec.help}")
     if kind.is_list:
         return _check_list(cls, field, kind, value)
+    if isinstance(value, os.PathLike) and kind.accepts(""):  # a pathlib.Path where a path (string) is due
+        value = os.fspath(value)
     if not kind.accepts(value):
         raise refuse(cls, field, value, wrong_type=True)
     if kind.types == (float,):

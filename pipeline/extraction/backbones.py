@@ -540,8 +540,30 @@ def linear_weights_to(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return saved
 
 
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' load reports (unused pooler weights...) and progress bars are noise here; silenced only while
+    this loads, so that a notebook's own `from_pretrained` afterwards still reports, say, a newly initialised head."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -> Backbone:
     """Load a frozen backbone offline-friendly; refuse float16 for T5 (it overflows)."""
+    with _transformers_quiet():
+        return _load_backbone(name, dtype=dtype, device=device)
+
+
+def _load_backbone(name: str, *, dtype: str, device: str) -> Backbone:
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -549,10 +571,7 @@ def load_backbone(name: str, *, dtype: str = "bfloat16", device: str = "auto") -
         AutoModelForSeq2SeqLM,
         AutoTokenizer,
     )
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # load reports (unused pooler weights...) are noise here
-    hf_logging.disable_progress_bar()
     path = resolve_model_path(name)
     without_hub = _without_hub(path)
     config = _load_pretrained(AutoConfig, path, without_hub)

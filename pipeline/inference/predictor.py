@@ -145,6 +145,7 @@ class Predictions:
     task: TaskSpec
     names: list[str]
     outputs: np.ndarray
+    cut: int = 0  # examples that reached max_length tokens: their text was truncated, as in training
 
     def heads(self, *, ensemble: bool) -> list[Head]:
         """One prediction column per adapter, or one for their ensemble (mean probabilities or scores)."""
@@ -314,4 +315,5 @@ class Predictor:
             outputs[:, batch] = self.predict_batch([token_ids[i] for i in batch])
             bar.update(len(batch))
         bar.close()
-        return Predictions(self.task, [a.name for a in self.adapters], outputs)
+        cut = sum(len(t) >= self.extraction.max_length for t in token_ids)
+        return Predictions(self.task, [a.name for a in self.adapters], outputs, cut)

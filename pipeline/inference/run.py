@@ -58,6 +58,8 @@ class PredictResult:
     examples: int
     out: str
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    cut: int = 0  # examples truncated to the adapters' max_length
+    max_length: int = 0
 
 
 def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO | None = None,
@@ -91,7 +93,8 @@ def run_predict(request: PredictRequest, *, progress: bool = True, stdin: TextIO
     if request.out != "-":  # whole or not at all: a stopped or failed run leaves an earlier file as it was
         Path(request.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(request.out, buffer.getvalue())
-    result = PredictResult(task, len(texts), request.out)
+    result = PredictResult(task, len(texts), request.out, cut=predictions.cut,
+                           max_length=predictor.extraction.max_length)
     if labels is not None and _labeled(predictor.task.kind, labels):
         result.metrics = {h.name: compute_metrics(predictor.task, h.values, labels) for h in heads}
     return result

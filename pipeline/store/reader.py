@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 
-from pipeline.common.errors import ConfigError, NotAStoreError, StoreCorruptError, StoreIncompleteError
+from pipeline.common.errors import (
+    ConfigError,
+    NotAStoreError,
+    StoreCorruptError,
+    StoreIncompleteError,
+    StoreNotFoundError,
+)
 from pipeline.store.format import (
     ATTRS_KEY,
     CHECKSUM,
@@ -177,12 +183,12 @@ def _check_local_store(name: str) -> None:
     Zarr metadata (rerunning `pipeline extract` would not help: it refuses to fill a folder of other files)."""
     path, where = Path(name), "a folder written by `pipeline extract`"
     if not path.exists():
-        raise FileNotFoundError(f"no store at {name}; run `pipeline extract` first")
+        raise StoreNotFoundError(f"no store at {name}; run `pipeline extract` first")
     if not path.is_dir():
         raise NotAStoreError(f"{name} is a file, not a store ({where}); pass the store's folder")
     if not (path / "zarr.json").exists():
         if not any(path.iterdir()):
-            raise FileNotFoundError(f"no store at {name} (an empty folder); run `pipeline extract` first")
+            raise StoreNotFoundError(f"no store at {name} (an empty folder); run `pipeline extract` first")
         raise NotAStoreError(f"{name} is a folder but not a store (no zarr.json; a store is {where}); "
                              "pass the store's folder")
 

@@ -6,6 +6,7 @@ arrays and attributes (label rows, family, layer layout).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -682,5 +683,22 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     The store is held for reading from the moment it is opened to the last output written: an extraction that
     would replace it (``--overwrite``, other settings under ``dvc repro``) or rewrite its blocks refuses meanwhile.
     """
-    with reading_hold(cfg.cache):
+    with reading_hold(cfg.cache), _torch_settings_kept():
         return Trainer(cfg, progress=progress).run()
+
+
+@contextlib.contextmanager
+def _torch_settings_kept() -> Iterator[None]:
+    """The process-wide torch settings a run sets (``threads``, ``tf32``) as the caller had them afterwards: a
+    notebook's later work, or a sweep's next point in the same worker, must not inherit them."""
+    threads = torch.get_num_threads()
+    try:
+        tf32: bool | None = torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the caller set the newer fp32_precision API, which the legacy flag may not be read beside
+        tf32 = None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if tf32 is not None and torch.cuda.is_available():
+            set_cuda_tf32(tf32)
