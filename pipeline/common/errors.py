@@ -122,9 +122,10 @@ _RESUMABLE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 # What a stopped command leaves, so that Ctrl-C's message is true of it. An extraction keeps its finished
 # blocks (a rerun resumes); training writes its outputs only at the end, each file whole and metrics.json last
-# (removed first), and saves its state between steps (a rerun goes on from there); predict and the report write their outputs only at the end, so
-# nothing of a stopped run is on disk (a rerun starts it again); a sweep keeps the grid points that had
-# finished, each a whole training run (a rerun keeps them), and the checkpoints of those it stopped.
+# (removed first), and saves its state between steps (a rerun goes on from there); predict and the report
+# write their outputs only at the end, so nothing of a stopped run is on disk (a rerun starts it again); a
+# sweep keeps the grid points that had finished, each a whole training run (a rerun keeps them), and the
+# checkpoints of those it stopped.
 INTERRUPTED = {
     "resumes": "Interrupted; rerun {rerun} to resume.",
     "checkpoints": ("Interrupted; the run's outputs are written when it ends (an earlier run's stay until then), "

@@ -89,7 +89,7 @@ def lock_path(store: str) -> Path | None:
 
 def readers_lock_path(store: str) -> Path | None:
     """The lock beside a local store (``<store>.readers.lock``) that training runs hold shared while they read it,
-    and a whole extraction holds alone, so that a store is never replaced or rewritten under a run reading it."""
+    and removing the store takes alone, so that a store is never replaced under a run reading it."""
     return None if is_remote(store) else Path(str(Path(store).resolve()) + ".readers.lock")
 
 

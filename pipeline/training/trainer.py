@@ -499,8 +499,8 @@ class Trainer:
                 restore_optimizer(optimizer, resumed.optimizer)
                 scheduler.load_state_dict(resumed.scheduler)
             if cfg.cuda_graphs and not self.cuda_graphs:
-                self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs"  # a flag not obeyed:
-                           + ("; the step is compiled" if cfg.compile else "; eager steps"), always=True)  # said
+                self._note(f"--cuda-graphs: no CUDA device ({self.device}), so no graphs"
+                           + ("; the step is compiled" if cfg.compile else "; eager steps"), always=True)
             if self.compiled:  # the first step is silent for a while: say why
                 self._note("--compile: the first steps build the compiled step (about a minute, once per run)")
             def state_at(epoch: int, within: EpochProgress | None = None) -> RunState:
@@ -681,7 +681,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Stage two end to end; returns metrics.json's content.
 
     The store is held for reading from the moment it is opened to the last output written: an extraction that
-    would replace it (``--overwrite``, other settings under ``dvc repro``) or rewrite its blocks refuses meanwhile.
+    would replace it (``--overwrite``, other settings under ``dvc repro``) refuses meanwhile.
     """
     with reading_hold(cfg.cache), _torch_settings_kept():
         return Trainer(cfg, progress=progress).run()
