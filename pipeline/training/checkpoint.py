@@ -36,12 +36,18 @@ FORMAT = 2  # 2: a checkpoint may be saved within an epoch
 HOW_ONLY = ("out", "cache", "device", "threads", "memory_budget", "host_memory_budget", "checkpoint_seconds", "resume")
 
 
+def result_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The train settings that change what a run computes (``HOW_ONLY`` left out): what a checkpoint must match to
+    go on, and a sweep's finished point to be kept."""
+    return {k: v for k, v in settings.items() if k not in HOW_ONLY}
+
+
 def run_identity(cfg: TrainConfig, fingerprint: str, device: torch.device, streamed: bool,
                  eval_splits: Sequence[str]) -> dict[str, Any]:
     """What must be the same for a checkpoint to continue this run: the store, the code's numerics, the
     device that computes, the batch order's source and every setting that changes results, defaults resolved
     (``eval_splits``: the splits scored, whether named or the task's default)."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in HOW_ONLY}
+    settings = result_settings(cfg.to_dict())
     return {"format": FORMAT, "store": fingerprint, "torch": str(torch.__version__), "device": str(device),
             "rows": "streamed" if streamed else "held", **settings, "eval_splits": list(eval_splits)}
 

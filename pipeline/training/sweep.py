@@ -22,7 +22,7 @@ from pipeline.common.config import SweepConfig, TrainConfig
 from pipeline.common.errors import ConfigError, PipelineError
 from pipeline.common.files import atomic_write_text
 from pipeline.common.settings import parse_text, show
-from pipeline.training.checkpoint import CHECKPOINT_NAME, HOW_ONLY
+from pipeline.training.checkpoint import CHECKPOINT_NAME, result_settings
 
 SET_BY_SWEEP = ("cache", "out", "seeds")  # the sweep's own options, the same for every run
 SAME_FOR_EVERY_POINT = ("select_on",)  # what the ranking compares on: varied, it would rank scores of two splits
@@ -106,10 +106,9 @@ def finished_run(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
         metrics = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    def results(settings: Any) -> dict[str, Any] | None:  # the settings that change results (the store: its fingerprint)
-        return {k: v for k, v in settings.items() if k not in HOW_ONLY} if isinstance(settings, dict) else None
-
-    same = results(config.get("train")) == results(cfg.to_dict()) and metrics.get("fingerprint") == fingerprint
+    recorded = config.get("train")
+    same = (isinstance(recorded, dict) and result_settings(recorded) == result_settings(cfg.to_dict())
+            and metrics.get("fingerprint") == fingerprint)  # the store: by its fingerprint, not its path
     return metrics if same and not (out / CHECKPOINT_NAME).exists() else None
 
 
