@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from pipeline.common.config import TrainConfig
 from pipeline.training import Trainer, train
-from pipeline.training.checkpoint import CHECKPOINT_NAME, Checkpoints, RunState
+from pipeline.training.checkpoint import CHECKPOINT_NAME, REPLACED_NAME, Checkpoints, RunState
 
 
 def config(cache: str, out: Path, **kw) -> TrainConfig:
@@ -265,6 +265,35 @@ def test_an_unreadable_checkpoint_is_a_note_and_a_fresh_start(synthetic_store, t
 
 
 @pytest.mark.slow
+def test_a_checkpoint_not_used_is_set_aside_and_can_still_be_resumed(synthetic_store, tmp_path, monkeypatch, capsys):
+    # A rerun with a mistyped setting starts over; the progress of the run it replaced is kept, not overwritten.
+    cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
+    out, aside = tmp_path / "run", tmp_path / "run" / REPLACED_NAME
+
+    def stop_after_two(**kw) -> None:
+        with monkeypatch.context() as patch:
+            stopped_at(patch, 3)
+            with pytest.raises(Stop):
+                train(config(cache, out, **kw), progress=False)
+        capsys.readouterr()
+
+    stop_after_two(lr=3e-3)
+    train(config(cache, out, lr=1e-3), progress=False)
+    assert f"(it is kept as {aside}: to go on from it, rename it back" in capsys.readouterr().err
+    assert aside.is_file() and not (out / CHECKPOINT_NAME).exists()
+    aside.rename(out / CHECKPOINT_NAME)
+    train(config(cache, out, lr=3e-3, checkpoint_seconds=None), progress=False)
+    assert "saved after epoch 2" in capsys.readouterr().err
+    train(config(cache, tmp_path / "fresh", lr=3e-3, checkpoint_seconds=None), progress=False)
+    assert_same_outputs(out, tmp_path / "fresh")
+    # --no-resume sets the checkpoint aside too, saying so.
+    stop_after_two(lr=3e-3)
+    train(config(cache, out, lr=3e-3, resume=False, checkpoint_seconds=None), progress=False)
+    assert f"--no-resume: starting over, not from {out / CHECKPOINT_NAME} (it is kept as {aside}" in \
+        capsys.readouterr().err
+    assert aside.is_file()
+
+
 def test_a_run_killed_mid_training_resumes_from_its_checkpoint(synthetic_store, tmp_path):
     # The real thing: `pipeline train` killed with SIGKILL (no handler runs) after it saved a checkpoint,
     # then the same command again.

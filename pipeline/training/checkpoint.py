@@ -7,13 +7,16 @@ predictions), the patience counters, the history, and within an epoch the batche
 The batch order is a function of the epoch alone, so a run resumed from epoch k, batch j writes the outputs
 an uninterrupted run writes. A checkpoint is used only by a run of the
 same store, torch version, training device and result-changing settings (``identity``); it is removed
-once the run's outputs are written. It is not a DVC output, so `dvc repro` leaves it for the rerun.
+once the run's outputs are written. It is not a DVC output, so `dvc repro` leaves it for the rerun. One a run
+does not use (other settings, ``--no-resume``, unreadable) is moved to ``<out>/checkpoint.replaced.pt`` rather
+than overwritten by the run's first save: a rerun with a mistyped setting loses no progress.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from pipeline.common.files import atomic_write_bytes, partial_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
+REPLACED_NAME = "checkpoint.replaced.pt"  # the latest checkpoint a run started over from, kept
 FORMAT = 2  # 2: a checkpoint may be saved within an epoch
 # Settings that change how a run goes, never what it computes: a rerun may change them and still resume. The
 # memory budgets choose between held and streamed rows, whose batch order can differ: the identity records
@@ -128,14 +132,33 @@ class Checkpoints:
                 state.within = EpochProgress(**state.within)  # saved as a plain dict (torch.load's safe mode)
         except Exception as error:  # a file of another version or damaged on disk: a run can always start over
             log.warning("checkpoint %s unreadable: %r", self.path, error)
-            return None, f"{self.path} cannot be read ({type(error).__name__}); starting over"
+            return None, f"{self.path} cannot be read ({type(error).__name__}); starting over{self._set_aside()}"
         # A setting now known not to change results (an older checkpoint recorded it) is left out of its identity.
         known = {k: v for k, v in identity.items() if k in self.identity or k not in HOW_ONLY}
         changed = differences(known, self.identity)
         if changed:
-            return None, f"{self.path} was saved by a run with other {', '.join(changed)}; starting over"
+            return None, (f"{self.path} was saved by a run with other {', '.join(changed)}; starting over"
+                          f"{self._set_aside()}")
         state.best = _tensors(state.best, to_tensor=False)
         return state, f"resuming from {self.path}, saved after {state.position}"
+
+    def skip(self) -> str | None:
+        """``--no-resume``: start over, the checkpoint found (if any) set aside; a note saying so, or None."""
+        if not self.path.is_file():
+            return None
+        return f"--no-resume: starting over, not from {self.path}{self._set_aside()}"
+
+    def _set_aside(self) -> str:
+        """Move the checkpoint found out of the first save's way (the latest one set aside is kept); the note's
+        tail saying where it went and how to go on from it."""
+        aside = self.path.with_name(REPLACED_NAME)
+        try:
+            os.replace(self.path, aside)
+        except OSError as error:  # a read-only folder fails at the first save anyway, with its own message
+            log.warning("cannot move %s aside: %r", self.path, error)
+            return ""
+        return (f" (it is kept as {aside}: to go on from it, rename it back to {self.path.name} and rerun with "
+                "the settings it was saved with)")
 
     def due(self, within_epoch: bool = False) -> bool:
         """Whether the run should be saved now: after an epoch, or ``within_epoch`` after a step (never with

@@ -482,7 +482,7 @@ class Trainer:
                                                          streamed=not self.train_data.in_memory,
                                                          eval_splits=self.eval_splits),
                                   cfg.checkpoint_seconds)
-        resumed, note = checkpoints.load() if cfg.resume else (None, None)
+        resumed, note = checkpoints.load() if cfg.resume else (None, checkpoints.skip())
         if note:
             self._note(note, always=True)
         best_score, waited, best = best_scores(resumed, S)
