@@ -103,6 +103,44 @@ def test_a_decoder_prompt_is_the_tokenizers_own_encoding_of_it(tiny_t5, tmp_path
     assert alone == [backbone.tokenizer.convert_tokens_to_ids("▁"), *cue]  # encoded alone, it gains one
 
 
+@pytest.mark.parametrize("style", ["gpt2", "llama", "words"])
+def test_a_long_decoder_prompt_is_cut_from_its_longest_field(style, tiny_gpt2, tiny_t5, tmp_path, glue_dir,
+                                                             monkeypatch):
+    # Cut at its end, a prompt with a long premise lost "sentence2:" and the hypothesis: the model was asked about
+    # entailment without the second sentence. Cut longest field first, every field keeps its name and a start.
+    path = tiny_gpt2 if style == "gpt2" else llama_style(tiny_t5, tmp_path / "llama")
+    backbone = load_backbone(str(path), device="cpu")
+    if style == "words":  # a tokenizer without offsets: fields are cut at word ends
+        monkeypatch.setattr(type(backbone.tokenizer), "is_fast", False)
+    task, max_length = get_task("rte"), 48
+    examples = load_split(task, "validation", glue_dir, limit=40).texts
+    cue = backbone._cue_ids()
+    decode = backbone.tokenizer.decode
+    prompts = backbone.tokenize(task, examples, max_length)
+    cut = 0
+    for example, ids in zip(examples, prompts):
+        own = backbone.tokenizer(backbone.input_text(task, example)[0])["input_ids"]
+        assert len(ids) <= max_length and ids[-len(cue):] == cue
+        if len(own) <= max_length:
+            assert ids == own  # a prompt that fits is left as it was
+            continue
+        cut += 1
+        slack = 8 if style == "words" else 2  # a cut at a word's end may leave a few tokens of the budget unused
+        assert len(ids) >= max_length - slack  # the budget is used, not wasted
+        text = decode(ids[: -len(cue)], skip_special_tokens=True)
+        first, second = text.split(" sentence2: ")  # the second field and its name survive every cut
+        first = first.removeprefix("rte sentence1: ")
+        assert example["sentence1"].startswith(first.strip()) and example["sentence2"].startswith(second.strip())
+        # Longest first: a field is cut only down to the other's length (a short hypothesis stays whole).
+        count = {name: len(backbone.tokenizer(part.strip(), add_special_tokens=False)["input_ids"])
+                 for name, part in (("first", first), ("second", second))}
+        if second.strip() != example["sentence2"].strip():
+            assert abs(count["first"] - count["second"]) <= slack
+        else:
+            assert count["first"] >= count["second"] - slack
+    assert cut >= 10
+
+
 def test_roberta_positions_start_after_the_padding_index(tiny_gpt2, tmp_path):
     # RoBERTa counts positions from pad_token_id + 1: a 50-row table embeds 48 tokens. A tokenizer that does not
     # declare the limit let --max-length 50 through, and the split crashed in the embedding lookup.

@@ -6,9 +6,11 @@ arrays (per-layer states, label rows) and the metadata this module puts in the s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +58,9 @@ PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl"
 # How each family reads an example (recorded in the store's identity and in adapters, checked by `pipeline
 # predict`). The encoder's is the field pair as its tokenizer encodes it, segment ids included ("pair" was the
 # same without them: the second sentence embedded as segment 0). The decoder's cue is tokenized as it follows the
-# text ("t5+answer" tokenized it alone, which with a Llama-style tokenizer put a "▁" before it).
-TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer/in-context", "encoder": "pair+segments"}
+# text ("t5+answer" tokenized it alone, which with a Llama-style tokenizer put a "▁" before it), and a prompt too
+# long is cut from its longest field ("t5+answer/in-context" cut its end, which could drop the second sentence).
+TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer/in-context/longest-first", "encoder": "pair+segments"}
 
 
 def resolve_model_path(name: str) -> str:
@@ -296,8 +299,10 @@ class Backbone:
         texts = [self.input_text(task, ex) for ex in examples]
         if self.family == "decoder":
             cue = self._cue_ids()
+            budget = max_length - len(cue)
             bodies = self.tokenizer([t[0][: -len(DECODER_SUFFIX)] for t in texts], add_special_tokens=True)["input_ids"]
-            return [body[: max_length - len(cue)] + cue for body in bodies]
+            return [(list(body) if len(body) <= budget else self._fit_fields(task, ex, budget)) + cue
+                    for body, ex in zip(bodies, examples)]
         if len(texts[0]) == 2:
             enc = self.tokenizer(
                 [t[0] for t in texts], [t[1] for t in texts], truncation="longest_first", max_length=max_length
@@ -305,6 +310,41 @@ class Backbone:
         else:
             enc = self.tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)
         return [list(ids) for ids in enc["input_ids"]]
+
+    def _fit_fields(self, task: TaskSpec, example: Mapping[str, str], budget: int) -> list[int]:
+        """A decoder prompt's body (the T5 template) cut to ``budget`` tokens from the longest field first, as an
+        encoder's tokenizer cuts a pair, so that a long premise cannot push the hypothesis (and its name) out.
+
+        A field's tokens are counted alone and cut at a token's end; the cut prompt is tokenized whole, and cut
+        further while the tokens merging across its seams leave it long. A template too long for ``budget`` even
+        with empty fields is cut at the end.
+        """
+        fields = list(task.t5_fields)
+        ends = {f: self._token_ends(example[f]) for f in fields}
+        keep = {f: len(ends[f]) for f in fields}
+        body = self.tokenizer(task.t5_input(example), add_special_tokens=True)["input_ids"]
+        while len(body) > budget:
+            for _ in range(len(body) - budget):
+                longest = max(reversed(fields), key=keep.__getitem__)  # a tie: the later field, as HF's longest_first
+                if keep[longest] == 0:
+                    return list(body[:budget])
+                keep[longest] -= 1
+            keep = {f: _whole_units(ends[f], k) for f, k in keep.items()}
+            cut = {f: example[f][: ends[f][keep[f] - 1]] if keep[f] else "" for f in fields}
+            body = self.tokenizer(task.t5_input(cut), add_special_tokens=True)["input_ids"]
+        return list(body)
+
+    def _token_ends(self, text: str) -> list[int]:
+        """Where each token of ``text`` ends, in characters. A tokenizer without offsets: the end of the word each
+        token is part of (a cut there keeps the word whole; the caller cuts again while the prompt is long)."""
+        if getattr(self.tokenizer, "is_fast", False):
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            return [end for _, end in offsets]
+        ends = []
+        for word in re.finditer(r"\S+", text):
+            tokens = len(self.tokenizer(" " + word.group(), add_special_tokens=False)["input_ids"])
+            ends.extend([word.end()] * max(tokens, 1))
+        return ends
 
     @property
     def max_positions(self) -> int | None:
@@ -511,6 +551,14 @@ def _catching_states(stacks: Mapping[str, tuple[torch.nn.Module, torch.nn.Module
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _whole_units(ends: Sequence[int], keep: int) -> int:
+    """How many of the first ``keep`` tokens a cut can keep: tokens that end at one place (a word's, without
+    offsets; a character's bytes) are kept or dropped together, so a unit cut across is dropped."""
+    if keep == 0 or bisect.bisect_right(ends, ends[keep - 1]) == keep:
+        return keep
+    return bisect.bisect_left(ends, ends[keep - 1])
 
 
 def linear_weights_to(model: torch.nn.Module, dtype: torch.dtype) -> int:

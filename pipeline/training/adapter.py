@@ -44,7 +44,7 @@ class ExtractionSettings:
     tokens: str  # "all": every token's row; "pooled": per layer the mean over the example's tokens
     dtype: str  # storage dtype: states were rounded to it (bfloat16, float16, float32)
     max_length: int  # tokens per example after truncation
-    template: str  # input formatting, as the store names it: t5, t5+answer/in-context (decoder), pair+segments (encoder)
+    template: str  # input formatting, as the store names it: t5, t5+answer/in-context/longest-first (decoder), pair+segments (encoder)
 
     def __post_init__(self) -> None:
         layers = {str(side): tuple(int(i) for i in kept) for side, kept in dict(self.layers).items()}
