@@ -124,3 +124,7 @@ def test_dvc_repro_end_to_end(tmp_path, glue_dir):
     assert "train@rte" in ran(fifth) and "resuming from runs/rte/checkpoint.pt, saved after epoch" in fifth, fifth
     assert not checkpoint.exists()
     assert json.loads((repo / "runs" / "rte" / "metrics.json").read_text())["resources"]["resumed_after_epoch"] >= 1
+    # A checkpoint set aside (or left) in a run folder is not a result: the report, which depends on runs/, is
+    # up to date with it there.
+    (repo / "runs" / "rte" / "checkpoint.replaced.pt").write_bytes(b"set aside by a rerun")
+    assert "up to date" in dvc(repo, "status")
