@@ -148,6 +148,23 @@ def test_adapters_share_one_forward_and_stack_by_config(trained, glue_dir, monke
     assert calls == [LIMIT]  # one batch, one forward, both seeds
 
 
+def test_a_long_input_is_predicted_in_windows_as_in_one(trained, glue_dir, monkeypatch):
+    # The token ids of a whole file are not held at once: windows of examples are tokenized and batched in turn,
+    # and every example gets what one window over the whole input gives it, in its place.
+    _, run, task = trained("minilm-stsb")
+    predictor = Predictor.load(load_adapters([run]), device="cpu")
+    texts = load_split(task, "validation", glue_dir, limit=LIMIT).texts
+    whole = predictor.predict(texts, batch_tokens=512, progress=False)
+    tokenized = []
+    tokenize = predictor.tokenize
+    monkeypatch.setattr(predictor, "tokenize", lambda window: tokenized.append(len(window)) or tokenize(window))
+    monkeypatch.setattr("pipeline.inference.predictor.PREDICT_WINDOW", 7)
+    windowed = predictor.predict(texts, batch_tokens=512, progress=False)
+    assert tokenized == [7] * (LIMIT // 7) + ([LIMIT % 7] if LIMIT % 7 else [])
+    np.testing.assert_allclose(windowed.outputs, whole.outputs, atol=1e-5)
+    assert windowed.cut == whole.cut
+
+
 # ---- the command ---------------------------------------------------------------------------------------
 
 

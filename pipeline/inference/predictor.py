@@ -39,6 +39,7 @@ from pipeline.training.model import ReadModel
 from pipeline.training.network import SideBatch
 
 log = logging.getLogger(__name__)
+PREDICT_WINDOW = 8192  # examples tokenized and batched together (about 4 KB of token ids each on the host)
 
 
 @dataclass
@@ -304,16 +305,20 @@ class Predictor:
 
     def predict(self, texts: Sequence[dict[str, str]], *, batch_tokens: int = 16384,
                 progress: bool = True) -> Predictions:
-        """Every adapter's outputs on ``texts``, in their order; batches formed by length."""
+        """Every adapter's outputs on ``texts``, in their order; batches formed by length within windows of
+        ``PREDICT_WINDOW`` examples, so that the token ids held (and the tokenizer's working memory) stay bounded
+        however long the input."""
         check_batch_tokens(batch_tokens, self.adapters[0].config)
         check_examples(texts, self.task)
-        token_ids = self.tokenize(texts)
         width = (self.task.num_labels,) if self.task.kind == "classification" else ()
-        outputs = np.zeros((len(self.adapters), len(token_ids), *width), dtype=np.float32)
-        bar = progress_bar(total=len(token_ids), desc=f"predict {self.task.name}", unit="ex", enabled=progress)
-        for batch in length_batches([len(t) for t in token_ids], batch_tokens):
-            outputs[:, batch] = self.predict_batch([token_ids[i] for i in batch])
-            bar.update(len(batch))
+        outputs = np.zeros((len(self.adapters), len(texts), *width), dtype=np.float32)
+        cut = 0
+        bar = progress_bar(total=len(texts), desc=f"predict {self.task.name}", unit="ex", enabled=progress)
+        for start in range(0, len(texts), PREDICT_WINDOW):
+            token_ids = self.tokenize(texts[start : start + PREDICT_WINDOW])
+            cut += sum(len(t) >= self.extraction.max_length for t in token_ids)
+            for batch in length_batches([len(t) for t in token_ids], batch_tokens):
+                outputs[:, [start + i for i in batch]] = self.predict_batch([token_ids[i] for i in batch])
+                bar.update(len(batch))
         bar.close()
-        cut = sum(len(t) >= self.extraction.max_length for t in token_ids)
         return Predictions(self.task, [a.name for a in self.adapters], outputs, cut)
