@@ -68,6 +68,35 @@ def test_a_model_whose_states_change_width_is_refused_before_a_store_exists(tiny
     assert not out.exists()
 
 
+@pytest.mark.parametrize("head", ["bias", "softcap"])
+def test_a_head_with_terms_beyond_the_label_rows_is_refused_before_a_store_exists(head, tiny_gpt2, tmp_path,
+                                                                                  glue_dir):
+    # A small bias on the label words (GPT-J and Phi have one) or soft-capping (Gemma 2) changes the model's label
+    # logits by less than the first-batch check's tolerance on a random model, so such stores were written with
+    # label rows that are not the model's head.
+    if head == "bias":
+        from transformers import GPTJConfig, GPTJForCausalLM
+
+        model = GPTJForCausalLM(GPTJConfig(vocab_size=800, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                           n_positions=128, bos_token_id=0, eos_token_id=0))
+        with torch.no_grad():
+            model.lm_head.bias.normal_(0, 1e-4)
+        expected = "adds a bias to the label words' logits"
+    else:
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=800, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8, max_position_embeddings=128, pad_token_id=0,
+                                               bos_token_id=0, eos_token_id=0, final_logit_softcapping=30.0))
+        expected = "soft-caps its logits"
+    path = save_model(tmp_path / head, model, tiny_gpt2)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(UnsupportedModelError, match=expected):
+        small_extract(path, out, glue_dir, dtype="float32")
+    assert not out.exists()
+
+
 def llama_style(tiny_t5: Path, folder: Path) -> Path:
     """A tiny Llama whose tokenizer, like Llama's in transformers 5, adds "▁" before the first word of a text."""
     from tokenizers import Tokenizer, pre_tokenizers

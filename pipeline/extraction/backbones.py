@@ -398,11 +398,29 @@ class Backbone:
         ids = self.label_token_ids(task)
         if not ids:
             return None
-        weight = self.model.get_output_embeddings().weight.detach().float().cpu()
+        head = self.model.get_output_embeddings()
+        self._check_linear_head(head, ids)
+        weight = head.weight.detach().float().cpu()
         rows = weight[ids].clone()
         if self.family == "seq2seq" and self.extra.get("scale_decoder_outputs", False):
             rows = rows * (self.d_model ** -0.5)
         return rows.numpy().astype(np.float32)
+
+    def _check_linear_head(self, head: torch.nn.Module, ids: Sequence[int]) -> None:
+        """Refuse a head whose label logits are not ``state @ rows.T``: a bias on the label words (GPT-J, Phi) or
+        soft-capped logits (Gemma 2). The first-batch comparison with the model's own logits catches large terms
+        only (its tolerance scales with the logits); a small bias or a cap far above random logits passed it."""
+        bias = getattr(head, "bias", None)
+        if isinstance(bias, torch.Tensor) and bool(bias.detach()[list(ids)].ne(0).any()):
+            raise UnsupportedModelError(
+                f"{self.name}: its LM head adds a bias to the label words' logits, which the stored label rows "
+                "cannot hold; use a backbone whose head has none (or of the encoder family)")
+        config = self.model.config
+        configs = [config, *(c for c in (getattr(config, "text_config", None),) if c is not None)]
+        if any(getattr(c, "final_logit_softcapping", None) for c in configs):
+            raise UnsupportedModelError(
+                f"{self.name}: it soft-caps its logits (final_logit_softcapping), which the stored label rows cannot "
+                "hold; use a backbone without it (or of the encoder family)")
 
     # ---- forward ----------------------------------------------------------------------------
     def state_lengths(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, list[int]]:
