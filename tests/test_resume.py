@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from pipeline.common.config import TrainConfig
 from pipeline.training import Trainer, train
-from pipeline.training.checkpoint import CHECKPOINT_NAME, REPLACED_NAME, Checkpoints, RunState
+from pipeline.training.checkpoint import CHECKPOINT_NAME, REPLACED_NAME, UNREADABLE_NAME, Checkpoints, RunState
 
 
 def config(cache: str, out: Path, **kw) -> TrainConfig:
@@ -180,7 +180,8 @@ def test_a_checkpoint_is_used_only_by_the_same_run(synthetic_store, tmp_path, mo
     # Other settings that change results: a note, and the run starts over (its outputs are a fresh run's).
     stop_after_two(lr=3e-3)
     train(config(cache, out, lr=1e-3, threads=1), progress=False)
-    assert f"{out / CHECKPOINT_NAME} was saved by a run with other lr; starting over" in capsys.readouterr().err
+    assert (f"{out / CHECKPOINT_NAME} was saved by a run with other settings (lr 0.003 there, 0.001 here); starting "
+            "over") in capsys.readouterr().err
     train(config(cache, tmp_path / "fresh", lr=1e-3, checkpoint_seconds=None), progress=False)
     assert_same_outputs(out, tmp_path / "fresh")
     # --no-resume starts over too, and a run that did not save leaves the old checkpoint no longer.
@@ -259,14 +260,17 @@ def test_an_unreadable_checkpoint_is_a_note_and_a_fresh_start(synthetic_store, t
     out.mkdir()
     (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     train(config(cache, out), progress=False)
-    assert "cannot be read" in capsys.readouterr().err
+    assert (f"{out / CHECKPOINT_NAME} cannot be read (UnpicklingError); it is kept as {out / UNREADABLE_NAME}; "
+            "starting over") in capsys.readouterr().err
+    assert (out / UNREADABLE_NAME).read_bytes() == b"not a checkpoint"  # kept for a look, under a name no run reads
     train(config(cache, tmp_path / "fresh"), progress=False)
     assert_same_outputs(out, tmp_path / "fresh")
 
 
-@pytest.mark.slow
-def test_a_checkpoint_not_used_is_set_aside_and_can_still_be_resumed(synthetic_store, tmp_path, monkeypatch, capsys):
-    # A rerun with a mistyped setting starts over; the progress of the run it replaced is kept, not overwritten.
+def test_a_checkpoint_not_used_is_set_aside_and_a_rerun_with_its_settings_goes_on(synthetic_store, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # A rerun with a mistyped setting starts over; the run it replaced is kept, and the corrected command goes on
+    # from it, keeping the mistyped run's progress in turn.
     cache = synthetic_store(splits={"train": 60, "validation": 20}, max_tokens=6).path
     out, aside = tmp_path / "run", tmp_path / "run" / REPLACED_NAME
 
@@ -275,17 +279,22 @@ def test_a_checkpoint_not_used_is_set_aside_and_can_still_be_resumed(synthetic_s
             stopped_at(patch, 3)
             with pytest.raises(Stop):
                 train(config(cache, out, **kw), progress=False)
-        capsys.readouterr()
+        return capsys.readouterr().err
 
     stop_after_two(lr=3e-3)
-    train(config(cache, out, lr=1e-3), progress=False)
-    assert f"(it is kept as {aside}: to go on from it, rename it back" in capsys.readouterr().err
-    assert aside.is_file() and not (out / CHECKPOINT_NAME).exists()
-    aside.rename(out / CHECKPOINT_NAME)
+    note = stop_after_two(lr=1e-3)  # the typo
+    assert (f"{out / CHECKPOINT_NAME} was saved by a run with other settings (lr 0.003 there, 0.001 here); "
+            f"starting over (it is kept as {aside}: the same command with its settings goes on from it)") in note
     train(config(cache, out, lr=3e-3, checkpoint_seconds=None), progress=False)
-    assert "saved after epoch 2" in capsys.readouterr().err
+    assert (f"resuming from {out / CHECKPOINT_NAME}, saved after epoch 2 (an earlier rerun had set it aside); the "
+            f"checkpoint of other settings it replaces is kept as {aside}") in capsys.readouterr().err
     train(config(cache, tmp_path / "fresh", lr=3e-3, checkpoint_seconds=None), progress=False)
     assert_same_outputs(out, tmp_path / "fresh")
+    train(config(cache, out, lr=1e-3, checkpoint_seconds=None), progress=False)  # and the typo's run, had it been meant
+    assert "saved after epoch 2 (an earlier rerun had set it aside)" in capsys.readouterr().err
+    assert not aside.exists()
+    train(config(cache, tmp_path / "fresh-typo", lr=1e-3, checkpoint_seconds=None), progress=False)
+    assert_same_outputs(out, tmp_path / "fresh-typo")
     # --no-resume sets the checkpoint aside too, saying so.
     stop_after_two(lr=3e-3)
     train(config(cache, out, lr=3e-3, resume=False, checkpoint_seconds=None), progress=False)
@@ -294,6 +303,7 @@ def test_a_checkpoint_not_used_is_set_aside_and_can_still_be_resumed(synthetic_s
     assert aside.is_file()
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_from_its_checkpoint(synthetic_store, tmp_path):
     # The real thing: `pipeline train` killed with SIGKILL (no handler runs) after it saved a checkpoint,
     # then the same command again.

@@ -8,13 +8,14 @@ The batch order is a function of the epoch alone, so a run resumed from epoch k,
 an uninterrupted run writes. A checkpoint is used only by a run of the
 same store, torch version, training device and result-changing settings (``identity``); it is removed
 once the run's outputs are written. It is not a DVC output, so `dvc repro` leaves it for the rerun. One a run
-does not use (other settings, ``--no-resume``, unreadable) is moved to ``<out>/checkpoint.replaced.pt`` rather
-than overwritten by the run's first save: a rerun with a mistyped setting loses no progress.
+does not use (other settings, ``--no-resume``) is moved to ``<out>/checkpoint.replaced.pt`` rather than overwritten
+by the run's first save, and a rerun with its settings goes on from it: a mistyped setting loses no progress.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
@@ -31,7 +32,8 @@ from pipeline.common.files import atomic_write_bytes, partial_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
-REPLACED_NAME = "checkpoint.replaced.pt"  # the latest checkpoint a run started over from, kept
+REPLACED_NAME = "checkpoint.replaced.pt"  # the latest checkpoint of other settings a run started over from, kept
+UNREADABLE_NAME = "checkpoint.unreadable.pt"  # a checkpoint that could not be read, kept for a look
 FORMAT = 2  # 2: a checkpoint may be saved within an epoch
 # Settings that change how a run goes, never what it computes: a rerun may change them and still resume. The
 # memory budgets choose between held and streamed rows, whose batch order can differ: the identity records
@@ -57,8 +59,14 @@ def run_identity(cfg: TrainConfig, fingerprint: str, device: torch.device, strea
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The names whose values differ between two identities, for the note that a checkpoint is not used."""
-    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    """What differs between two identities, each value shown (``lr 0.003 there, 0.001 here``), for the note that a
+    checkpoint is not used: with its values, its settings can be given again to go on from it."""
+    return [f"{k} {_shown(saved.get(k))} there, {_shown(current.get(k))} here"
+            for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 @dataclass
@@ -117,30 +125,61 @@ class Checkpoints:
 
     def __init__(self, out: Path, identity: dict[str, Any], every_s: float | None) -> None:
         self.path = Path(out) / CHECKPOINT_NAME
+        self.aside = Path(out) / REPLACED_NAME
         self.identity, self.every_s = identity, every_s
         self.last_save = time.monotonic()
 
     def load(self) -> tuple[RunState | None, str | None]:
         """The saved state if it continues this run, and a note for the user: what is resumed, or why a
-        checkpoint found is not used (another run's settings, an unreadable file). (None, None): none found."""
-        if not self.path.is_file():
-            return None, None
+        checkpoint found is not used (another run's settings, an unreadable file). (None, None): none found.
+
+        The checkpoint set aside by an earlier rerun (``checkpoint.replaced.pt``) is tried too: rerun with its
+        settings after a mistyped one, a run goes on from it, and the two files change places.
+        """
+        found = self._read(self.path) if self.path.is_file() else None
+        if isinstance(found, RunState):
+            return found, f"resuming from {self.path}, saved after {found.position}"
+        notes = []
+        if isinstance(found, Exception):  # kept for a look, under a name no run reads
+            unreadable = self.path.with_name(UNREADABLE_NAME)
+            os.replace(self.path, unreadable)
+            notes.append(f"{self.path} cannot be read ({type(found).__name__}); it is kept as {unreadable}")
+            found = None
+        if self.aside.is_file() and isinstance(aside := self._read(self.aside), RunState):
+            kept = ""
+            if found is None:
+                os.replace(self.aside, self.path)
+            else:  # the two change places: neither is lost
+                swap = partial_path(self.aside)
+                os.replace(self.path, swap)
+                os.replace(self.aside, self.path)
+                os.replace(swap, self.aside)
+                kept = f"; the checkpoint of other settings it replaces is kept as {self.aside}"
+            notes.append(f"resuming from {self.path}, saved after {aside.position} (an earlier rerun had set it "
+                         f"aside){kept}")
+            return aside, "; ".join(notes)
+        if found is None:
+            return None, "; ".join([*notes, "starting over"]) if notes else None
+        return None, (f"{self.path} was saved by a run with other settings ({'; '.join(found)}); starting over"
+                      f"{self._set_aside()}")
+
+    def _read(self, path: Path) -> RunState | list[str] | Exception:
+        """The state saved at ``path`` if it continues this run; else what differs, or why it cannot be read."""
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             identity, state = saved["identity"], RunState(**saved["state"])
             if state.within is not None:
                 state.within = EpochProgress(**state.within)  # saved as a plain dict (torch.load's safe mode)
         except Exception as error:  # a file of another version or damaged on disk: a run can always start over
-            log.warning("checkpoint %s unreadable: %r", self.path, error)
-            return None, f"{self.path} cannot be read ({type(error).__name__}); starting over{self._set_aside()}"
+            log.warning("checkpoint %s unreadable: %r", path, error)
+            return error
         # A setting now known not to change results (an older checkpoint recorded it) is left out of its identity.
         known = {k: v for k, v in identity.items() if k in self.identity or k not in HOW_ONLY}
         changed = differences(known, self.identity)
         if changed:
-            return None, (f"{self.path} was saved by a run with other {', '.join(changed)}; starting over"
-                          f"{self._set_aside()}")
+            return changed
         state.best = _tensors(state.best, to_tensor=False)
-        return state, f"resuming from {self.path}, saved after {state.position}"
+        return state
 
     def skip(self) -> str | None:
         """``--no-resume``: start over, the checkpoint found (if any) set aside; a note saying so, or None."""
@@ -149,16 +188,14 @@ class Checkpoints:
         return f"--no-resume: starting over, not from {self.path}{self._set_aside()}"
 
     def _set_aside(self) -> str:
-        """Move the checkpoint found out of the first save's way (the latest one set aside is kept); the note's
-        tail saying where it went and how to go on from it."""
-        aside = self.path.with_name(REPLACED_NAME)
+        """Move the checkpoint found out of the first save's way (over an earlier one set aside); the note's tail
+        saying where it went and how to go on from it."""
         try:
-            os.replace(self.path, aside)
+            os.replace(self.path, self.aside)
         except OSError as error:  # a read-only folder fails at the first save anyway, with its own message
             log.warning("cannot move %s aside: %r", self.path, error)
             return ""
-        return (f" (it is kept as {aside}: to go on from it, rename it back to {self.path.name} and rerun with "
-                "the settings it was saved with)")
+        return f" (it is kept as {self.aside}: the same command with its settings goes on from it)"
 
     def due(self, within_epoch: bool = False) -> bool:
         """Whether the run should be saved now: after an epoch, or ``within_epoch`` after a step (never with
