@@ -264,7 +264,7 @@ def predict(input_path: str | None, quiet: bool, **options: Any) -> None:
     result = run_predict(request, progress=not quiet)
     if result.cut:  # about the user's text: said under --quiet too
         click.echo(f"note: {result.cut} of {result.examples} examples reached max_length ({result.max_length} tokens, "
-                   "the adapters' extraction setting) and were truncated to it, as in training", err=True)
+                   "the adapters' extraction setting) and were cut to fit it, as in training", err=True)
     to_stderr = request.out == "-"  # stdout carries the predictions
     for line in metric_lines(result, request.split):
         click.echo(line, err=to_stderr)

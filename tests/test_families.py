@@ -145,16 +145,17 @@ def test_a_long_decoder_prompt_is_cut_from_its_longest_field(style, tiny_gpt2, t
     examples = load_split(task, "validation", glue_dir, limit=40).texts
     cue = backbone._cue_ids()
     decode = backbone.tokenizer.decode
-    prompts = backbone.tokenize(task, examples, max_length)
+    encoded = backbone.encode(task, examples, max_length)
     cut = 0
-    for example, ids in zip(examples, prompts):
+    for example, ids, was_cut in zip(examples, encoded.ids, encoded.cut):
         own = backbone.tokenizer(backbone.input_text(task, example)[0])["input_ids"]
         assert len(ids) <= max_length and ids[-len(cue):] == cue
+        assert was_cut == (len(own) > max_length)  # counted as cut even where the cut leaves a token or two spare
         if len(own) <= max_length:
             assert ids == own  # a prompt that fits is left as it was
             continue
         cut += 1
-        slack = 8 if style == "words" else 2  # a cut at a word's end may leave a few tokens of the budget unused
+        slack = 4 if style == "words" else 2  # an estimated cut (no offsets) may leave a few tokens unused
         assert len(ids) >= max_length - slack  # the budget is used, not wasted
         text = decode(ids[: -len(cue)], skip_special_tokens=True)
         first, second = text.split(" sentence2: ")  # the second field and its name survive every cut
@@ -168,6 +169,23 @@ def test_a_long_decoder_prompt_is_cut_from_its_longest_field(style, tiny_gpt2, t
         else:
             assert count["first"] >= count["second"] - slack
     assert cut >= 10
+
+
+def test_an_adapter_of_the_earlier_decoder_template_gets_its_own_inputs(tiny_gpt2, glue_dir):
+    # Adapters trained when a long decoder prompt was cut at its end ("t5+answer/in-context") are still served
+    # the inputs they were trained on; a template this version never made is refused in predict.
+    backbone = load_backbone(str(tiny_gpt2), device="cpu")
+    task, max_length = get_task("rte"), 48
+    examples = load_split(task, "validation", glue_dir, limit=20).texts
+    cue = backbone._cue_ids()
+    bodies = backbone.tokenizer([backbone.input_text(task, ex)[0][: -len(DECODER_SUFFIX)] for ex in examples])
+    earlier = backbone.encode(task, examples, max_length, template="t5+answer/in-context")
+    assert earlier.ids == [body[: max_length - len(cue)] + cue for body in bodies["input_ids"]]
+    assert earlier.cut == backbone.encode(task, examples, max_length).cut and any(earlier.cut)
+    assert earlier.ids != backbone.tokenize(task, examples, max_length)
+    assert backbone.makes("t5+answer/in-context") and not backbone.makes("t5+answer")
+    with pytest.raises(ValueError, match="not 't5\\+answer'"):
+        backbone.encode(task, examples, max_length, template="t5+answer")
 
 
 def test_roberta_positions_start_after_the_padding_index(tiny_gpt2, tmp_path):

@@ -156,8 +156,8 @@ def test_a_long_input_is_predicted_in_windows_as_in_one(trained, glue_dir, monke
     texts = load_split(task, "validation", glue_dir, limit=LIMIT).texts
     whole = predictor.predict(texts, batch_tokens=512, progress=False)
     tokenized = []
-    tokenize = predictor.tokenize
-    monkeypatch.setattr(predictor, "tokenize", lambda window: tokenized.append(len(window)) or tokenize(window))
+    encode = predictor.encode
+    monkeypatch.setattr(predictor, "encode", lambda window: tokenized.append(len(window)) or encode(window))
     monkeypatch.setattr("pipeline.inference.predictor.PREDICT_WINDOW", 7)
     windowed = predictor.predict(texts, batch_tokens=512, progress=False)
     assert tokenized == [7] * (LIMIT // 7) + ([LIMIT % 7] if LIMIT % 7 else [])
@@ -212,12 +212,12 @@ def test_free_text_jsonl_from_stdin_with_probabilities(trained):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["index"] for r in records] == [0, 1] and records[1]["sentence"] == "dull and far too long"
-    assert "truncated" not in result.stderr
+    assert "reached max_length" not in result.stderr
     long = json.dumps({"sentence": "a gripping , funny film " * 400})  # far past the adapters' max_length
     cut = invoke("--adapter", str(run), "--input", "-", stdin="\n".join([long, *lines]) + "\n")
     assert cut.exit_code == 0 and len(cut.stdout.splitlines()) == 3, cut.output
     assert re.search(r"note: 1 of 3 examples reached max_length \(\d+ tokens, the adapters' extraction setting\) "
-                     r"and were truncated to it, as in training", cut.stderr)
+                     r"and were cut to fit it, as in training", cut.stderr)
     for r in records:  # one column set per adapter
         for seed in ("seed_0", "seed_1"):
             p = [r[f"p_negative_{seed}"], r[f"p_positive_{seed}"]]
@@ -294,6 +294,27 @@ def test_a_backbone_with_another_revision_is_refused(trained, tiny_t5_untied, tm
     (copy / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload))
     with pytest.raises(AdapterError, match="at revision sha256:0000000000000000"):
         Predictor.load(load_adapters([copy]), device="cpu")
+
+
+def test_an_adapter_of_an_earlier_template_gets_its_inputs_or_a_way_out(trained, tmp_path, monkeypatch):
+    # An adapter trained when long decoder prompts were cut at their end is served inputs made that way; one of a
+    # template this version no longer makes is refused in one line saying what to do.
+    _, run, _ = trained("gpt2-sst2")
+    copy = tmp_path / "seed_0"
+    shutil.copytree(run / "adapters" / "seed_0", copy)
+    payload = json.loads((copy / ADAPTER_CONFIG_NAME).read_text())
+    payload["extraction"]["template"] = "t5+answer/in-context"
+    (copy / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload))
+    predictor = Predictor.load(load_adapters([copy]), device="cpu")
+    asked = []
+    encode = predictor.backbone.encode
+    monkeypatch.setattr(predictor.backbone, "encode", lambda *a, **kw: asked.append(kw["template"]) or encode(*a, **kw))
+    predictor.predict([{"sentence": "a gripping, funny film"}], progress=False)
+    assert asked == ["t5+answer/in-context"]
+    payload["extraction"]["template"] = "t5+answer"
+    (copy / ADAPTER_CONFIG_NAME).write_text(json.dumps(payload))
+    one_line_error(invoke("--adapter", str(copy), "--input", "-", stdin="sentence\na film\n"),
+                   "was trained on inputs made as 't5+answer', which this version no longer makes")
 
 
 def test_a_task_that_is_not_the_adapters_is_refused(trained, glue_dir):

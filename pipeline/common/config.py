@@ -80,7 +80,10 @@ class ExtractConfig(Settings):
         "validation_mismatched, test_matched, test_mismatched).",
         none="train, the validation split(s), and test where the source has it",
         example="train,validation")
-    max_length: int = setting(256, "Tokens per example after truncation.", bounds=at_least(2))
+    max_length: int = setting(
+        256, "Tokens per example at most. A longer one is cut as its family reads it: T5's input at its end (as T5's "
+        "GLUE code cuts it), a sentence pair for an encoder longest sentence first, a decoder prompt longest field "
+        "first, its answer cue kept.", bounds=at_least(2))
     batch_tokens: int = setting(16384, "Padded tokens per forward batch (batches are built by length).",
                                 bounds=at_least(1))
     dtype: str = setting("bfloat16", "Storage dtype; bfloat16 is kept as uint16 bits (T5 refuses float16: it overflows).",

@@ -61,6 +61,16 @@ PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl"
 # text ("t5+answer" tokenized it alone, which with a Llama-style tokenizer put a "▁" before it), and a prompt too
 # long is cut from its longest field ("t5+answer/in-context" cut its end, which could drop the second sentence).
 TEMPLATES = {"seq2seq": "t5", "decoder": "t5+answer/in-context/longest-first", "encoder": "pair+segments"}
+# Earlier templates this version still makes, so that `pipeline predict` serves adapters trained on them.
+EARLIER_TEMPLATES = {"decoder": ("t5+answer/in-context",)}  # the same prompt, cut at its end
+
+
+@dataclass
+class Encoded:
+    """Token ids of examples, and which of them were cut to fit max_length."""
+
+    ids: list[list[int]]
+    cut: list[bool]
 
 
 def resolve_model_path(name: str) -> str:
@@ -294,22 +304,44 @@ class Backbone:
             raise ConfigError(f"max_length {max_length} leaves no room for the text: {self.name}'s prompts end in "
                               f"the {cue}-token cue {DECODER_SUFFIX!r}; pass --max-length {cue + 1} or more")
 
-    def tokenize(self, task: TaskSpec, examples: Sequence[Mapping[str, str]], max_length: int) -> list[list[int]]:
+    def makes(self, template: str) -> bool:
+        """Whether ``encode`` makes inputs as ``template`` names them: this family's, or an earlier one of it."""
+        return template == self.template or template in EARLIER_TEMPLATES.get(self.family, ())
+
+    def tokenize(self, task: TaskSpec, examples: Sequence[Mapping[str, str]], max_length: int, *,
+                 template: str | None = None) -> list[list[int]]:
         """Token ids per example, truncated to max_length (decoder prompts keep their answer cue)."""
+        return self.encode(task, examples, max_length, template=template).ids
+
+    def encode(self, task: TaskSpec, examples: Sequence[Mapping[str, str]], max_length: int, *,
+               template: str | None = None) -> Encoded:
+        """Token ids per example, and which were cut to fit max_length.
+
+        ``template``: this family's (by default) or an earlier one it still makes (``EARLIER_TEMPLATES``), for an
+        adapter trained on it. A T5 or encoder example is counted as cut when it reaches max_length.
+        """
+        template = template or self.template
+        if not self.makes(template):
+            raise ValueError(f"{self.name} makes {self.family} inputs as {self.template!r}, not {template!r}")
         texts = [self.input_text(task, ex) for ex in examples]
         if self.family == "decoder":
             cue = self._cue_ids()
             budget = max_length - len(cue)
             bodies = self.tokenizer([t[0][: -len(DECODER_SUFFIX)] for t in texts], add_special_tokens=True)["input_ids"]
-            return [(list(body) if len(body) <= budget else self._fit_fields(task, ex, budget)) + cue
-                    for body, ex in zip(bodies, examples)]
+            ids = []
+            for body, ex in zip(bodies, examples):
+                if len(body) > budget:
+                    body = self._fit_fields(task, ex, budget) if template == self.template else body[:budget]
+                ids.append(list(body) + cue)
+            return Encoded(ids, [len(body) > budget for body in bodies])
         if len(texts[0]) == 2:
             enc = self.tokenizer(
                 [t[0] for t in texts], [t[1] for t in texts], truncation="longest_first", max_length=max_length
             )
         else:
             enc = self.tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)
-        return [list(ids) for ids in enc["input_ids"]]
+        ids = [list(row) for row in enc["input_ids"]]
+        return Encoded(ids, [len(row) >= max_length for row in ids])
 
     def _fit_fields(self, task: TaskSpec, example: Mapping[str, str], budget: int) -> list[int]:
         """A decoder prompt's body (the T5 template) cut to ``budget`` tokens from the longest field first, as an
@@ -335,15 +367,16 @@ class Backbone:
         return list(body)
 
     def _token_ends(self, text: str) -> list[int]:
-        """Where each token of ``text`` ends, in characters. A tokenizer without offsets: the end of the word each
-        token is part of (a cut there keeps the word whole; the caller cuts again while the prompt is long)."""
+        """Where each token of ``text`` ends, in characters. A tokenizer without offsets: a word's tokens spread
+        evenly over its characters (an estimate: the caller cuts again while the prompt is long)."""
         if getattr(self.tokenizer, "is_fast", False):
             offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             return [end for _, end in offsets]
         ends = []
         for word in re.finditer(r"\S+", text):
-            tokens = len(self.tokenizer(" " + word.group(), add_special_tokens=False)["input_ids"])
-            ends.extend([word.end()] * max(tokens, 1))
+            tokens = max(len(self.tokenizer(" " + word.group(), add_special_tokens=False)["input_ids"]), 1)
+            width = word.end() - word.start()
+            ends.extend(word.start() + -(-width * k // tokens) for k in range(1, tokens + 1))
         return ends
 
     @property
@@ -572,8 +605,8 @@ def _catching_states(stacks: Mapping[str, tuple[torch.nn.Module, torch.nn.Module
 
 
 def _whole_units(ends: Sequence[int], keep: int) -> int:
-    """How many of the first ``keep`` tokens a cut can keep: tokens that end at one place (a word's, without
-    offsets; a character's bytes) are kept or dropped together, so a unit cut across is dropped."""
+    """How many of the first ``keep`` tokens a cut can keep: tokens that end at one place (the bytes of one
+    character) are kept or dropped together, so a unit cut across is dropped."""
     if keep == 0 or bisect.bisect_right(ends, ends[keep - 1]) == keep:
         return keep
     return bisect.bisect_left(ends, ends[keep - 1])

@@ -21,7 +21,7 @@ import torch
 from pipeline.common.errors import AdapterError, AdapterNotFoundError, ConfigError, ModelLoadError
 from pipeline.common.progress import progress_bar
 from pipeline.common.tasks import TaskSpec, get_task
-from pipeline.extraction.backbones import Backbone, load_backbone
+from pipeline.extraction.backbones import Backbone, Encoded, load_backbone
 from pipeline.extraction.stage import StateSink, into_sinks, length_batches
 from pipeline.inference.texts import check_examples
 from pipeline.store import STORED_DTYPES
@@ -146,7 +146,7 @@ class Predictions:
     task: TaskSpec
     names: list[str]
     outputs: np.ndarray
-    cut: int = 0  # examples that reached max_length tokens: their text was truncated, as in training
+    cut: int = 0  # examples cut to fit max_length tokens, as in training
 
     def heads(self, *, ensemble: bool) -> list[Head]:
         """One prediction column per adapter, or one for their ensemble (mean probabilities or scores)."""
@@ -198,10 +198,15 @@ class Predictor:
             )
         if cfg.revision == "unknown":
             log.warning("%s: the backbone's revision is unknown; it cannot be checked against the adapter", bb.name)
-        if (bb.family, bb.d_model, bb.template) != (cfg.read.family, cfg.read.d_model, ext.template):
+        if (bb.family, bb.d_model) != (cfg.read.family, cfg.read.d_model):
             raise AdapterError(
                 f"backbone {bb.name} is a {bb.family} model (d={bb.d_model}, template {bb.template}); adapter "
                 f"{first.path} needs {cfg.read.family} (d={cfg.read.d_model}, template {ext.template})"
+            )
+        if not bb.makes(ext.template):
+            raise AdapterError(
+                f"adapter {first.path} was trained on inputs made as {ext.template!r}, which this version no longer "
+                f"makes ({bb.name}'s are {bb.template!r}); extract its store again with this version and retrain"
             )
         states = {"encoder": bb.n_layers_encoder, "decoder": bb.n_layers_decoder}
         for side, kept in ext.layers.items():
@@ -263,7 +268,11 @@ class Predictor:
     # ---- the live path -----------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[dict[str, str]]) -> list[list[int]]:
-        return self.backbone.tokenize(self.task, texts, self.extraction.max_length)
+        return self.encode(texts).ids
+
+    def encode(self, texts: Sequence[dict[str, str]]) -> Encoded:
+        """Token ids as the adapters' extraction made them (its template and max_length), and which were cut."""
+        return self.backbone.encode(self.task, texts, self.extraction.max_length, template=self.extraction.template)
 
     def side_batch(self, batch_ids: Sequence[Sequence[int]], *, on_device: bool | None = None) -> SideBatch:
         """A forward pass's states as the store would hold them, batched as training batches them.
@@ -315,8 +324,9 @@ class Predictor:
         cut = 0
         bar = progress_bar(total=len(texts), desc=f"predict {self.task.name}", unit="ex", enabled=progress)
         for start in range(0, len(texts), PREDICT_WINDOW):
-            token_ids = self.tokenize(texts[start : start + PREDICT_WINDOW])
-            cut += sum(len(t) >= self.extraction.max_length for t in token_ids)
+            encoded = self.encode(texts[start : start + PREDICT_WINDOW])
+            token_ids = encoded.ids
+            cut += sum(encoded.cut)
             for batch in length_batches([len(t) for t in token_ids], batch_tokens):
                 outputs[:, [start + i for i in batch]] = self.predict_batch([token_ids[i] for i in batch])
                 bar.update(len(batch))
