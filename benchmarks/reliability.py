@@ -119,7 +119,10 @@ def stamps(path: Path) -> dict[str, tuple[str, int]]:
 
 def blocks_done(store: Path) -> int:
     """Blocks flagged done (a flag's chunk exists only once set: its fill value is 0)."""
-    return sum("." not in p.name for p in store.glob("*/blocks_done/c/*"))  # not zarr's temporary files
+    try:
+        return sum("." not in p.name for p in store.glob("*/blocks_done/c/*"))  # not zarr's temporary files
+    except FileNotFoundError:  # a folder listed while the extraction creates the store, gone by the time it is read
+        return 0
 
 
 def verify(store: Path) -> tuple[bool, list[str]]:

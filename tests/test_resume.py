@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from pipeline.common.config import TrainConfig
 from pipeline.training import Trainer, train
-from pipeline.training.checkpoint import CHECKPOINT_NAME, REPLACED_NAME, UNREADABLE_NAME, Checkpoints, RunState
+from pipeline.training.checkpoint import CHECKPOINT_NAME, DISCARDED_NAME, REPLACED_NAME, Checkpoints, RunState
 
 
 def config(cache: str, out: Path, **kw) -> TrainConfig:
@@ -260,9 +260,9 @@ def test_an_unreadable_checkpoint_is_a_note_and_a_fresh_start(synthetic_store, t
     out.mkdir()
     (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     train(config(cache, out), progress=False)
-    assert (f"{out / CHECKPOINT_NAME} cannot be read (UnpicklingError); it is kept as {out / UNREADABLE_NAME}; "
-            "starting over") in capsys.readouterr().err
-    assert (out / UNREADABLE_NAME).read_bytes() == b"not a checkpoint"  # kept for a look, under a name no run reads
+    assert (f"{out / CHECKPOINT_NAME} cannot be read (UnpicklingError); it is kept as {out / DISCARDED_NAME}, which "
+            "no run reads; starting over") in capsys.readouterr().err
+    assert (out / DISCARDED_NAME).read_bytes() == b"not a checkpoint"
     train(config(cache, tmp_path / "fresh"), progress=False)
     assert_same_outputs(out, tmp_path / "fresh")
 
@@ -284,7 +284,7 @@ def test_a_checkpoint_not_used_is_set_aside_and_a_rerun_with_its_settings_goes_o
     stop_after_two(lr=3e-3)
     note = stop_after_two(lr=1e-3)  # the typo
     assert (f"{out / CHECKPOINT_NAME} was saved by a run with other settings (lr 0.003 there, 0.001 here); "
-            f"starting over (it is kept as {aside}: the same command with its settings goes on from it)") in note
+            f"starting over (it is kept as {aside}: a run with its settings goes on from it)") in note
     train(config(cache, out, lr=3e-3, checkpoint_seconds=None), progress=False)
     assert (f"resuming from {out / CHECKPOINT_NAME}, saved after epoch 2 (an earlier rerun had set it aside); the "
             f"checkpoint of other settings it replaces is kept as {aside}") in capsys.readouterr().err
@@ -295,12 +295,21 @@ def test_a_checkpoint_not_used_is_set_aside_and_a_rerun_with_its_settings_goes_o
     assert not aside.exists()
     train(config(cache, tmp_path / "fresh-typo", lr=1e-3, checkpoint_seconds=None), progress=False)
     assert_same_outputs(out, tmp_path / "fresh-typo")
-    # --no-resume sets the checkpoint aside too, saying so.
+    # A third setting replaces the checkpoint set aside, and says which.
+    stop_after_two(lr=1e-3)
     stop_after_two(lr=3e-3)
+    assert ("it replaces the one set aside earlier (lr 0.001 there, 0.01 here)"
+            in stop_after_two(lr=1e-2))
+    # --no-resume discards a checkpoint of its own settings, here or set aside: no later run goes on from it.
     train(config(cache, out, lr=3e-3, resume=False, checkpoint_seconds=None), progress=False)
-    assert f"--no-resume: starting over, not from {out / CHECKPOINT_NAME} (it is kept as {aside}" in \
-        capsys.readouterr().err
-    assert aside.is_file()
+    note = capsys.readouterr().err
+    assert (f"--no-resume: starting over, not from {aside}: it is kept as {out / DISCARDED_NAME}, which no run "
+            f"reads; {out / CHECKPOINT_NAME} was saved by a run with other settings (lr 0.01 there, 0.003 here) (it is "
+            f"kept as {aside}: a run with its settings goes on from it)") in note
+    assert_same_outputs(out, tmp_path / "fresh")
+    train(config(cache, out, lr=3e-3, checkpoint_seconds=None), progress=False)
+    assert "resuming" not in capsys.readouterr().err
+    assert_same_outputs(out, tmp_path / "fresh")
 
 
 @pytest.mark.slow

@@ -225,8 +225,9 @@ class TrainConfig(SideConfig):
         bounds=at_least(0), none="never save", example="0")
     resume: bool = setting(
         True, "Go on from <out>/checkpoint.pt when a run of the same store and settings left it (--no-resume: start "
-        "over). A checkpoint of other settings (or under --no-resume) is moved to <out>/checkpoint.replaced.pt with a "
-        "note naming the settings that differ, not overwritten, and the command with its settings goes on from it.")
+        "over, moving a checkpoint of these settings to <out>/checkpoint.discarded.pt, which no run reads). A checkpoint of "
+        "other settings is moved to <out>/checkpoint.replaced.pt with a note naming what differs, over the one set "
+        "aside before, and a run with its settings goes on from it.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,8 +8,9 @@ The batch order is a function of the epoch alone, so a run resumed from epoch k,
 an uninterrupted run writes. A checkpoint is used only by a run of the
 same store, torch version, training device and result-changing settings (``identity``); it is removed
 once the run's outputs are written. It is not a DVC output, so `dvc repro` leaves it for the rerun. One a run
-does not use (other settings, ``--no-resume``) is moved to ``<out>/checkpoint.replaced.pt`` rather than overwritten
-by the run's first save, and a rerun with its settings goes on from it: a mistyped setting loses no progress.
+does not use for its other settings is moved to ``<out>/checkpoint.replaced.pt`` rather than overwritten by the
+run's first save, and a rerun with its settings goes on from it: a mistyped setting loses no progress. One that
+cannot be read, or that ``--no-resume`` refuses, is kept as ``checkpoint.discarded.pt``, which no run reads.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pipeline.common.files import atomic_write_bytes, partial_path
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 REPLACED_NAME = "checkpoint.replaced.pt"  # the latest checkpoint of other settings a run started over from, kept
-UNREADABLE_NAME = "checkpoint.unreadable.pt"  # a checkpoint that could not be read, kept for a look
+DISCARDED_NAME = "checkpoint.discarded.pt"  # unreadable, or refused with --no-resume: kept for a look, never read
 FORMAT = 2  # 2: a checkpoint may be saved within an epoch
 # Settings that change how a run goes, never what it computes: a rerun may change them and still resume. The
 # memory budgets choose between held and streamed rows, whose batch order can differ: the identity records
@@ -58,11 +59,22 @@ def run_identity(cfg: TrainConfig, fingerprint: str, device: torch.device, strea
             "rows": "streamed" if streamed else "held", **settings, "eval_splits": list(eval_splits)}
 
 
-def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between two identities, each value shown (``lr 0.003 there, 0.001 here``), for the note that a
-    checkpoint is not used: with its values, its settings can be given again to go on from it."""
-    return [f"{k} {_shown(saved.get(k))} there, {_shown(current.get(k))} here"
-            for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
+    """What differs between two identities, by name, each with its values (``lr 0.003 there, 0.001 here``), for
+    the note that a checkpoint is not used: with its values, its settings can be given again to go on from it."""
+    return {k: _difference(k, saved.get(k), current.get(k))
+            for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)}
+
+
+def _difference(name: str, saved: Any, current: Any) -> str:
+    shown = {"rows": f"rows {saved} there, {current} here (--memory-budget decides)",
+             "store": f"store {saved} there, {current} here (another store, or other content)"}
+    return shown.get(name) or f"{name} {_shown(saved)} there, {_shown(current)} here"
+
+
+def _replacing(aside: RunState | dict[str, str] | Exception | None) -> str:
+    """The note's phrase for the checkpoint of other settings a new one set aside replaces (none: '')."""
+    return f"; it replaces the one set aside earlier ({'; '.join(aside.values())})" if isinstance(aside, dict) else ""
 
 
 def _shown(value: Any) -> str:
@@ -140,12 +152,14 @@ class Checkpoints:
         if isinstance(found, RunState):
             return found, f"resuming from {self.path}, saved after {found.position}"
         notes = []
-        if isinstance(found, Exception):  # kept for a look, under a name no run reads
-            unreadable = self.path.with_name(UNREADABLE_NAME)
-            os.replace(self.path, unreadable)
-            notes.append(f"{self.path} cannot be read ({type(found).__name__}); it is kept as {unreadable}")
+        if isinstance(found, Exception):
+            notes.append(f"{self.path} cannot be read ({type(found).__name__}); {self._discard(self.path)}")
             found = None
-        if self.aside.is_file() and isinstance(aside := self._read(self.aside), RunState):
+        aside = self._read(self.aside) if self.aside.is_file() else None
+        if isinstance(aside, Exception):
+            notes.append(f"{self.aside} cannot be read ({type(aside).__name__}); {self._discard(self.aside)}")
+            aside = None
+        if isinstance(aside, RunState):
             kept = ""
             if found is None:
                 os.replace(self.aside, self.path)
@@ -160,10 +174,10 @@ class Checkpoints:
             return aside, "; ".join(notes)
         if found is None:
             return None, "; ".join([*notes, "starting over"]) if notes else None
-        return None, (f"{self.path} was saved by a run with other settings ({'; '.join(found)}); starting over"
-                      f"{self._set_aside()}")
+        return None, (f"{self.path} was saved by a run with other settings ({'; '.join(found.values())}); "
+                      f"starting over{self._set_aside(found, _replacing(aside))}")
 
-    def _read(self, path: Path) -> RunState | list[str] | Exception:
+    def _read(self, path: Path) -> RunState | dict[str, str] | Exception:
         """The state saved at ``path`` if it continues this run; else what differs, or why it cannot be read."""
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -171,7 +185,7 @@ class Checkpoints:
             if state.within is not None:
                 state.within = EpochProgress(**state.within)  # saved as a plain dict (torch.load's safe mode)
         except Exception as error:  # a file of another version or damaged on disk: a run can always start over
-            log.warning("checkpoint %s unreadable: %r", path, error)
+            log.debug("checkpoint %s unreadable: %r", path, error)
             return error
         # A setting now known not to change results (an older checkpoint recorded it) is left out of its identity.
         known = {k: v for k, v in identity.items() if k in self.identity or k not in HOW_ONLY}
@@ -182,20 +196,33 @@ class Checkpoints:
         return state
 
     def skip(self) -> str | None:
-        """``--no-resume``: start over, the checkpoint found (if any) set aside; a note saying so, or None."""
-        if not self.path.is_file():
-            return None
-        return f"--no-resume: starting over, not from {self.path}{self._set_aside()}"
+        """``--no-resume``: start over. A checkpoint of this run's settings (here or set aside) is discarded, so no
+        later run goes on from it; one of other settings is set aside as a run that ignores it would. A note saying
+        what was done, or None."""
+        read = {path: self._read(path) for path in (self.aside, self.path) if path.is_file()}
+        notes = [f"not from {path}: {self._discard(path)}" for path, got in read.items() if not isinstance(got, dict)]
+        found, aside = read.get(self.path), read.get(self.aside)
+        if isinstance(found, dict):
+            notes.append(f"{self.path} was saved by a run with other settings ({'; '.join(found.values())})"
+                         f"{self._set_aside(found, _replacing(aside))}")
+        return f"--no-resume: starting over, {'; '.join(notes)}" if notes else None
 
-    def _set_aside(self) -> str:
-        """Move the checkpoint found out of the first save's way (over an earlier one set aside); the note's tail
-        saying where it went and how to go on from it."""
+    def _discard(self, path: Path) -> str:
+        """Move ``path`` to the name no run reads (kept for a look); the note's phrase saying so."""
+        os.replace(path, path.with_name(DISCARDED_NAME))
+        return f"it is kept as {path.with_name(DISCARDED_NAME)}, which no run reads"
+
+    def _set_aside(self, found: dict[str, str], replaced: str) -> str:
+        """Move the checkpoint found (of the settings ``found`` lists) out of the first save's way, over an earlier
+        one set aside; the note's tail saying where it went and whether a run can go on from it."""
         try:
             os.replace(self.path, self.aside)
         except OSError as error:  # a read-only folder fails at the first save anyway, with its own message
             log.warning("cannot move %s aside: %r", self.path, error)
             return ""
-        return f" (it is kept as {self.aside}: the same command with its settings goes on from it)"
+        if found.keys() & {"format", "torch"}:
+            return f" (it is kept as {self.aside}, though this version cannot go on from it{replaced})"
+        return f" (it is kept as {self.aside}: a run with its settings goes on from it{replaced})"
 
     def due(self, within_epoch: bool = False) -> bool:
         """Whether the run should be saved now: after an epoch, or ``within_epoch`` after a step (never with
