@@ -68,12 +68,13 @@ def test_a_model_whose_states_change_width_is_refused_before_a_store_exists(tiny
     assert not out.exists()
 
 
-@pytest.mark.parametrize("head", ["bias", "softcap"])
+@pytest.mark.parametrize("head", ["bias", "softcap", "cohere", "granite"])
 def test_a_head_with_terms_beyond_the_label_rows_is_refused_before_a_store_exists(head, tiny_gpt2, tmp_path,
                                                                                   glue_dir):
     # A small bias on the label words (GPT-J and Phi have one) or soft-capping (Gemma 2) changes the model's label
     # logits by less than the first-batch check's tolerance on a random model, so such stores were written with
-    # label rows that are not the model's head.
+    # label rows that are not the model's head. Scaled logits (Cohere, Granite) were caught only at the first batch,
+    # with a store already made.
     if head == "bias":
         from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -82,7 +83,7 @@ def test_a_head_with_terms_beyond_the_label_rows_is_refused_before_a_store_exist
         with torch.no_grad():
             model.lm_head.bias.normal_(0, 1e-4)
         expected = "adds a bias to the label words' logits"
-    else:
+    elif head == "softcap":
         from transformers import Gemma2Config, Gemma2ForCausalLM
 
         model = Gemma2ForCausalLM(Gemma2Config(vocab_size=800, hidden_size=32, intermediate_size=64,
@@ -90,6 +91,22 @@ def test_a_head_with_terms_beyond_the_label_rows_is_refused_before_a_store_exist
                                                head_dim=8, max_position_embeddings=128, pad_token_id=0,
                                                bos_token_id=0, eos_token_id=0, final_logit_softcapping=30.0))
         expected = "soft-caps its logits"
+    elif head == "cohere":
+        from transformers import CohereConfig, CohereForCausalLM
+
+        model = CohereForCausalLM(CohereConfig(vocab_size=800, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128, pad_token_id=0, bos_token_id=0,
+                                               eos_token_id=0, logit_scale=0.0625))
+        expected = r"scales its logits \(logit_scale 0.0625\)"
+    else:
+        from transformers import GraniteConfig, GraniteForCausalLM
+
+        model = GraniteForCausalLM(GraniteConfig(vocab_size=800, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=128, pad_token_id=0, bos_token_id=0,
+                                                 eos_token_id=0, logits_scaling=8.0))
+        expected = r"scales its logits \(logits_scaling 8.0\)"
     path = save_model(tmp_path / head, model, tiny_gpt2)
     out = tmp_path / "s.zarr"
     with pytest.raises(UnsupportedModelError, match=expected):
@@ -169,6 +186,19 @@ def test_a_long_decoder_prompt_is_cut_from_its_longest_field(style, tiny_gpt2, t
         else:
             assert count["first"] >= count["second"] - slack
     assert cut >= 10
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny_t5"])
+def test_an_example_of_exactly_max_length_is_not_counted_as_cut(model, request, glue_dir):
+    # Encoder and T5 inputs are cut by the tokenizer; one that fits max_length exactly was counted as cut.
+    backbone = load_backbone(str(request.getfixturevalue(model)), device="cpu")
+    task = get_task("rte")
+    examples = load_split(task, "validation", glue_dir, limit=20).texts
+    whole = [len(ids) for ids in backbone.tokenize(task, examples, 10**4)]
+    exact = whole[0]
+    encoded = backbone.encode(task, examples, exact)
+    assert encoded.cut == [n > exact for n in whole] and not encoded.cut[0] and any(encoded.cut)
+    assert [len(ids) for ids in encoded.ids] == [min(n, exact) for n in whole]
 
 
 def test_an_adapter_of_the_earlier_decoder_template_gets_its_own_inputs(tiny_gpt2, glue_dir):

@@ -318,7 +318,7 @@ class Backbone:
         """Token ids per example, and which were cut to fit max_length.
 
         ``template``: this family's (by default) or an earlier one it still makes (``EARLIER_TEMPLATES``), for an
-        adapter trained on it. A T5 or encoder example is counted as cut when it reaches max_length.
+        adapter trained on it.
         """
         template = template or self.template
         if not self.makes(template):
@@ -334,14 +334,19 @@ class Backbone:
                     body = self._fit_fields(task, ex, budget) if template == self.template else body[:budget]
                 ids.append(list(body) + cue)
             return Encoded(ids, [len(body) > budget for body in bodies])
-        if len(texts[0]) == 2:
-            enc = self.tokenizer(
-                [t[0] for t in texts], [t[1] for t in texts], truncation="longest_first", max_length=max_length
-            )
-        else:
-            enc = self.tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)
-        ids = [list(row) for row in enc["input_ids"]]
-        return Encoded(ids, [len(row) >= max_length for row in ids])
+        ids = [list(row) for row in self._hf_encode(texts, truncation="longest_first", max_length=max_length)]
+        # An example at max_length may fit exactly: those are encoded again whole to tell.
+        at_limit = [i for i, row in enumerate(ids) if len(row) >= max_length]
+        whole = self._hf_encode([texts[i] for i in at_limit], truncation=False, verbose=False) if at_limit else []
+        cut = [False] * len(ids)
+        for i, row in zip(at_limit, whole):
+            cut[i] = len(row) > max_length
+        return Encoded(ids, cut)
+
+    def _hf_encode(self, texts: Sequence[Sequence[str]], **options: Any) -> list[list[int]]:
+        """The tokenizer's own ids of one text or a pair per example (special tokens included)."""
+        pairs = [t[1] for t in texts] if texts and len(texts[0]) == 2 else None
+        return self.tokenizer([t[0] for t in texts], pairs, **options)["input_ids"]
 
     def _fit_fields(self, task: TaskSpec, example: Mapping[str, str], budget: int) -> list[int]:
         """A decoder prompt's body (the T5 template) cut to ``budget`` tokens from the longest field first, as an
@@ -440,8 +445,8 @@ class Backbone:
         return rows.numpy().astype(np.float32)
 
     def _check_linear_head(self, head: torch.nn.Module, ids: Sequence[int]) -> None:
-        """Refuse a head whose label logits are not ``state @ rows.T``: a bias on the label words (GPT-J, Phi) or
-        soft-capped logits (Gemma 2). The first-batch comparison with the model's own logits catches large terms
+        """Refuse a head whose label logits are not ``state @ rows.T``: a bias on the label words (GPT-J, Phi),
+        soft-capped logits (Gemma 2) or scaled ones (Cohere, Granite). The first-batch comparison with the model's own logits catches large terms
         only (its tolerance scales with the logits); a small bias or a cap far above random logits passed it."""
         bias = getattr(head, "bias", None)
         if isinstance(bias, torch.Tensor) and bool(bias.detach()[list(ids)].ne(0).any()):
@@ -454,6 +459,12 @@ class Backbone:
             raise UnsupportedModelError(
                 f"{self.name}: it soft-caps its logits (final_logit_softcapping), which the stored label rows cannot "
                 "hold; use a backbone without it (or of the encoder family)")
+        for c in configs:  # Cohere multiplies by logit_scale; Granite divides by logits_scaling, HyperCLOVAX multiplies
+            for scale in ("logit_scale", "logits_scaling"):
+                if getattr(c, scale, None) not in (None, 1, 1.0):
+                    raise UnsupportedModelError(
+                        f"{self.name}: it scales its logits ({scale} {getattr(c, scale)}), which the stored label rows "
+                        "do not hold; use a backbone without it (or of the encoder family)")
 
     # ---- forward ----------------------------------------------------------------------------
     def state_lengths(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, list[int]]:
