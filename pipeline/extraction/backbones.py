@@ -331,7 +331,7 @@ class Backbone:
             ids = []
             for body, ex in zip(bodies, examples):
                 if len(body) > budget:
-                    body = self._fit_fields(task, ex, budget) if template == self.template else body[:budget]
+                    body = self._fit_fields(task, ex, body, budget) if template == self.template else body[:budget]
                 ids.append(list(body) + cue)
             return Encoded(ids, [len(body) > budget for body in bodies])
         ids = [list(row) for row in self._hf_encode(texts, truncation="longest_first", max_length=max_length)]
@@ -348,18 +348,17 @@ class Backbone:
         pairs = [t[1] for t in texts] if texts and len(texts[0]) == 2 else None
         return self.tokenizer([t[0] for t in texts], pairs, **options)["input_ids"]
 
-    def _fit_fields(self, task: TaskSpec, example: Mapping[str, str], budget: int) -> list[int]:
+    def _fit_fields(self, task: TaskSpec, example: Mapping[str, str], body: Sequence[int], budget: int) -> list[int]:
         """A decoder prompt's body (the T5 template) cut to ``budget`` tokens from the longest field first, as an
         encoder's tokenizer cuts a pair, so that a long premise cannot push the hypothesis (and its name) out.
 
-        A field's tokens are counted alone and cut at a token's end; the cut prompt is tokenized whole, and cut
-        further while the tokens merging across its seams leave it long. A template too long for ``budget`` even
-        with empty fields is cut at the end.
+        ``body``: the whole prompt's tokens. A field's tokens are counted alone and cut at a token's end; the cut
+        prompt is tokenized whole, and cut further while the tokens merging across its seams leave it long. A
+        template too long for ``budget`` even with empty fields is cut at the end.
         """
         fields = list(task.t5_fields)
         ends = {f: self._token_ends(example[f]) for f in fields}
         keep = {f: len(ends[f]) for f in fields}
-        body = self.tokenizer(task.t5_input(example), add_special_tokens=True)["input_ids"]
         while len(body) > budget:
             for _ in range(len(body) - budget):
                 longest = max(reversed(fields), key=keep.__getitem__)  # a tie: the later field, as HF's longest_first
@@ -446,25 +445,22 @@ class Backbone:
 
     def _check_linear_head(self, head: torch.nn.Module, ids: Sequence[int]) -> None:
         """Refuse a head whose label logits are not ``state @ rows.T``: a bias on the label words (GPT-J, Phi),
-        soft-capped logits (Gemma 2) or scaled ones (Cohere, Granite). The first-batch comparison with the model's own logits catches large terms
-        only (its tolerance scales with the logits); a small bias or a cap far above random logits passed it."""
+        soft-capped logits (Gemma 2) or scaled ones (Cohere multiplies by logit_scale, Granite divides by
+        logits_scaling). The first-batch comparison with the model's own logits catches large terms only (its
+        tolerance scales with the logits), and only once a store exists."""
         bias = getattr(head, "bias", None)
-        if isinstance(bias, torch.Tensor) and bool(bias.detach()[list(ids)].ne(0).any()):
-            raise UnsupportedModelError(
-                f"{self.name}: its LM head adds a bias to the label words' logits, which the stored label rows "
-                "cannot hold; use a backbone whose head has none (or of the encoder family)")
+        terms = ["a bias on the label words"] if isinstance(bias, torch.Tensor) and bool(
+            bias.detach()[list(ids)].ne(0).any()) else []
         config = self.model.config
-        configs = [config, *(c for c in (getattr(config, "text_config", None),) if c is not None)]
-        if any(getattr(c, "final_logit_softcapping", None) for c in configs):
+        for c in (config, getattr(config, "text_config", None) or config):
+            if getattr(c, "final_logit_softcapping", None):
+                terms.append(f"soft-capping (final_logit_softcapping {c.final_logit_softcapping})")
+            terms += [f"scaling ({name} {getattr(c, name)})" for name in ("logit_scale", "logits_scaling")
+                      if getattr(c, name, None) not in (None, 1, 1.0)]
+        if terms:
             raise UnsupportedModelError(
-                f"{self.name}: it soft-caps its logits (final_logit_softcapping), which the stored label rows cannot "
-                "hold; use a backbone without it (or of the encoder family)")
-        for c in configs:  # Cohere multiplies by logit_scale; Granite divides by logits_scaling, HyperCLOVAX multiplies
-            for scale in ("logit_scale", "logits_scaling"):
-                if getattr(c, scale, None) not in (None, 1, 1.0):
-                    raise UnsupportedModelError(
-                        f"{self.name}: it scales its logits ({scale} {getattr(c, scale)}), which the stored label rows "
-                        "do not hold; use a backbone without it (or of the encoder family)")
+                f"{self.name}: its LM head's logits have {terms[0]}, which the stored label rows cannot hold; use a "
+                "backbone without it (or of the encoder family)")
 
     # ---- forward ----------------------------------------------------------------------------
     def state_lengths(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, list[int]]:
